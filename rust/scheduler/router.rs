@@ -1,0 +1,255 @@
+use std::collections::HashMap;
+
+/// What the scheduler knows about one node, from its latest advert (or, for the
+/// local node, from itself). Times are milliseconds on the caller's clock.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeState {
+    pub id: String,
+    /// Membership says the node is up.
+    pub alive: bool,
+    /// When the advert this state came from was received.
+    pub advert_at_ms: u64,
+    /// Models the node holds a verified copy of.
+    pub models: Vec<String>,
+    /// Models loaded in its engine right now.
+    pub loaded: Vec<String>,
+    /// Requests running on the node.
+    pub in_flight: u32,
+    /// Requests waiting for a slot on the node.
+    pub queue_depth: u32,
+    /// The node's queue bound; at it the node is saturated.
+    pub max_queue: u32,
+}
+
+impl NodeState {
+    fn has(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == model)
+    }
+    fn has_loaded(&self, model: &str) -> bool {
+        self.loaded.iter().any(|m| m == model)
+    }
+    fn saturated(&self) -> bool {
+        self.queue_depth >= self.max_queue
+    }
+}
+
+/// Why no node can take a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("model '{0}' not found")]
+    UnknownModel(String),
+    #[error("every node holding '{0}' is busy")]
+    Saturated(String),
+}
+
+/// Orders the candidate nodes for one request, best first.
+pub trait Policy: Send + Sync {
+    /// `candidates` are alive, fresh, hold the model and are not saturated.
+    fn rank<'a>(&self, model: &str, candidates: Vec<&'a NodeState>, local: &str)
+        -> Vec<&'a NodeState>;
+}
+
+/// Bounded load, then loaded-first, then fewest in flight, then local on a tie.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LeastLoaded;
+
+/// A node whose in-flight count exceeds `BOUND_FACTOR × mean + 1` is passed
+/// over while a less loaded node exists: the same bound SGLang's cache-aware
+/// router uses, so preferring warm nodes never piles everything on one.
+const BOUND_FACTOR: f64 = 1.25;
+
+impl Policy for LeastLoaded {
+    fn rank<'a>(
+        &self,
+        model: &str,
+        mut candidates: Vec<&'a NodeState>,
+        local: &str,
+    ) -> Vec<&'a NodeState> {
+        let n = candidates.len().max(1) as f64;
+        let mean = candidates.iter().map(|c| c.in_flight as f64).sum::<f64>() / n;
+        let bound = BOUND_FACTOR * mean + 1.0;
+        candidates.sort_by_key(|c| {
+            (
+                (c.in_flight as f64) > bound,
+                !c.has_loaded(model),
+                c.in_flight + c.queue_depth,
+                c.id != local,
+            )
+        });
+        candidates
+    }
+}
+
+/// The cluster view the scheduler decides on.
+pub struct Router {
+    local: String,
+    stale_after_ms: u64,
+    nodes: HashMap<String, NodeState>,
+    policy: Box<dyn Policy>,
+}
+
+impl Router {
+    /// `stale_after_ms`: an advert older than this counts as unknown, not idle.
+    pub fn new(local: impl Into<String>, stale_after_ms: u64) -> Self {
+        Self {
+            local: local.into(),
+            stale_after_ms,
+            nodes: HashMap::new(),
+            policy: Box::new(LeastLoaded),
+        }
+    }
+
+    /// Swap the ranking policy.
+    pub fn set_policy(&mut self, policy: Box<dyn Policy>) {
+        self.policy = policy;
+    }
+
+    /// Tune staleness live.
+    pub fn set_stale_after(&mut self, ms: u64) {
+        self.stale_after_ms = ms;
+    }
+
+    /// Insert or replace a node's state.
+    pub fn update(&mut self, state: NodeState) {
+        self.nodes.insert(state.id.clone(), state);
+    }
+
+    /// Forget a node that left the cluster.
+    pub fn remove(&mut self, id: &str) {
+        self.nodes.remove(id);
+    }
+
+    /// Membership changed a node's liveness.
+    pub fn set_alive(&mut self, id: &str, alive: bool) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.alive = alive;
+        }
+    }
+
+    /// Count a request sent to `id` before its next advert arrives, so a burst
+    /// spreads instead of landing on the node that looked idlest.
+    pub fn dispatched(&mut self, id: &str) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.in_flight += 1;
+        }
+    }
+
+    /// Undo [`Router::dispatched`] on completion, error or cancellation.
+    pub fn finished(&mut self, id: &str) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.in_flight = n.in_flight.saturating_sub(1);
+        }
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeState> {
+        self.nodes.values()
+    }
+
+    fn usable(&self, n: &NodeState, now_ms: u64) -> bool {
+        n.id == self.local || (n.alive && now_ms.saturating_sub(n.advert_at_ms) <= self.stale_after_ms)
+    }
+
+    /// Node ids that can serve `model`, best first; the caller tries them in
+    /// order, moving on while no token has been sent.
+    pub fn route(&self, model: &str, now_ms: u64) -> Result<Vec<String>, RouteError> {
+        let holders: Vec<&NodeState> = self
+            .nodes
+            .values()
+            .filter(|n| n.has(model) && self.usable(n, now_ms))
+            .collect();
+        if holders.is_empty() {
+            return Err(RouteError::UnknownModel(model.to_owned()));
+        }
+        let open: Vec<&NodeState> = holders.into_iter().filter(|n| !n.saturated()).collect();
+        if open.is_empty() {
+            return Err(RouteError::Saturated(model.to_owned()));
+        }
+        Ok(self
+            .policy
+            .rank(model, open, &self.local)
+            .into_iter()
+            .map(|n| n.id.clone())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, models: &[&str], loaded: &[&str], in_flight: u32) -> NodeState {
+        NodeState {
+            id: id.into(),
+            alive: true,
+            advert_at_ms: 1_000,
+            models: models.iter().map(|s| s.to_string()).collect(),
+            loaded: loaded.iter().map(|s| s.to_string()).collect(),
+            in_flight,
+            queue_depth: 0,
+            max_queue: 8,
+        }
+    }
+
+    fn router(nodes: Vec<NodeState>) -> Router {
+        let mut r = Router::new("a", 3_000);
+        for n in nodes {
+            r.update(n);
+        }
+        r
+    }
+
+    #[test]
+    fn unknown_model_is_an_error() {
+        let r = router(vec![node("a", &["x"], &[], 0)]);
+        assert_eq!(r.route("y", 1_000), Err(RouteError::UnknownModel("y".into())));
+    }
+
+    #[test]
+    fn prefers_loaded_then_fewest_in_flight_then_local() {
+        let r = router(vec![
+            node("a", &["m"], &[], 0),
+            node("b", &["m"], &["m"], 1),
+            node("c", &["m"], &["m"], 0),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["c", "b", "a"]);
+        let r = router(vec![node("a", &["m"], &[], 0), node("b", &["m"], &[], 0)]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn bounded_load_overrides_warmth() {
+        // mean in flight is 3, bound 4.75: the warm node with 9 is passed over
+        let r = router(vec![node("a", &["m"], &[], 0), node("b", &["m"], &["m"], 9), node("c", &["m"], &[], 0)]);
+        assert_eq!(r.route("m", 1_000).unwrap()[2], "b");
+    }
+
+    #[test]
+    fn dead_stale_and_saturated_nodes_are_skipped() {
+        let mut dead = node("b", &["m"], &["m"], 0);
+        dead.alive = false;
+        let mut stale = node("c", &["m"], &["m"], 0);
+        stale.advert_at_ms = 0;
+        let mut full = node("d", &["m"], &["m"], 0);
+        full.queue_depth = 8;
+        let r = router(vec![node("a", &["m"], &[], 5), dead, stale, full]);
+        assert_eq!(r.route("m", 4_000).unwrap(), vec!["a"]);
+    }
+
+    #[test]
+    fn all_saturated_is_distinct_from_unknown() {
+        let mut full = node("a", &["m"], &["m"], 0);
+        full.queue_depth = 8;
+        let r = router(vec![full]);
+        assert_eq!(r.route("m", 1_000), Err(RouteError::Saturated("m".into())));
+    }
+
+    #[test]
+    fn dispatch_and_finish_count_load() {
+        let mut r = router(vec![node("a", &["m"], &["m"], 0), node("b", &["m"], &["m"], 0)]);
+        r.dispatched("a");
+        assert_eq!(r.route("m", 1_000).unwrap()[0], "b");
+        r.finished("a");
+        r.finished("a");
+        assert_eq!(r.route("m", 1_000).unwrap()[0], "a");
+    }
+}
