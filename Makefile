@@ -65,3 +65,21 @@ bench: dev
 
 clean:
 	rm -rf target $(VENV) python/ollama_distributed/_core*.so dist
+
+# Packaging (systemd/, packaging/, scripts/package.sh): the .deb and the .rpm
+# into dist/, rebuilt when the code, the unit or the package config changes.
+# The system tier (tests/system) installs them in an nspawn-booted Debian 12.
+PACKAGE_INPUTS := $(RUST_SRC) pyproject.toml requirements-dev.txt \
+	$(shell find python -type f -not -name '*.so' -not -path '*/__pycache__/*' 2>/dev/null) \
+	$(wildcard systemd/* packaging/* packaging/scripts/*/*) scripts/package.sh
+PACKAGE_STAMP := dist/.packaged
+
+$(PACKAGE_STAMP): $(VENV)/.deps $(PACKAGE_INPUTS)
+	PY=$(abspath $(PY)) CACHE=$(CACHE) LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) \
+	  SMOLLM2_VERSION=$(SMOLLM2_VERSION) scripts/package.sh
+	touch $@
+
+package: $(PACKAGE_STAMP)
+
+# The system tier needs the packages; `make test` runs it with the rest.
+test test-system: package
