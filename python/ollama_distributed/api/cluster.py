@@ -1,0 +1,124 @@
+"""Health and cluster endpoints, with values read from the running node."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .. import __version__
+from .common import now_iso
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+
+def _node(request: web.Request) -> Node:
+    node: Node = request.app["node"]
+    return node
+
+
+async def health(request: web.Request) -> web.Response:
+    node = _node(request)
+    h = node.health()
+    return web.json_response(h, status=200 if h["status"] != "unhealthy" else 503)
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive", "timestamp": now_iso()})
+
+
+async def ready(request: web.Request) -> web.Response:
+    node = _node(request)
+    ok = node.ready
+    return web.json_response({"status": "ready" if ok else "starting", "timestamp": now_iso()},
+                             status=200 if ok else 503)
+
+
+async def status(request: web.Request) -> web.Response:
+    node = _node(request)
+    d = node.dispatcher
+    nodes = node.cluster_nodes()
+    active = [n["id"] for n in nodes if n["status"] == "active"]
+    cluster = node.cluster_status()
+    return web.json_response({
+        "distributed_mode": node.cluster is not None,
+        "fallback_mode": node.cluster is None or len(active) <= 1,
+        "node_id": node.node_id,
+        "role": cluster["role"],
+        "leader_id": cluster.get("leader_id"),
+        "degraded": cluster.get("degraded", False),
+        "cluster_size": len(nodes),
+        "active_nodes": active,
+        "scheduler_stats": {
+            "in_flight": d.scheduler.total_in_flight(),
+            "queue_depth": d.scheduler.queue_depth(),
+            "max_queue": node.cfg.engine.max_queue,
+            "num_parallel": node.cfg.engine.num_parallel,
+            "requests_processed": d.requests_total,
+        },
+        "runner_stats": {
+            "engine": node.engine.kind,
+            "loaded_models": [m.name for m in node.engine.loaded()],
+            "max_loaded_models": node.cfg.engine.max_loaded_models,
+        },
+        "integration_stats": {
+            "tokens_generated": d.tokens_total,
+            "models_available": len(await node.catalog_entries()),
+            "uptime": int(time.time() - node.started_at),
+        },
+        "timestamp": now_iso(),
+    })
+
+
+async def nodes(request: web.Request) -> web.Response:
+    return web.json_response({"nodes": _node(request).cluster_nodes(), "timestamp": now_iso()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    node = _node(request)
+    d = node.dispatcher
+    all_nodes = node.cluster_nodes()
+    cluster = node.cluster_status()
+    return web.json_response({
+        "timestamp": now_iso(),
+        "node_id": node.node_id,
+        "connected_peers": cluster.get("peers_connected", 0),
+        "is_leader": cluster["role"] == "leader",
+        "requests_processed": d.requests_total,
+        "tokens_generated": d.tokens_total,
+        "in_flight": d.scheduler.total_in_flight(),
+        "queue_depth": d.scheduler.queue_depth(),
+        "models_loaded": len(node.engine.loaded()),
+        "nodes_total": len(all_nodes),
+        "nodes_online": sum(1 for n in all_nodes if n["status"] == "active"),
+        "uptime": int(time.time() - node.started_at),
+        "websocket_connections": node.websocket_connections,
+        "version": __version__,
+    })
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"models": await _node(request).cluster_models(), "timestamp": now_iso()})
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    node = _node(request)
+    node.refresh_cluster_metrics()
+    body = generate_latest(node.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/health/live", live)
+    r.add_get("/health/ready", ready)
+    r.add_get("/api/distributed/status", status)
+    r.add_get("/api/distributed/nodes", nodes)
+    r.add_get("/api/distributed/metrics", metrics)
+    r.add_get("/api/distributed/models", models)
+    r.add_get("/metrics", prometheus)

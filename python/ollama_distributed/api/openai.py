@@ -1,0 +1,253 @@
+"""OpenAI's HTTP API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..engines.base import InferenceRequest
+from ..errors import BadRequestError, ModelNotFoundError
+from .common import collect, field, read_json, stream_lines
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+SSE = "text/event-stream"
+
+
+def _node(request: web.Request) -> Node:
+    node: Node = request.app["node"]
+    return node
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sampling fields as Ollama options."""
+    opts: dict[str, Any] = {}
+    for theirs, ours in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
+                         ("frequency_penalty", "frequency_penalty"),
+                         ("presence_penalty", "presence_penalty")):
+        value = field(body, theirs, (int, float))
+        if value is not None:
+            opts[ours] = value
+    max_tokens = field(body, "max_completion_tokens", int) or field(body, "max_tokens", int)
+    if max_tokens is not None:
+        opts["num_predict"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise BadRequestError("stop must be a string or a list of strings")
+        opts["stop"] = stop
+    n = field(body, "n", int, 1)
+    if n != 1:
+        raise BadRequestError("n must be 1")
+    return opts
+
+
+def _format(body: dict[str, Any]) -> Any:
+    rf = field(body, "response_format", dict)
+    if not rf or rf.get("type") in (None, "text"):
+        return None
+    if rf.get("type") == "json_object":
+        return "json"
+    if rf.get("type") == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequestError("response_format.json_schema.schema must be an object")
+        return schema
+    raise BadRequestError("response_format.type must be text, json_object or json_schema")
+
+
+def _usage(final: dict[str, Any]) -> dict[str, int]:
+    p = int(final.get("prompt_eval_count") or 0)
+    c = int(final.get("eval_count") or 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _finish(final: dict[str, Any]) -> str:
+    return "length" if final.get("done_reason") == "length" else "stop"
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    msgs = field(body, "messages", list, required=True)
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise BadRequestError(f"messages[{i}] must be an object with a valid role")
+        content = m.get("content") or ""
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise BadRequestError(f"messages[{i}]: only text content parts are supported")
+                texts.append(str(part.get("text", "")))
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise BadRequestError(f"messages[{i}].content must be a string")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    model = field(body, "model", str, required=True)
+    if body.get("tools"):
+        raise BadRequestError(f"{model} does not support tools")
+    stream = field(body, "stream", bool, False)
+    req = InferenceRequest(kind="chat", model=model, messages=_messages(body), options=_options(body),
+                           format=_format(body), stream=stream)
+    node = _node(request)
+    source = node.dispatcher.stream(req, "/v1/chat/completions")
+    cid = "chatcmpl-" + secrets.token_hex(12)
+    created = int(time.time())
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_ollama_distributed"}
+    if stream:
+        include_usage = bool((field(body, "stream_options", dict) or {}).get("include_usage"))
+        sent_role = False
+
+        def render(chunk: dict[str, Any]) -> bytes:
+            nonlocal sent_role
+            if chunk.get("done"):
+                if chunk.get("done_reason") in ("load", "unload"):
+                    return b""
+                out = _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(chunk)}]})
+                if include_usage:
+                    out += _sse({**base, "choices": [], "usage": _usage(chunk)})
+                return out
+            delta: dict[str, Any] = {"content": chunk.get("text", "")}
+            if not sent_role:
+                delta["role"] = "assistant"
+                sent_role = True
+            return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+        return await stream_lines(request, source, render, SSE, trailer=b"data: [DONE]\n\n",
+                                  on_error=lambda e: _sse({"error": {"message": e.message}}))
+    text, final = await collect(source)
+    return web.json_response({
+        **base, "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": _finish(final)}],
+        "usage": _usage(final),
+    })
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    model = field(body, "model", str, required=True)
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise BadRequestError("prompt must be a string (or a list of exactly one string)")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequestError("prompt must be a string")
+    stream = field(body, "stream", bool, False)
+    req = InferenceRequest(kind="generate", model=model, prompt=prompt, raw=True,
+                           options=_options(body), format=_format(body), stream=stream)
+    if field(body, "suffix", str):
+        raise BadRequestError(f"{model} does not support insert")
+    node = _node(request)
+    source = node.dispatcher.stream(req, "/v1/completions")
+    base = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
+            "created": int(time.time()), "model": model, "system_fingerprint": "fp_ollama_distributed"}
+    if stream:
+        include_usage = bool((field(body, "stream_options", dict) or {}).get("include_usage"))
+
+        def render(chunk: dict[str, Any]) -> bytes:
+            if chunk.get("done"):
+                out = _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                 "finish_reason": _finish(chunk)}]})
+                if include_usage:
+                    out += _sse({**base, "choices": [], "usage": _usage(chunk)})
+                return out
+            return _sse({**base, "choices": [{"index": 0, "text": chunk.get("text", ""),
+                                              "logprobs": None, "finish_reason": None}]})
+
+        return await stream_lines(request, source, render, SSE, trailer=b"data: [DONE]\n\n",
+                                  on_error=lambda e: _sse({"error": {"message": e.message}}))
+    text, final = await collect(source)
+    return web.json_response({**base, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                   "finish_reason": _finish(final)}],
+                              "usage": _usage(final)})
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    model = field(body, "model", str, required=True)
+    raw = body.get("input")
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        inputs = list(raw)
+    else:
+        raise BadRequestError("input must be a string or a non-empty list of strings")
+    encoding = field(body, "encoding_format", str, "float")
+    if encoding not in ("float", "base64"):
+        raise BadRequestError("encoding_format must be float or base64")
+    node = _node(request)
+    result = await node.dispatcher.embed(
+        InferenceRequest(kind="embed", model=model, input=inputs), "/v1/embeddings")
+    dims = field(body, "dimensions", int)
+    data = [{"object": "embedding", "embedding": _encode(v[:dims] if dims else v, encoding), "index": i}
+            for i, v in enumerate(result["embeddings"])]
+    tokens = int(result.get("prompt_eval_count") or 0)
+    return web.json_response({"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def _model_obj(entry: dict[str, Any]) -> dict[str, Any]:
+    name = entry["name"]
+    owner = name.split("/")[0] if "/" in name else "library"
+    modified = entry.get("modified_at")
+    created = int(time.time())
+    if isinstance(modified, str):
+        from datetime import datetime
+
+        try:
+            created = int(datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            pass
+    return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    node = _node(request)
+    return web.json_response({"object": "list",
+                              "data": [_model_obj(e) for e in await node.catalog_entries()]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    node = _node(request)
+    wanted = request.match_info["model"]
+    for entry in await node.catalog_entries():
+        if entry["name"] == wanted or entry["name"] == f"{wanted}:latest":
+            return web.json_response(_model_obj(entry))
+    raise ModelNotFoundError(wanted)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/chat/completions", chat_completions)
+    r.add_post("/v1/completions", completions)
+    r.add_post("/v1/embeddings", embeddings)
+    r.add_get("/v1/models", list_models)
+    r.add_get("/v1/models/{model:.+}", get_model)

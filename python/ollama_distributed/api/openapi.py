@@ -1,0 +1,117 @@
+"""GET /api/openapi.json: an OpenAPI 3.1 description of every endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+
+_ERR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_OPTIONS = {"type": "object", "description": "Ollama options: temperature, top_p, top_k, min_p, "
+            "repeat_penalty, seed, num_predict, stop, num_ctx, ...", "additionalProperties": True}
+_KEEP_ALIVE = {"oneOf": [{"type": "string"}, {"type": "number"}],
+               "description": "How long the model stays loaded: '5m', 0 unloads, -1 keeps it"}
+_FORMAT = {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]}
+_MESSAGE = {"type": "object", "properties": {"role": {"type": "string",
+            "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"}},
+            "required": ["role"]}
+_OBJ = {"type": "object", "additionalProperties": True}
+
+
+def _body(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "properties": props, "required": required}}}}
+
+
+def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
+        stream: str | None = None, errors: tuple[int, ...] = (400, 404, 503)) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": _OBJ}}
+    if stream:
+        content[stream] = {"schema": {"type": "string"}}
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": ok, "content": content}}}
+    for code in errors:
+        op["responses"][str(code)] = {"description": {400: "Bad request", 401: "Unauthorized",
+                                      404: "Unknown model", 413: "Body too large",
+                                      501: "Not available", 503: "Busy: see Retry-After"}[code],
+                                      "content": {"application/json": {"schema": _ERR}}}
+    if body:
+        op["requestBody"] = body
+    return op
+
+
+def spec() -> dict[str, Any]:
+    gen = _body({"model": {"type": "string"}, "prompt": {"type": "string"}, "system": {"type": "string"},
+                 "template": {"type": "string"}, "raw": {"type": "boolean"}, "stream": {"type": "boolean"},
+                 "format": _FORMAT, "options": _OPTIONS, "keep_alive": _KEEP_ALIVE,
+                 "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
+    chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _MESSAGE},
+                  "stream": {"type": "boolean"}, "format": _FORMAT, "options": _OPTIONS,
+                  "keep_alive": _KEEP_ALIVE}, ["model"])
+    model_only = _body({"model": {"type": "string"}}, ["model"])
+    paths: dict[str, Any] = {
+        "/": {"get": _op("Liveness text: 'Ollama is running'", errors=()),
+              "head": _op("Liveness", errors=())},
+        "/api/generate": {"post": _op("Generate a completion", gen, stream="application/x-ndjson")},
+        "/api/chat": {"post": _op("Chat", chat, stream="application/x-ndjson")},
+        "/api/embed": {"post": _op("Embeddings (normalised)", _body(
+            {"model": {"type": "string"}, "input": {"oneOf": [{"type": "string"},
+             {"type": "array", "items": {"type": "string"}}]}, "truncate": {"type": "boolean"},
+             "options": _OPTIONS, "keep_alive": _KEEP_ALIVE}, ["model", "input"]))},
+        "/api/embeddings": {"post": _op("Legacy embedding of one prompt", _body(
+            {"model": {"type": "string"}, "prompt": {"type": "string"}}, ["model", "prompt"]))},
+        "/api/show": {"post": _op("Model details", model_only, errors=(400, 404))},
+        "/api/create": {"post": _op("Create a model from blobs or another model", _body(
+            {"model": {"type": "string"}, "from": {"type": "string"}, "files": _OBJ,
+             "template": {"type": "string"}, "system": {"type": "string"}, "parameters": _OBJ,
+             "license": {"type": "string"}, "stream": {"type": "boolean"}}, ["model"]),
+            stream="application/x-ndjson", errors=(400, 404))},
+        "/api/copy": {"post": _op("Copy a model", _body({"source": {"type": "string"},
+                      "destination": {"type": "string"}}, ["source", "destination"]), errors=(400, 404))},
+        "/api/delete": {"delete": _op("Delete a model", model_only, errors=(400, 404))},
+        "/api/pull": {"post": _op("Pull from a registry (not available yet)", model_only, errors=(400, 501))},
+        "/api/push": {"post": _op("Push to a registry (not available yet)", model_only, errors=(400, 501))},
+        "/api/tags": {"get": _op("Models available", errors=())},
+        "/api/ps": {"get": _op("Models loaded", errors=())},
+        "/api/version": {"get": _op("Server version", errors=())},
+        "/api/blobs/{digest}": {
+            "parameters": [{"name": "digest", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"}}],
+            "head": _op("Whether the blob exists", errors=(400, 404)),
+            "post": {**_op("Upload a blob; its sha256 is verified", errors=(400,)),
+                     "requestBody": {"content": {"application/octet-stream": {"schema": {
+                         "type": "string", "format": "binary"}}}}}},
+        "/v1/chat/completions": {"post": _op("OpenAI chat completions", chat, stream="text/event-stream")},
+        "/v1/completions": {"post": _op("OpenAI completions", gen, stream="text/event-stream")},
+        "/v1/embeddings": {"post": _op("OpenAI embeddings", model_only)},
+        "/v1/models": {"get": _op("OpenAI model list", errors=())},
+        "/v1/models/{model}": {"parameters": [{"name": "model", "in": "path", "required": True,
+                                               "schema": {"type": "string"}}],
+                               "get": _op("One model", errors=(404,))},
+        "/health": {"get": _op("Node health with service flags", errors=())},
+        "/health/live": {"get": _op("Liveness", errors=())},
+        "/health/ready": {"get": _op("Readiness: 503 until started", errors=(503,))},
+        "/api/distributed/status": {"get": _op("Cluster status", errors=())},
+        "/api/distributed/nodes": {"get": _op("Cluster nodes with resources", errors=())},
+        "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
+        "/api/distributed/models": {"get": _op("Models and the nodes holding them", errors=())},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/api/openapi.json": {"get": _op("This document", errors=())},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ollama-distributed", "version": __version__,
+                 "description": "Ollama- and OpenAI-compatible API of an ollama-distributed node."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+
+
+async def handler(request: web.Request) -> web.Response:
+    return web.json_response(spec())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/openapi.json", handler)

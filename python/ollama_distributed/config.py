@@ -1,0 +1,348 @@
+"""Configuration: YAML file, environment and flags, with typed validation.
+
+Search order for the file: --config, $OLLAMA_DISTRIBUTED_CONFIG,
+~/.ollama-distributed/config.yaml, /etc/ollama-distributed/config.yaml, then
+built-in defaults. Precedence: flag > env OLLAMA_DISTRIBUTED_<SECTION>_<KEY> >
+file > default. Unknown keys and wrong types are errors naming the file, the
+key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import env
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+USER_CONFIG = Path("~/.ollama-distributed/config.yaml")
+SYSTEM_CONFIG = Path("/etc/ollama-distributed/config.yaml")
+ENGINES = ("llamacpp", "ollama", "openai", "mock")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass
+class NodeSection:
+    id: str = ""  # empty: generated once and kept in the data dir
+    name: str = ""  # empty: the host name
+    data_dir: str = ""  # empty: $STATE_DIRECTORY, else ~/.ollama-distributed
+
+
+@dataclass
+class ApiSection:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    auth_tokens: list[str] = field(default_factory=list)
+    max_body_bytes: int = 32 * 1024 * 1024
+    cors_origins: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WebSection:
+    host: str = "127.0.0.1"
+    port: int = 8081
+    enabled: bool = True
+
+
+@dataclass
+class P2PSection:
+    host: str = "0.0.0.0"
+    port: int = 4001
+    join: list[str] = field(default_factory=list)
+    token: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class EngineSection:
+    kind: str = "llamacpp"
+    upstream: str = ""  # base URL for the ollama and openai engines
+    keep_alive: str = "5m"
+    max_loaded_models: int = 3
+    num_parallel: int = 1
+    max_queue: int = 512
+    threads: int = 0  # 0: one per core
+    num_ctx: int = 2048
+    # mock engine only: time to first token and tokens per second
+    mock_ttft_ms: float = 0.0
+    mock_tokens_per_second: float = 0.0
+    mock_tokens: int = 16
+
+
+@dataclass
+class SchedulerSection:
+    stale_after_ms: int = 3000
+    advert_interval_ms: int = 1000
+    retries: int = 2
+
+
+@dataclass
+class ModelsSection:
+    default: str = "smollm2:135m"
+    replicas: int = 2
+
+
+@dataclass
+class LoggingSection:
+    level: str = "info"
+
+
+@dataclass
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    web: WebSection = field(default_factory=WebSection)
+    p2p: P2PSection = field(default_factory=P2PSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    # Where the values came from; not a config key.
+    source: str = field(default="built-in defaults", compare=False)
+
+    def data_dir(self) -> Path:
+        if self.node.data_dir:
+            return Path(self.node.data_dir).expanduser()
+        state = env.get(env.STATE_DIRECTORY)
+        if state:
+            return Path(state.split(":")[0])
+        return Path("~/.ollama-distributed").expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "source"
+}
+
+
+def _describe(tp: Any) -> str:
+    if tp is bool:
+        return "a boolean (true/false)"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str, from_text: bool) -> Any:
+    """Check (or, for env and flags, parse) one value against its field type."""
+    expected = _describe(tp)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
+
+    if from_text and isinstance(value, str):
+        if tp is bool:
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise bad()
+        if tp is int:
+            try:
+                return int(value)
+            except ValueError:
+                raise bad() from None
+        if tp is float:
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if typing.get_origin(tp) is list:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `keep_alive: 300` means 300 seconds, as in Ollama
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if typing.get_origin(tp) is list:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        return list(value)
+    raise bad()
+
+
+def _apply(cfg: Config, data: Any, where: str, from_text: bool = False) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections at the top level")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{where}: unknown section {section!r}; expected one of: {', '.join(SECTIONS)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {section}: expected a mapping of keys")
+        obj = getattr(cfg, section)
+        hints = typing.get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{where}: unknown key {section}.{key}; "
+                    f"expected one of: {', '.join(hints)}"
+                )
+            setattr(obj, key, _coerce(value, hints[key], where, f"{section}.{key}", from_text))
+
+
+def _validate(cfg: Config) -> None:
+    where = cfg.source
+    for section, key in (("api", "port"), ("web", "port"), ("p2p", "port")):
+        port = getattr(getattr(cfg, section), key)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{where}: {section}.{key}: expected a port 0-65535, got {port}")
+    if cfg.engine.kind not in ENGINES:
+        raise ConfigError(
+            f"{where}: engine.kind: expected one of {', '.join(ENGINES)}, got {cfg.engine.kind!r}"
+        )
+    if cfg.engine.kind in ("ollama", "openai") and not cfg.engine.upstream:
+        raise ConfigError(
+            f"{where}: engine.upstream: the {cfg.engine.kind} engine needs an upstream URL "
+            "(set engine.upstream or pass --upstream)"
+        )
+    if cfg.logging.level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"{where}: logging.level: expected one of {', '.join(LOG_LEVELS)}, "
+            f"got {cfg.logging.level!r}"
+        )
+    for section, key in (
+        ("engine", "num_parallel"),
+        ("engine", "max_loaded_models"),
+        ("api", "max_body_bytes"),
+        ("models", "replicas"),
+    ):
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")
+    if cfg.engine.max_queue < 0:
+        raise ConfigError(f"{where}: engine.max_queue: expected an integer >= 0")
+    from .duration import parse_keep_alive
+
+    try:
+        parse_keep_alive(cfg.engine.keep_alive)
+    except ValueError as e:
+        raise ConfigError(f"{where}: engine.keep_alive: {e}") from None
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (given with --config)")
+        return path
+    from_env = env.get(env.CONFIG)
+    if from_env:
+        path = Path(from_env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (from ${env.CONFIG})")
+        return path
+    for candidate in (USER_CONFIG.expanduser(), SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+
+
+def env_overrides(environ: typing.Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """OLLAMA_DISTRIBUTED_<SECTION>_<KEY> variables as a nested mapping."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(env.CONFIG_PREFIX):
+            continue
+        rest = name[len(env.CONFIG_PREFIX) :].lower()
+        for section in SECTIONS:
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                if key in typing.get_type_hints(SECTIONS[section]):
+                    out.setdefault(section, {})[key] = value
+                break
+    return out
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective config. `overrides` are the command-line flags."""
+    cfg = Config()
+    file = find_config_file(path)
+    if file is not None:
+        cfg.source = str(file)
+        _apply(cfg, read_yaml(file), str(file))
+    _apply(cfg, env_overrides(environ), "environment", from_text=True)
+    if overrides:
+        _apply(cfg, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()},
+               "command line")
+    _validate(cfg)
+    return cfg
+
+
+def validate_file(path: Path) -> Config:
+    cfg = Config(source=str(path))
+    _apply(cfg, read_yaml(path), str(path))
+    _validate(cfg)
+    return cfg
+
+
+def render_default() -> str:
+    """A commented config file with every key at its default."""
+    cfg = Config().to_dict()
+    header = (
+        "# ollama-distributed configuration. Every key is optional; these are the defaults.\n"
+        "# Environment overrides: OLLAMA_DISTRIBUTED_<SECTION>_<KEY>, e.g. "
+        "OLLAMA_DISTRIBUTED_API_PORT=9090\n"
+    )
+    return header + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,319 @@
+"""The one way in for every inference request.
+
+Both APIs translate their wire format to an `InferenceRequest` and call
+`Dispatcher.stream` or `Dispatcher.embed`. Here, once: resolve the model, ask
+the Rust scheduler where it runs (a peer, or a local engine slot), queue or
+refuse at the bound, stream chunks, stop on cancellation, count metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import _core
+from .config import Config
+from .duration import parse_keep_alive
+from .engines.base import CancelToken, Engine, InferenceRequest
+from .errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    OllamaDistributedError,
+    OverloadedError,
+    PeerUnavailableError,
+)
+from .metrics import Metrics
+from .models import names
+from .models.store import ModelRecord, Store
+
+logger = logging.getLogger(__name__)
+
+RECENT = 50  # requests kept for the dashboard's "recent requests"
+
+
+class Remote(Protocol):
+    """The cluster's forwarding surface (ClusterService), as the dispatcher uses it."""
+
+    def forward(self, node_id: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
+@dataclass
+class RequestRecord:
+    at: float
+    model: str
+    endpoint: str
+    status: int
+    node: str
+    prompt_tokens: int = 0
+    tokens: int = 0
+    duration: float = 0.0
+    ttft: float | None = None
+
+
+class Dispatcher:
+    def __init__(self, cfg: Config, node_id: str, store: Store, engine: Engine,
+                 metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self.store = store
+        self.engine = engine
+        self.metrics = metrics
+        self.scheduler = _core.Scheduler(node_id, cfg.engine.num_parallel, cfg.engine.max_queue,
+                                         cfg.scheduler.stale_after_ms)
+        self.remote: Remote | None = None
+        self._tickets = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[int]] = {}
+        self.recent: collections.deque[RequestRecord] = collections.deque(maxlen=RECENT)
+        self.requests_total = 0
+        self.requests_by_model: collections.Counter[str] = collections.Counter()
+        self.tokens_total = 0
+        self.started_at = time.time()
+        metrics.bind(queue_depth=self.scheduler.queue_depth,
+                     in_flight=self.scheduler.total_in_flight,
+                     models_loaded=lambda: len(self.engine.loaded()))
+
+    # ---- configuration ---------------------------------------------------------
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Apply the live-changeable knobs (SIGHUP)."""
+        self.cfg = cfg
+        self.scheduler.configure(cfg.engine.num_parallel, cfg.engine.max_queue,
+                                 cfg.scheduler.stale_after_ms)
+        self.engine.configure(cfg.engine.num_parallel, cfg.engine.max_loaded_models)
+
+    # ---- models ----------------------------------------------------------------
+
+    async def resolve(self, model: Any) -> tuple[str, ModelRecord | None]:
+        """The model's display name and store record; 404 when it is nowhere."""
+        name = names.parse(model)
+        if self.engine.uses_store:
+            try:
+                rec = await asyncio.to_thread(self.store.get, name.short)
+            except ModelNotFoundError:
+                raise ModelNotFoundError(str(model)) from None  # the name as the client gave it
+            return rec.name.short, rec
+        listed = await self.engine.list_models()
+        wanted = {model, name.short}
+        for m in listed:
+            if m.get("name") in wanted or m.get("model") in wanted:
+                return str(m["name"]), None
+        raise ModelNotFoundError(str(model))
+
+    def local_models(self) -> list[str]:
+        return [n.short for n in self.store.names()] if self.engine.uses_store else []
+
+    def is_idle(self, model: str) -> bool:
+        return self.scheduler.in_flight(model) == 0 and self.scheduler.in_flight(f"{model}#embed") == 0
+
+    # ---- admission -------------------------------------------------------------
+
+    async def _acquire(self, key: str) -> int:
+        ticket = next(self._tickets)
+        now = int(time.monotonic() * 1000)
+        slot = self.scheduler.admit(key, ticket, now)
+        if slot >= 0:
+            return int(slot)
+        if slot == -2:
+            raise OverloadedError(
+                f"server busy: {self.scheduler.queue_depth()} requests are queued "
+                f"(engine.max_queue={self.cfg.engine.max_queue}); retry later"
+            )
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if not self.scheduler.cancel(key, ticket) and fut.done() and not fut.cancelled():
+                # The slot was handed over just as we were cancelled: pass it on.
+                self._release(key, fut.result())
+            raise
+        finally:
+            self._waiters.pop(ticket, None)
+
+    def _release(self, key: str, slot: int) -> None:
+        handed = self.scheduler.release(key, slot, int(time.monotonic() * 1000))
+        if handed is not None:
+            ticket, next_slot = handed
+            fut = self._waiters.get(ticket)
+            if fut is not None and not fut.done():
+                fut.set_result(next_slot)
+            else:  # the waiter vanished between cancel and release
+                self._release(key, next_slot)
+
+    # ---- inference -------------------------------------------------------------
+
+    def _record(self, rec: RequestRecord) -> None:
+        self.recent.append(rec)
+        self.requests_total += 1
+        self.requests_by_model[rec.model] += 1
+        self.tokens_total += rec.tokens
+        m = self.metrics
+        m.requests.labels(rec.model, rec.endpoint, str(rec.status)).inc()
+        m.request_duration.labels(rec.endpoint).observe(rec.duration)
+        if rec.ttft is not None:
+            m.ttft.labels(rec.model).observe(rec.ttft)
+        if rec.prompt_tokens:
+            m.prompt_tokens.labels(rec.model).inc(rec.prompt_tokens)
+        if rec.tokens:
+            m.generated_tokens.labels(rec.model).inc(rec.tokens)
+
+    def keep_alive(self, req: InferenceRequest) -> float | None:
+        default = parse_keep_alive(self.cfg.engine.keep_alive)
+        if req.keep_alive is None:
+            return default
+        try:
+            return parse_keep_alive(req.keep_alive, default or 0.0)
+        except ValueError as e:
+            raise BadRequestError(f"invalid keep_alive: {e}") from None
+
+    async def stream(self, req: InferenceRequest, endpoint: str) -> AsyncIterator[dict[str, Any]]:
+        """Run a generate or chat request and yield its chunks.
+
+        Errors before the first chunk raise, so the API can still answer with a
+        status code; after it they end the stream.
+        """
+        t0 = time.perf_counter()
+        rec = RequestRecord(at=time.time(), model=str(req.model), endpoint=endpoint, status=200,
+                            node=self.node_id)
+        try:
+            model, record = await self.resolve(req.model)
+            rec.model = req.model = model
+            keep_alive = self.keep_alive(req)
+            empty = (req.kind == "generate" and not req.prompt and not req.raw) or (
+                req.kind == "chat" and not req.messages)
+            if empty:
+                async for chunk in self._load_or_unload(req, record, keep_alive):
+                    yield chunk
+                return
+            first = True
+            async for chunk in self._run(req, record):
+                if first and "text" in chunk:
+                    rec.ttft = time.perf_counter() - t0
+                    first = False
+                if chunk.get("done"):
+                    rec.prompt_tokens = int(chunk.get("prompt_eval_count") or 0)
+                    rec.tokens = int(chunk.get("eval_count") or 0)
+                    if first:
+                        rec.ttft = time.perf_counter() - t0
+                yield chunk
+        except OllamaDistributedError as e:
+            rec.status = e.status
+            raise
+        except asyncio.CancelledError:
+            rec.status = 499  # client closed the request (nginx's convention)
+            raise
+        except Exception:
+            rec.status = 500
+            raise
+        finally:
+            rec.duration = time.perf_counter() - t0
+            self._record(rec)
+
+    async def _load_or_unload(self, req: InferenceRequest, record: ModelRecord | None,
+                              keep_alive: float | None) -> AsyncIterator[dict[str, Any]]:
+        if keep_alive == 0:
+            await self.engine.unload(req.model)
+            self.scheduler.forget(req.model)
+            yield {"done": True, "done_reason": "unload"}
+            return
+        t0 = time.perf_counter()
+        took = await self.engine.load(req, record)
+        if took:
+            self.metrics.model_load.labels(req.model).observe(took)
+        self.engine.touch(req.model, keep_alive)
+        yield {"done": True, "done_reason": "load", "load_duration": int(took * 1e9),
+               "total_duration": int((time.perf_counter() - t0) * 1e9)}
+
+    async def _run(self, req: InferenceRequest,
+                   record: ModelRecord | None) -> AsyncIterator[dict[str, Any]]:
+        if self.remote is not None:
+            async for chunk in self._run_routed(req, record):
+                yield chunk
+            return
+        async for chunk in self.run_local(req, record):
+            yield chunk
+
+    async def _run_routed(self, req: InferenceRequest,
+                          record: ModelRecord | None) -> AsyncIterator[dict[str, Any]]:
+        """Try nodes best first; move on while no token has been sent."""
+        assert self.remote is not None
+        now_ms = int(time.time() * 1000)
+        order = self.scheduler.route(req.model, now_ms)
+        tries = order[: 1 + max(0, self.cfg.scheduler.retries)]
+        last: Exception | None = None
+        for node in tries:
+            sent = False
+            self.scheduler.dispatched(node)
+            try:
+                if node == self.node_id:
+                    source = self.run_local(req, record)
+                else:
+                    source = self.remote.forward(node, req.to_dict())
+                async with contextlib.aclosing(source) as chunks:
+                    async for chunk in chunks:
+                        sent = True
+                        yield chunk
+                if node != self.node_id:
+                    self.metrics.forwarded.labels(node, "ok").inc()
+                return
+            except (PeerUnavailableError, OverloadedError) as e:
+                if node != self.node_id:
+                    self.metrics.forwarded.labels(node, "retry" if not sent else "failed").inc()
+                if sent:
+                    raise
+                logger.warning("node %s could not take %s: %s; trying the next", node, req.model, e)
+                last = e
+            finally:
+                self.scheduler.finished(node)
+        assert last is not None
+        raise last
+
+    async def run_local(self, req: InferenceRequest,
+                        record: ModelRecord | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Run on this node's engine: take a slot, stream, free the slot."""
+        if record is None and self.engine.uses_store:
+            _, record = await self.resolve(req.model)
+        keep_alive = self.keep_alive(req)
+        slot = await self._acquire(req.model)
+        cancel = CancelToken()
+        try:
+            async with contextlib.aclosing(self.engine.generate(req, record, slot, cancel)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            cancel.cancel()
+            self._release(req.model, slot)
+            self.engine.touch(req.model, keep_alive)
+            if keep_alive == 0 and self.is_idle(req.model):
+                await self.engine.unload(req.model)
+
+    async def embed(self, req: InferenceRequest, endpoint: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        rec = RequestRecord(at=time.time(), model=str(req.model), endpoint=endpoint, status=200,
+                            node=self.node_id)
+        try:
+            model, record = await self.resolve(req.model)
+            rec.model = req.model = model
+            keep_alive = self.keep_alive(req)
+            key = f"{model}#embed"  # own slots: embeddings never wait behind generation
+            slot = await self._acquire(key)
+            try:
+                result = await self.engine.embed(req, record)
+            finally:
+                self._release(key, slot)
+            self.engine.touch(model, keep_alive)
+            rec.prompt_tokens = int(result.get("prompt_eval_count") or 0)
+            return result
+        except OllamaDistributedError as e:
+            rec.status = e.status
+            raise
+        finally:
+            rec.duration = time.perf_counter() - t0
+            self._record(rec)

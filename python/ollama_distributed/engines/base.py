@@ -1,0 +1,104 @@
+"""One interface for every engine: llama.cpp in-process, upstream servers, mock.
+
+Engines speak in the internal request type and JSON-able chunks, so the same
+chunks stream to a local client or across QUIC to a peer:
+
+- a text chunk:   {"text": "..."}
+- the last chunk: {"done": True, "done_reason": "stop"|"length"|"load"|"unload",
+                   "prompt_eval_count", "prompt_eval_duration", "eval_count",
+                   "eval_duration", "load_duration", "total_duration", "context"?}
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from ..models.store import ModelRecord
+
+
+@dataclass
+class InferenceRequest:
+    """A request as every API and engine sees it, whatever its wire format."""
+
+    kind: str  # "generate" | "chat" | "embed"
+    model: str
+    prompt: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    format: Any = None  # "json" or a JSON schema
+    keep_alive: Any = None
+    context: list[int] | None = None
+    input: list[str] = field(default_factory=list)  # embed
+    truncate: bool = True
+    normalize: bool = True  # /api/embed normalises; legacy /api/embeddings does not
+    stream: bool = True
+    request_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InferenceRequest:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class CancelToken:
+    """Set when the client goes away; engine threads check it between tokens."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    digest: str
+    size: int
+    expires_at: float | None  # unix seconds; None: kept forever
+    details: dict[str, Any]
+    context_length: int = 0
+
+
+class Engine(Protocol):
+    """What the dispatcher needs from an engine."""
+
+    kind: str
+    #: True when the engine serves models of the local store (llamacpp, mock);
+    #: upstream engines list their upstream's models instead.
+    uses_store: bool
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(
+        self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
+    ) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]: ...
+
+    async def load(self, req: InferenceRequest, record: ModelRecord | None) -> float: ...
+
+    async def unload(self, model: str) -> None: ...
+
+    def loaded(self) -> list[LoadedModel]: ...
+
+    async def list_models(self) -> list[dict[str, Any]]: ...
+
+    def touch(self, model: str, keep_alive: float | None) -> None: ...
+
+    def configure(self, num_parallel: int, max_loaded_models: int) -> None: ...

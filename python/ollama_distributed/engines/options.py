@@ -1,0 +1,84 @@
+"""Ollama's request options: checked once, with Ollama's defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import BadRequestError
+
+# name -> (type, default). Defaults are Ollama's.
+SAMPLING: dict[str, tuple[type, Any]] = {
+    "temperature": (float, 0.8),
+    "top_p": (float, 0.9),
+    "top_k": (int, 40),
+    "min_p": (float, 0.0),
+    "typical_p": (float, 1.0),
+    "repeat_penalty": (float, 1.1),
+    "repeat_last_n": (int, 64),
+    "presence_penalty": (float, 0.0),
+    "frequency_penalty": (float, 0.0),
+    "seed": (int, -1),
+    "num_predict": (int, -1),
+    "num_ctx": (int, 0),
+    "num_batch": (int, 512),
+    "num_thread": (int, 0),
+    "num_keep": (int, 4),
+    "mirostat": (int, 0),
+    "mirostat_tau": (float, 5.0),
+    "mirostat_eta": (float, 0.1),
+    "penalize_newline": (bool, True),
+    "tfs_z": (float, 1.0),
+    "num_gpu": (int, -1),
+    "main_gpu": (int, 0),
+    "use_mmap": (bool, True),
+    "use_mlock": (bool, False),
+    "numa": (bool, False),
+    "low_vram": (bool, False),
+    "vocab_only": (bool, False),
+}
+
+
+def normalise(options: Any, model_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Model parameters (from its Modelfile/create) overlaid by request options.
+
+    Unknown options are refused, as Ollama does, so a typo never passes silently.
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise BadRequestError("options must be an object")
+    merged: dict[str, Any] = {}
+    for source in (model_params or {}, options):
+        for key, value in source.items():
+            if key == "stop":
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                    raise BadRequestError("option stop must be a string or a list of strings")
+                merged["stop"] = list(value)
+                continue
+            spec = SAMPLING.get(key)
+            if spec is None:
+                raise BadRequestError(f"invalid option provided: {key}")
+            tp = spec[0]
+            if value is None:
+                continue
+            if tp is bool:
+                if not isinstance(value, bool):
+                    raise BadRequestError(f"option {key} must be a boolean")
+            elif tp is int:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    isinstance(value, float) and not value.is_integer()
+                ):
+                    raise BadRequestError(f"option {key} must be an integer")
+                value = int(value)
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise BadRequestError(f"option {key} must be a number")
+                value = float(value)
+            merged[key] = value
+    return merged
+
+
+def get(opts: dict[str, Any], key: str) -> Any:
+    return opts[key] if key in opts else SAMPLING[key][1]

@@ -1,0 +1,339 @@
+"""Engines that relay to another server: an OpenAI-compatible one (llama-server,
+vLLM, llama_cpp.server) or an Ollama daemon. Models are the upstream's."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from ..config import EngineSection
+from ..errors import BadRequestError, EngineError, ModelNotFoundError, OverloadedError, PeerUnavailableError
+from ..models.store import ModelRecord
+from . import options as opt
+from .base import CancelToken, InferenceRequest, LoadedModel
+
+logger = logging.getLogger(__name__)
+
+# The upstream's model list is cached this long so each request doesn't pay a round trip.
+MODELS_TTL = 2.0
+
+
+class _Upstream(abc.ABC):
+    kind = "upstream"
+    uses_store = False
+
+    def __init__(self, cfg: EngineSection) -> None:
+        self.cfg = cfg
+        self.base = cfg.upstream.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._models: list[dict[str, Any]] = []
+        self._models_at = 0.0
+        self._loaded: list[LoadedModel] = []
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+
+    async def stop(self) -> None:
+        if self._session:
+            await self._session.close()
+
+    def configure(self, num_parallel: int, max_loaded_models: int) -> None:
+        return None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise EngineError("engine not started")
+        return self._session
+
+    async def _error(self, resp: aiohttp.ClientResponse, model: str) -> Exception:
+        text = await resp.text()
+        try:
+            body = json.loads(text)
+            err = body.get("error")
+            msg = err.get("message") if isinstance(err, dict) else err
+        except (ValueError, AttributeError):
+            msg = None
+        msg = msg or text[:200] or resp.reason or "upstream error"
+        if resp.status == 404:
+            return ModelNotFoundError(model)
+        if resp.status == 400:
+            return BadRequestError(f"upstream: {msg}")
+        if resp.status in (429, 503):
+            return OverloadedError(f"upstream is busy: {msg}")
+        return EngineError(f"upstream {self.base} answered {resp.status}: {msg}")
+
+    async def _post(self, path: str, body: dict[str, Any], model: str) -> aiohttp.ClientResponse:
+        try:
+            resp = await self.session.post(self.base + path, json=body)
+        except aiohttp.ClientError as e:
+            raise PeerUnavailableError(f"upstream {self.base} unreachable: {e}") from e
+        if resp.status != 200:
+            err = await self._error(resp, model)
+            resp.release()
+            raise err
+        return resp
+
+    async def _get_json(self, path: str) -> Any:
+        try:
+            async with self.session.get(self.base + path) as resp:
+                if resp.status != 200:
+                    raise await self._error(resp, "")
+                return await resp.json(content_type=None)
+        except aiohttp.ClientError as e:
+            raise PeerUnavailableError(f"upstream {self.base} unreachable: {e}") from e
+        except ValueError as e:
+            raise EngineError(f"upstream {self.base} answered invalid JSON: {e}") from e
+
+    async def load(self, req: InferenceRequest, record: ModelRecord | None) -> float:
+        return 0.0
+
+    async def unload(self, model: str) -> None:
+        return None
+
+    def touch(self, model: str, keep_alive: float | None) -> None:
+        return None
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        if time.monotonic() - self._models_at > MODELS_TTL:
+            self._models = await self._fetch_models()
+            self._models_at = time.monotonic()
+        return self._models
+
+    @abc.abstractmethod
+    async def _fetch_models(self) -> list[dict[str, Any]]:
+        """The upstream's model list, in /api/tags shape."""
+
+
+class OpenAIUpstreamEngine(_Upstream):
+    kind = "openai"
+
+    async def _fetch_models(self) -> list[dict[str, Any]]:
+        data = await self._get_json("/v1/models")
+        out = []
+        for m in (data or {}).get("data", []):
+            if isinstance(m, dict) and isinstance(m.get("id"), str):
+                out.append({"name": m["id"], "size": 0, "digest": "", "details": {"format": "upstream"},
+                            "modified_at": float(m.get("created") or 0)})
+        return out
+
+    def _body(self, req: InferenceRequest) -> tuple[str, dict[str, Any]]:
+        opts = opt.normalise(req.options)
+        body: dict[str, Any] = {"model": req.model, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
+                             ("presence_penalty", "presence_penalty"),
+                             ("frequency_penalty", "frequency_penalty"), ("top_k", "top_k"),
+                             ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty")):
+            if ours in opts:
+                body[theirs] = opts[ours]
+        if opts.get("num_predict", -1) > 0:
+            body["max_tokens"] = opts["num_predict"]
+        if opts.get("stop"):
+            body["stop"] = opts["stop"]
+        if req.format == "json":
+            body["response_format"] = {"type": "json_object"}
+        elif isinstance(req.format, dict):
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": req.format}}
+        if req.kind == "generate" and req.raw:
+            body["prompt"] = req.prompt
+            return "/v1/completions", body
+        msgs = [{"role": m.get("role", "user"), "content": m.get("content") or ""} for m in req.messages] \
+            if req.kind == "chat" else [{"role": "user", "content": req.prompt}]
+        if req.system and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": req.system})
+        body["messages"] = msgs
+        return "/v1/chat/completions", body
+
+    async def generate(
+        self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
+    ) -> AsyncIterator[dict[str, Any]]:
+        t0 = time.perf_counter()
+        path, body = self._body(req)
+        resp = await self._post(path, body, req.model)
+        first: float | None = None
+        reason = "stop"
+        usage: dict[str, Any] = {}
+        count = 0
+        try:
+            async for raw in resp.content:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    raise EngineError("upstream sent a malformed stream event") from None
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    text = choice.get("text")
+                    if text is None:
+                        text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        if first is None:
+                            first = time.perf_counter()
+                        count += 1
+                        yield {"text": text}
+                    if choice.get("finish_reason"):
+                        reason = "length" if choice["finish_reason"] == "length" else "stop"
+        except aiohttp.ClientError as e:
+            raise EngineError(f"upstream stream broke: {e}") from e
+        finally:
+            resp.release()
+        end = time.perf_counter()
+        first = first or end
+        yield {
+            "done": True, "done_reason": reason,
+            "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
+            "prompt_eval_duration": int((first - t0) * 1e9),
+            "eval_count": int(usage.get("completion_tokens") or count),
+            "eval_duration": int((end - first) * 1e9),
+            "load_duration": 0, "total_duration": int((end - t0) * 1e9),
+        }
+
+    async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        resp = await self._post("/v1/embeddings", {"model": req.model, "input": req.input}, req.model)
+        try:
+            data = await resp.json(content_type=None)
+        except ValueError as e:
+            raise EngineError(f"upstream answered invalid JSON: {e}") from e
+        finally:
+            resp.release()
+        items = sorted(data.get("data", []), key=lambda d: d.get("index", 0))
+        vecs = [list(map(float, d["embedding"])) for d in items]
+        if req.normalize:
+            vecs = [_l2(v) for v in vecs]
+        return {"embeddings": vecs,
+                "prompt_eval_count": int((data.get("usage") or {}).get("prompt_tokens") or 0),
+                "load_duration": 0, "total_duration": int((time.perf_counter() - t0) * 1e9)}
+
+
+def _l2(v: list[float]) -> list[float]:
+    n = sum(x * x for x in v) ** 0.5
+    return [x / n for x in v] if n else v
+
+
+class OllamaUpstreamEngine(_Upstream):
+    kind = "ollama"
+
+    async def start(self) -> None:
+        await super().start()
+        self._ps_task = asyncio.create_task(self._refresh_ps(), name="ollama-upstream-ps")
+
+    async def stop(self) -> None:
+        self._ps_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._ps_task
+        await super().stop()
+
+    async def _refresh_ps(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                data = await self._get_json("/api/ps")
+                self._loaded = [
+                    LoadedModel(name=m["name"], digest=m.get("digest", ""), size=int(m.get("size", 0)),
+                                expires_at=None, details=m.get("details") or {})
+                    for m in (data or {}).get("models", []) if isinstance(m, dict) and "name" in m
+                ]
+            await asyncio.sleep(2.0)
+
+    async def _fetch_models(self) -> list[dict[str, Any]]:
+        data = await self._get_json("/api/tags")
+        return [m for m in (data or {}).get("models", []) if isinstance(m, dict) and "name" in m]
+
+    async def load(self, req: InferenceRequest, record: ModelRecord | None) -> float:
+        t0 = time.perf_counter()
+        body: dict[str, Any] = {"model": req.model, "prompt": "", "stream": False}
+        if req.keep_alive is not None:
+            body["keep_alive"] = req.keep_alive
+        resp = await self._post("/api/generate", body, req.model)
+        resp.release()
+        return time.perf_counter() - t0
+
+    async def unload(self, model: str) -> None:
+        resp = await self._post("/api/generate", {"model": model, "keep_alive": 0, "stream": False}, model)
+        resp.release()
+
+    async def generate(
+        self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
+    ) -> AsyncIterator[dict[str, Any]]:
+        body: dict[str, Any] = {"model": req.model, "stream": True, "options": req.options}
+        if req.format is not None:
+            body["format"] = req.format
+        if req.keep_alive is not None:
+            body["keep_alive"] = req.keep_alive
+        if req.kind == "chat":
+            path = "/api/chat"
+            body["messages"] = req.messages
+        else:
+            path = "/api/generate"
+            body.update(prompt=req.prompt, raw=req.raw)
+            for key in ("system", "template", "context"):
+                if getattr(req, key) is not None:
+                    body[key] = getattr(req, key)
+        resp = await self._post(path, body, req.model)
+        try:
+            async for raw in resp.content:
+                if not raw.strip():
+                    continue
+                try:
+                    chunk = json.loads(raw)
+                except ValueError:
+                    raise EngineError("upstream sent a malformed NDJSON line") from None
+                if "error" in chunk:
+                    raise EngineError(f"upstream: {chunk['error']}")
+                text = chunk.get("response")
+                if text is None:
+                    text = (chunk.get("message") or {}).get("content")
+                if chunk.get("done"):
+                    if text:
+                        yield {"text": text}
+                    final = {k: chunk[k] for k in (
+                        "done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+                        "eval_duration", "load_duration", "total_duration", "context") if k in chunk}
+                    final["done"] = True
+                    final.setdefault("done_reason", "stop")
+                    yield final
+                    return
+                if text:
+                    yield {"text": text}
+        except aiohttp.ClientError as e:
+            raise EngineError(f"upstream stream broke: {e}") from e
+        finally:
+            resp.release()
+        raise EngineError("upstream stream ended without a final chunk")
+
+    async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": req.model, "input": req.input, "truncate": req.truncate}
+        if req.options:
+            body["options"] = req.options
+        resp = await self._post("/api/embed", body, req.model)
+        try:
+            data = await resp.json(content_type=None)
+        except ValueError as e:
+            raise EngineError(f"upstream answered invalid JSON: {e}") from e
+        finally:
+            resp.release()
+        vecs = data.get("embeddings") or []
+        return {"embeddings": vecs, "prompt_eval_count": int(data.get("prompt_eval_count") or 0),
+                "load_duration": int(data.get("load_duration") or 0),
+                "total_duration": int(data.get("total_duration") or 0)}

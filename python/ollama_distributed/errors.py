@@ -1,0 +1,77 @@
+"""The error hierarchy shared by the API, the engines and the Rust core.
+
+Each error carries the HTTP status the API answers with, so every path (local
+engine, peer, scheduler) maps failures to the same status and body.
+"""
+
+from __future__ import annotations
+
+
+class OllamaDistributedError(Exception):
+    """Base class: `message` is what the client sees in {"error": ...}."""
+
+    status = 500
+
+    def __init__(self, message: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message or self.__class__.__name__
+        if status is not None:
+            self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequestError(OllamaDistributedError):
+    status = 400
+
+
+class ModelNotFoundError(OllamaDistributedError):
+    status = 404
+
+    def __init__(self, model: str = "", status: int | None = None) -> None:
+        # Ollama's own wording, which clients match on.
+        msg = model if model.startswith("model ") else f"model '{model}' not found"
+        super().__init__(msg, status)
+        self.model = model
+
+
+class OverloadedError(OllamaDistributedError):
+    """Every slot and the queue are full: 503 with Retry-After."""
+
+    status = 503
+    retry_after = 1
+
+
+class PeerUnavailableError(OllamaDistributedError):
+    """A peer could not take the request before any token was sent: retryable."""
+
+    status = 502
+
+
+class EngineError(OllamaDistributedError):
+    status = 500
+
+
+class NotAvailableError(OllamaDistributedError):
+    """A feature this build does not offer yet; says so instead of pretending."""
+
+    status = 501
+
+
+class ConfigError(OllamaDistributedError):
+    status = 500
+
+
+def from_status(status: int, message: str) -> OllamaDistributedError:
+    """Rebuild an error received from a peer or an upstream."""
+    cls: type[OllamaDistributedError] = {
+        400: BadRequestError,
+        404: ModelNotFoundError,
+        501: NotAvailableError,
+        502: PeerUnavailableError,
+        503: OverloadedError,
+    }.get(status, EngineError)
+    if cls is ModelNotFoundError:
+        return ModelNotFoundError(message, status)
+    return cls(message, status)

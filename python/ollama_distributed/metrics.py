@@ -1,0 +1,57 @@
+"""Prometheus metrics, named by Prometheus conventions: `ollama_distributed_`
+prefix, base units (seconds), `_total` on counters. One registry per node so
+several nodes can live in one test process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from . import __version__
+
+# Buckets for whole requests on a CPU: from a cached short answer to a long one.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Time to first token: mostly prompt evaluation, plus queueing and loading.
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "ollama_distributed"
+        self.requests = Counter(f"{p}_requests", "Requests handled, by model, endpoint and HTTP status.",
+                                ["model", "endpoint", "status"], registry=r)
+        self.request_duration = Histogram(f"{p}_request_duration_seconds",
+                                          "Time from request to last byte.", ["endpoint"],
+                                          buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram(f"{p}_time_to_first_token_seconds",
+                              "Time from request to its first generated token.", ["model"],
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens evaluated.", ["model"],
+                                     registry=r)
+        self.generated_tokens = Counter(f"{p}_generated_tokens", "Tokens generated.", ["model"],
+                                        registry=r)
+        self.queue_depth = Gauge(f"{p}_queue_depth", "Requests waiting for an engine slot.", registry=r)
+        self.in_flight = Gauge(f"{p}_in_flight_requests", "Requests running on this node.", registry=r)
+        self.models_loaded = Gauge(f"{p}_models_loaded", "Models loaded in the engine.", registry=r)
+        self.model_load = Histogram(f"{p}_model_load_seconds", "Time to load a model.", ["model"],
+                                    buckets=LOAD_BUCKETS, registry=r)
+        self.peers = Gauge(f"{p}_peers", "Peers connected over QUIC.", registry=r)
+        self.is_leader = Gauge(f"{p}_is_leader", "1 when this node leads the cluster.", registry=r)
+        self.cluster_nodes = Gauge(f"{p}_cluster_nodes", "Nodes known to the cluster, by state.",
+                                   ["state"], registry=r)
+        self.forwarded = Counter(f"{p}_forwarded_requests", "Requests sent to a peer, by peer and outcome.",
+                                 ["peer", "outcome"], registry=r)
+        self.websocket_connections = Gauge(f"{p}_websocket_connections",
+                                           "Dashboard WebSocket clients connected.", registry=r)
+        self.build_info = Info(f"{p}_build", "Version of this node.", registry=r)
+        self.build_info.info({"version": __version__})
+
+    def bind(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float],
+             models_loaded: Callable[[], float]) -> None:
+        """Gauges read live at scrape time rather than tracked on every change."""
+        self.queue_depth.set_function(queue_depth)
+        self.in_flight.set_function(in_flight)
+        self.models_loaded.set_function(models_loaded)

@@ -1,0 +1,360 @@
+"""A running node: data dir, store, engine, dispatcher, API and web servers,
+systemd glue, and (when available) the cluster core. `ollama-distributed start`
+runs `Node.run()`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+from aiohttp import web
+
+from . import __version__, config, logs
+from .config import Config
+from .dispatch import Dispatcher
+from .engines.base import Engine
+from .errors import ConfigError
+from .metrics import Metrics
+from .models import catalog
+from .models.fsutil import atomic_write
+from .models.store import Store
+from .systemd import Notifier
+
+logger = logging.getLogger(__name__)
+
+
+def make_engine(cfg: Config, dispatcher: Callable[[], Dispatcher]) -> Engine:
+    kind = cfg.engine.kind
+    if kind == "llamacpp":
+        from .engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(
+            cfg.engine,
+            evict_candidate=lambda loaded, n: dispatcher().scheduler.evict_candidate(loaded, n),
+            is_idle=lambda m: dispatcher().is_idle(m),
+        )
+    if kind == "mock":
+        from .engines.mock import MockEngine
+
+        return MockEngine(cfg.engine)
+    from .engines.upstream import OllamaUpstreamEngine, OpenAIUpstreamEngine
+
+    if kind == "openai":
+        return OpenAIUpstreamEngine(cfg.engine)
+    return OllamaUpstreamEngine(cfg.engine)
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data dir, or say clearly why it cannot be used."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the data dir {path}: {e.strerror}; "
+                          "set node.data_dir (or --data-dir) to a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"the data dir {path} is not writable by this user; "
+                          "fix its permissions or set node.data_dir (or --data-dir)")
+
+
+def load_identity(data_dir: Path, configured: str) -> str:
+    """The node id: configured, else kept in the data dir, else made once."""
+    if configured:
+        return configured
+    path = data_dir / "node_id"
+    with contextlib.suppress(FileNotFoundError):
+        node_id = path.read_text().strip()
+        if node_id:
+            return node_id
+    node_id = f"node-{secrets.token_hex(4)}"
+    atomic_write(path, (node_id + "\n").encode())
+    return node_id
+
+
+class Node:
+    def __init__(self, cfg: Config, overrides: dict[str, dict[str, Any]] | None = None,
+                 config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self._overrides = overrides or {}
+        self._config_path = config_path
+        self.data_dir = cfg.data_dir()
+        prepare_data_dir(self.data_dir)
+        self.node_id = load_identity(self.data_dir, cfg.node.id)
+        self.name = cfg.node.name or socket.gethostname()
+        self.store = Store(self.data_dir / "models")
+        self.metrics = Metrics()
+        self.engine: Engine = make_engine(cfg, lambda: self.dispatcher)
+        self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
+        self.notifier = Notifier()
+        self.cluster: Any = None  # ClusterService once the cluster core runs
+        self.p2p_reason = "the cluster core is not part of this build yet"
+        self.started_at = time.time()
+        self.ready = False
+        self.websocket_connections = 0
+        self._runners: list[web.AppRunner] = []
+        self._stop = asyncio.Event()
+        self.api_url = ""
+        self.web_url = ""
+        psutil.cpu_percent(interval=None)  # prime: the first reading is meaningless
+
+    # ---- life cycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.notifier.status("registering models")
+        await asyncio.to_thread(self.store.ensure)
+        if self.engine.uses_store:
+            await asyncio.to_thread(catalog.register_default, self.store, self.cfg.models.default)
+        await self.engine.start()
+        self._refresh_local_node()
+        from .api.app import create_app
+
+        api = create_app(self)
+        self.api_url = await self._serve(api, self.cfg.api.host, self.cfg.api.port)
+        if self.cfg.web.enabled:
+            from .web.app import create_web_app
+
+            self.web_url = await self._serve(create_web_app(self), self.cfg.web.host, self.cfg.web.port)
+        if self.cfg.api.host not in ("127.0.0.1", "localhost", "::1") and not self.cfg.api.auth_tokens:
+            logger.warning("the API listens on %s without api.auth_tokens: anyone who can reach it "
+                           "can use it; set api.auth_tokens or bind to 127.0.0.1", self.cfg.api.host)
+        self.ready = True
+        self.notifier.ready(f"serving on {self.api_url}")
+        self.notifier.start_watchdog()
+        self._advert_task = asyncio.create_task(self._advertise(), name="advert")
+
+    async def _serve(self, app: web.Application, host: str, port: int) -> str:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; another process may hold "
+                              "the port (see `ss -ltnp`), or choose another port") from None
+        self._runners.append(runner)
+        sock = site._server.sockets[0] if site._server and site._server.sockets else None  # type: ignore[union-attr]
+        bound = sock.getsockname()[1] if sock else port
+        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "") else host
+        return f"http://{shown}:{bound}"
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.notifier.stopping()
+        task = getattr(self, "_advert_task", None)
+        if task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.notifier.stop_watchdog()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self.cluster is not None:
+            await self.cluster.stop()
+        await self.engine.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and apply the keys that can change live."""
+        self.notifier.reloading()
+        try:
+            new = config.load(self._config_path, self._overrides)
+        except ConfigError as e:
+            logger.error("reload failed, keeping the running config: %s", e)
+            self.notifier.ready("reload failed; running with the previous config")
+            return
+        logs.set_level(new.logging.level)
+        self.cfg.logging = new.logging
+        self.cfg.api.auth_tokens = new.api.auth_tokens
+        self.cfg.scheduler = new.scheduler
+        self.cfg.engine.num_parallel = new.engine.num_parallel
+        self.cfg.engine.max_queue = new.engine.max_queue
+        self.cfg.engine.max_loaded_models = new.engine.max_loaded_models
+        self.cfg.engine.keep_alive = new.engine.keep_alive
+        self.dispatcher.reconfigure(self.cfg)
+        logger.info("configuration reloaded from %s", new.source)
+        self.notifier.ready(f"serving on {self.api_url} (config reloaded)")
+
+    async def run(self, on_started: Callable[[Node], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+            if on_started:
+                on_started(self)
+            await self._stop.wait()
+            logger.info("shutting down")
+        finally:
+            await self.stop()
+
+    # ---- state -------------------------------------------------------------------
+
+    async def _advertise(self) -> None:
+        interval = self.cfg.scheduler.advert_interval_ms / 1000
+        while True:
+            self._refresh_local_node()
+            await asyncio.sleep(interval)
+
+    def advert(self) -> dict[str, Any]:
+        d = self.dispatcher
+        return {
+            "id": self.node_id, "name": self.name, "version": __version__,
+            "api_address": self.api_url, "resources": self.resources(),
+            "models": d.local_models(), "loaded": [m.name for m in self.engine.loaded()],
+            "in_flight": d.scheduler.total_in_flight(), "queue_depth": d.scheduler.queue_depth(),
+            "max_queue": self.cfg.engine.max_queue, "engine": self.engine.kind,
+        }
+
+    def _refresh_local_node(self) -> None:
+        a = self.advert()
+        self.dispatcher.scheduler.update_node(self.node_id, True, int(time.time() * 1000), a["models"],
+                                              a["loaded"], a["in_flight"], a["queue_depth"],
+                                              a["max_queue"])
+        if self.cluster is not None:
+            self.cluster.publish_advert(a)
+
+    async def models_changed(self) -> None:
+        self._refresh_local_node()
+
+    def resources(self) -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        try:
+            du = psutil.disk_usage(str(self.data_dir))
+            disk_total, disk_used = du.total, du.used
+        except OSError:
+            disk_total = disk_used = 0
+        cpu = psutil.cpu_percent(interval=None)
+        return {
+            "cpu": round(cpu / 100, 4), "cpu_percent": cpu, "cpu_count": psutil.cpu_count() or 1,
+            "memory": round(vm.percent / 100, 4), "memory_used_bytes": vm.total - vm.available,
+            "memory_total_bytes": vm.total,
+            "disk": round(disk_used / disk_total, 4) if disk_total else 0.0,
+            "disk_used_bytes": disk_used, "disk_total_bytes": disk_total,
+            "process_rss_bytes": psutil.Process().memory_info().rss,
+        }
+
+    def cluster_status(self) -> dict[str, Any]:
+        if self.cluster is None:
+            # Alone, without the cluster core: this node decides for itself.
+            return {"role": "standalone", "leader_id": self.node_id, "term": 0,
+                    "members": [self.node_id], "degraded": False, "peers_connected": 0}
+        status: dict[str, Any] = self.cluster.status()
+        return status
+
+    def cluster_nodes(self) -> list[dict[str, Any]]:
+        me = self.advert()
+        local = {
+            "id": self.node_id, "name": self.name, "status": "active",
+            "role": self.cluster_status()["role"], "address": self.api_url.replace("http://", ""),
+            "api_address": self.api_url, "models": me["models"], "loaded_models": me["loaded"],
+            "resources": me["resources"], "in_flight": me["in_flight"],
+            "queue_depth": me["queue_depth"], "last_seen": time.time(), "local": True,
+            "version": __version__,
+        }
+        out = [local]
+        if self.cluster is not None:
+            status = self.cluster.status()
+            for n in self.cluster.nodes():
+                if n["id"] == self.node_id:
+                    continue
+                adv = n.get("advert") or {}
+                out.append({
+                    "id": n["id"], "name": adv.get("name", n["id"]),
+                    "status": "active" if n.get("alive") else "down",
+                    "role": "leader" if status.get("leader_id") == n["id"] else "follower",
+                    "address": (adv.get("api_address") or n.get("api_address") or "").replace("http://", ""),
+                    "api_address": adv.get("api_address") or n.get("api_address"),
+                    "p2p_address": n.get("p2p_address"),
+                    "models": adv.get("models", []), "loaded_models": adv.get("loaded", []),
+                    "resources": adv.get("resources", {}), "in_flight": adv.get("in_flight", 0),
+                    "queue_depth": adv.get("queue_depth", 0), "last_seen": n.get("last_seen"),
+                    "local": False, "version": adv.get("version"),
+                })
+        return out
+
+    async def catalog_entries(self) -> list[dict[str, Any]]:
+        """/api/tags entries: the local store (or upstream), plus models only peers hold."""
+        from .api.common import iso
+
+        if self.engine.uses_store:
+            records = await asyncio.to_thread(self.store.list)
+            entries = [{"name": r.name.short, "model": r.name.short, "modified_at": iso(r.modified_at),
+                        "size": r.size, "digest": r.digest, "details": r.details} for r in records]
+        else:
+            entries = [{**m, "model": m.get("model", m["name"])} for m in await self.engine.list_models()]
+        seen = {e["name"] for e in entries}
+        for n in self.cluster_nodes()[1:]:
+            if n["status"] != "active":
+                continue
+            for m in n["models"]:
+                if m not in seen:
+                    seen.add(m)
+                    entries.append({"name": m, "model": m, "modified_at": iso(n["last_seen"] or 0),
+                                    "size": 0, "digest": "", "details": {"remote_node": n["id"]}})
+        return entries
+
+    async def cluster_models(self) -> list[dict[str, Any]]:
+        by_name: dict[str, dict[str, Any]] = {}
+        for e in await self.catalog_entries():
+            by_name[e["name"]] = {"name": e["name"], "size": e["size"], "digest": e["digest"],
+                                  "nodes": [], "loaded_on": []}
+        for n in self.cluster_nodes():
+            if n["status"] != "active":
+                continue
+            for m in n["models"]:
+                by_name.setdefault(m, {"name": m, "size": 0, "digest": "", "nodes": [], "loaded_on": []})
+                by_name[m]["nodes"].append(n["id"])
+            for m in n["loaded_models"]:
+                if m in by_name:
+                    by_name[m]["loaded_on"].append(n["id"])
+        if not self.engine.uses_store:
+            for m in by_name.values():
+                if not m["nodes"]:
+                    m["nodes"] = [self.node_id]
+        return sorted(by_name.values(), key=lambda m: m["name"])
+
+    def health(self) -> dict[str, Any]:
+        from .api.common import now_iso
+
+        c = self.cluster_status()
+        nodes = self.cluster_nodes()
+        degraded = bool(c.get("degraded")) or not self.ready
+        return {
+            "status": "degraded" if degraded else "healthy",
+            "timestamp": now_iso(),
+            "version": __version__,
+            "node_id": self.node_id,
+            "uptime_seconds": int(time.time() - self.started_at),
+            "services": {
+                "api": True,
+                "p2p": self.cluster is not None,
+                "p2p_peers": c.get("peers_connected", 0),
+                "consensus": self.cluster is not None,
+                "consensus_leader": c["role"] == "leader",
+                "scheduler": True,
+                "engine": self.engine.kind,
+                "available_nodes": sum(1 for n in nodes if n["status"] == "active"),
+            },
+        }
+
+    def refresh_cluster_metrics(self) -> None:
+        c = self.cluster_status()
+        self.metrics.peers.set(c.get("peers_connected", 0))
+        self.metrics.is_leader.set(1 if c["role"] in ("leader", "standalone") else 0)
+        nodes = self.cluster_nodes()
+        self.metrics.cluster_nodes.labels("active").set(sum(1 for n in nodes if n["status"] == "active"))
+        self.metrics.cluster_nodes.labels("down").set(sum(1 for n in nodes if n["status"] != "active"))
+        self.metrics.websocket_connections.set(self.websocket_connections)
