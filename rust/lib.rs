@@ -1,10 +1,17 @@
 //! `ollama_distributed._core`: the Rust core of ollama-distributed.
 //!
 //! The scheduler's decision logic lives in [`scheduler`] as plain Rust with no
-//! I/O. With the `python` feature (enabled by maturin) this crate is also the
+//! I/O. The cluster core is [`transport`] (QUIC, mTLS, framing), [`membership`]
+//! (liveness and adverts), [`consensus`] (openraft), [`forward`] (request
+//! relay), tied together per node by [`cluster`]. With the `python` feature (enabled by maturin) this crate is also the
 //! Python extension module; `python.rs` is its whole Python-visible surface.
 
+pub mod cluster;
+pub mod consensus;
+pub mod forward;
+pub mod membership;
 pub mod scheduler;
+pub mod transport;
 
 #[cfg(feature = "python")]
 mod python;

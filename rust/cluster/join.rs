@@ -1,0 +1,112 @@
+//! The join exchange: the only thing a connection without a client
+//! certificate may do.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{resolve, ClusterError};
+use crate::consensus::NodeMeta;
+use crate::forward::ErrorBody;
+use crate::transport::tls::{self, ClusterCa, JoinToken, NodeCert, TlsMaterial, SERVER_NAME};
+use crate::transport::{self, Kind};
+
+#[derive(Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub secret: String,
+    pub node_id: String,
+    /// Where the joiner listens; an unspecified IP is replaced by the address
+    /// the join came from.
+    pub p2p_address: String,
+    pub api_address: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub node_cert_pem: String,
+    pub node_key_pem: String,
+    pub secret: String,
+    pub members: Vec<NodeMeta>,
+}
+
+impl JoinResponse {
+    pub fn material(&self) -> Result<TlsMaterial, ClusterError> {
+        Ok(TlsMaterial {
+            ca: ClusterCa::from_pem(&self.ca_cert_pem, &self.ca_key_pem)?,
+            node: NodeCert {
+                cert_pem: self.node_cert_pem.clone(),
+                key_pem: self.node_key_pem.clone(),
+            },
+            secret: self.secret.clone(),
+        })
+    }
+}
+
+/// How long a joiner keeps trying seeds that do not answer: members may still
+/// be starting.
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Ask the seeds in turn until one admits us. A refused token ends at once.
+pub async fn request(
+    seeds: &[String],
+    token: &JoinToken,
+    req: &JoinRequest,
+    failure_timeout: Duration,
+) -> Result<JoinResponse, ClusterError> {
+    let client = transport::client_config(tls::join_client_config(token)?, failure_timeout)?;
+    let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("static address"))?;
+    let body = serde_json::to_vec(req).map_err(|e| ClusterError::Join(e.to_string()))?;
+    let deadline = Instant::now() + JOIN_PATIENCE;
+    let mut last = String::from("no seed given");
+    loop {
+        for seed in seeds {
+            let addr = match resolve(seed).await {
+                Ok(a) => a,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let attempt = async {
+                let conn = endpoint
+                    .connect_with(client.clone(), addr, SERVER_NAME)?
+                    .await?;
+                let f =
+                    transport::call(&conn, Kind::JoinRequest, &body, Duration::from_secs(15)).await;
+                conn.close(0u32.into(), b"joined");
+                f
+            };
+            match attempt.await {
+                Ok(f) if f.kind == Kind::JoinResponse => {
+                    endpoint.close(0u32.into(), b"");
+                    return serde_json::from_slice(&f.payload).map_err(|e| {
+                        ClusterError::Join(format!("malformed join answer from {seed}: {e}"))
+                    });
+                }
+                Ok(f) => {
+                    let msg = serde_json::from_slice::<ErrorBody>(&f.payload)
+                        .map(|b| (b.status, b.message))
+                        .unwrap_or((500, "malformed error".into()));
+                    if msg.0 == 403 {
+                        return Err(ClusterError::JoinRefused(format!("{seed}: {}", msg.1)));
+                    }
+                    last = format!("{seed}: {}", msg.1);
+                }
+                Err(transport::TransportError::Connection(
+                    quinn::ConnectionError::TransportError(e),
+                )) if e.to_string().contains("pinned") => {
+                    return Err(ClusterError::JoinRefused(format!(
+                        "{seed} is not a member of the cluster the token names: {e}"
+                    )));
+                }
+                Err(e) => last = format!("{seed}: {e}"),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(ClusterError::Join(last));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

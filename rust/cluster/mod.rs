@@ -1,0 +1,905 @@
+//! The cluster runtime of one node: it ties the QUIC [`Mesh`], Raft
+//! ([`crate::consensus`]), liveness and adverts ([`crate::membership`]) and
+//! request forwarding ([`crate::forward`]) together, and is what the Python
+//! `Cluster` class drives.
+//!
+//! Formation works like k3s: the first node makes the CA, its certificate and
+//! a join token and initialises Raft with itself as the only voter. A joiner
+//! proves the token to any member on a connection without a client certificate
+//! (the only thing such a connection may do), receives a certificate signed by
+//! the CA and the CA itself, and is added to Raft: as a learner first, then
+//! as a voter once it has caught up, while there are fewer than five voters.
+//! From then on every connection is mTLS. A restarted node finds its
+//! certificate and Raft state in its data dir and rejoins by itself.
+
+mod join;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use openraft::{ChangeMembers, ServerState};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::consensus::network::{Network, Rpc, RpcError};
+use crate::consensus::store::FileStore;
+use crate::consensus::{raft_config, raft_id, Command, NodeMeta, RaftNode, MAX_VOTERS};
+use crate::forward::{self, ForwardError, ForwardStream, Inbound};
+use crate::membership::{Membership, NodeView};
+use crate::transport::mesh::{Hello, PeerEvent};
+use crate::transport::tls::{JoinToken, TlsError, TlsMaterial};
+use crate::transport::{self, codes, write_frame, FrameReader, Kind, Mesh, TransportError};
+
+pub use join::{JoinRequest, JoinResponse};
+
+/// How a node is started; one explicit conversion from the Python side.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub join: Vec<String>,
+    pub token: Option<String>,
+    pub api_address: String,
+    /// A peer silent this long is marked down (quinn's idle timeout).
+    pub failure_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    Config(String),
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+    #[error("could not join: {0}")]
+    Join(String),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub joins_accepted: AtomicU64,
+    /// Join attempts with a wrong token.
+    pub joins_refused: AtomicU64,
+    /// Connections without a client certificate that asked for more than a join.
+    pub unauthenticated_refused: AtomicU64,
+    pub forwards_in: AtomicU64,
+    pub forwards_out: AtomicU64,
+}
+
+/// The answer of `status()`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub node_id: String,
+    pub role: &'static str,
+    pub leader_id: Option<String>,
+    pub term: u64,
+    pub members: Vec<String>,
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+    /// No quorum: state changes are not accepted.
+    pub degraded: bool,
+    pub peers_connected: usize,
+    pub p2p_address: String,
+    pub joins_accepted: u64,
+    pub joins_refused: u64,
+    pub unauthenticated_refused: u64,
+    pub forwards_in: u64,
+    pub forwards_out: u64,
+    pub peers_down_total: u64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How often the dial loop looks for members without a connection.
+const DIAL_EVERY: Duration = Duration::from_millis(250);
+/// A request waiting for the local handler beyond this many is refused (503).
+const INBOUND_QUEUE: usize = 4096;
+/// Bound on any control exchange (join, hello, add member).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Raft RPCs over the mesh.
+#[derive(Clone)]
+struct MeshRpc(Arc<Mesh>);
+
+impl Rpc for MeshRpc {
+    async fn call(
+        &self,
+        peer: &str,
+        kind: Kind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Bytes, RpcError> {
+        let conn = self
+            .0
+            .connection(peer)
+            .ok_or_else(|| RpcError::Unreachable(peer.to_owned()))?;
+        let f = transport::call(&conn, kind, &payload, timeout)
+            .await
+            .map_err(|e| RpcError::Failed(e.to_string()))?;
+        match f.kind {
+            Kind::RaftResponse => Ok(f.payload),
+            _ => Err(RpcError::Failed(
+                String::from_utf8_lossy(&f.payload).into_owned(),
+            )),
+        }
+    }
+}
+
+/// One node's cluster runtime.
+pub struct Cluster {
+    cfg: ClusterConfig,
+    p2p_address: String,
+    material: TlsMaterial,
+    mesh: Arc<Mesh>,
+    raft: RaftNode,
+    store: FileStore,
+    membership: Mutex<Membership>,
+    pub counters: Counters,
+    inbound_tx: mpsc::Sender<Inbound>,
+    inbound_rx: tokio::sync::Mutex<mpsc::Receiver<Inbound>>,
+    advert: Mutex<Option<Bytes>>,
+    /// Members learned from the join answer, until Raft replicates them.
+    seeds: Mutex<BTreeMap<String, NodeMeta>>,
+    dialing: Mutex<HashSet<String>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, ClusterError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| ClusterError::Config(format!("cannot resolve '{addr}': {e}")))?
+        .next()
+        .ok_or_else(|| ClusterError::Config(format!("'{addr}' resolves to no address")))
+}
+
+impl Cluster {
+    /// Bind the P2P port, create or join the cluster (or rejoin after a
+    /// restart) and start Raft. Must run inside a tokio runtime.
+    pub async fn start(cfg: ClusterConfig) -> Result<Arc<Cluster>, ClusterError> {
+        if !valid_node_id(&cfg.node_id) {
+            return Err(ClusterError::Config(format!(
+                "invalid node id '{}'",
+                cfg.node_id
+            )));
+        }
+        let tls_dir = cfg.data_dir.join("tls");
+        let store = FileStore::open(&cfg.data_dir.join("raft"))?;
+        let bind_addr = resolve(&format_host_port(&cfg.host, cfg.port)).await?;
+        // Bind first: a busy port fails before anything else, and port 0 gets
+        // its real number before we tell anyone where we listen.
+        let socket = std::net::UdpSocket::bind(bind_addr).map_err(|e| {
+            ClusterError::Config(format!("cannot bind the p2p port {bind_addr}/udp: {e}"))
+        })?;
+        let p2p_address = socket.local_addr()?.to_string();
+        let mut seeds = BTreeMap::new();
+        let material = if TlsMaterial::exists(&tls_dir) {
+            TlsMaterial::load(&tls_dir)?
+        } else if !cfg.join.is_empty() {
+            let token = cfg.token.as_deref().ok_or_else(|| {
+                ClusterError::Config("a token is required to join (--token)".into())
+            })?;
+            let token = JoinToken::parse(token)?;
+            let req = JoinRequest {
+                secret: token.secret.clone(),
+                node_id: cfg.node_id.clone(),
+                p2p_address: p2p_address.clone(),
+                api_address: cfg.api_address.clone(),
+            };
+            let resp = join::request(&cfg.join, &token, &req, cfg.failure_timeout).await?;
+            let material = resp.material()?;
+            material.save(&tls_dir)?;
+            for m in resp.members {
+                seeds.insert(m.name.clone(), m);
+            }
+            material
+        } else {
+            let m = TlsMaterial::create(&cfg.node_id)?;
+            m.save(&tls_dir)?;
+            m
+        };
+        let bootstrap = cfg.join.is_empty() && !store.has_state();
+
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(transport::server_config(&material, cfg.failure_timeout)?),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let client = transport::client_config(material.client_config()?, cfg.failure_timeout)?;
+        let (mesh, events) = Mesh::new(cfg.node_id.clone(), endpoint, client);
+        let mesh = Arc::new(mesh);
+        let (log_store, sm) = openraft::storage::Adaptor::new(store.clone());
+        let raft = RaftNode::new(
+            raft_id(&cfg.node_id),
+            raft_config(),
+            Network::new(MeshRpc(mesh.clone())),
+            log_store,
+            sm,
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let me = NodeMeta {
+            name: cfg.node_id.clone(),
+            p2p_address: p2p_address.clone(),
+            api_address: cfg.api_address.clone(),
+        };
+        if bootstrap
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?
+        {
+            raft.initialize(BTreeMap::from([(raft_id(&me.name), me.clone())]))
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        }
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let (shutdown, _) = watch::channel(false);
+        let cluster = Arc::new(Cluster {
+            cfg,
+            p2p_address,
+            material,
+            mesh,
+            raft,
+            store,
+            membership: Mutex::new(Membership::new()),
+            counters: Counters::default(),
+            inbound_tx,
+            inbound_rx: tokio::sync::Mutex::new(inbound_rx),
+            advert: Mutex::new(None),
+            seeds: Mutex::new(seeds),
+            dialing: Mutex::new(HashSet::new()),
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let tasks = vec![
+            tokio::spawn(cluster.clone().accept_loop()),
+            tokio::spawn(cluster.clone().event_loop(events)),
+            tokio::spawn(cluster.clone().dial_loop()),
+            tokio::spawn(cluster.clone().metadata_loop(me)),
+        ];
+        cluster
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(tasks);
+        Ok(cluster)
+    }
+
+    /// Stop Raft, close every connection and the endpoint.
+    pub async fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.raft.shutdown()).await;
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        self.mesh.close();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.mesh.endpoint().wait_idle()).await;
+        // Handles to this Cluster may outlive stop() (a Python object, a test);
+        // move the endpoint off the P2P port so a restart can bind it at once.
+        // quinn keeps the previous socket for late packets until the next
+        // rebind, hence two.
+        for _ in 0..2 {
+            if let Ok(s) = std::net::UdpSocket::bind(("127.0.0.1", 0)) {
+                let _ = self.mesh.endpoint().rebind(s);
+            }
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.mesh.endpoint().local_addr().ok()
+    }
+
+    pub fn join_token(&self) -> String {
+        self.material.token().render()
+    }
+
+    fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let name_of = |id: u64| membership.get_node(&id).map(|n| n.name.clone());
+        let voters: Vec<String> = membership.voter_ids().filter_map(name_of).collect();
+        let learners: Vec<String> = membership.learner_ids().filter_map(name_of).collect();
+        let leader_id = m.current_leader.and_then(name_of);
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+        };
+        let ft = self.cfg.failure_timeout.as_millis() as u64;
+        let degraded = match (m.state, &leader_id) {
+            (ServerState::Leader, _) => {
+                voters.len() > 1 && !m.millis_since_quorum_ack.is_some_and(|ms| ms <= ft + 500)
+            }
+            (_, None) => true,
+            (_, Some(l)) => !self.lock_membership().is_alive(l),
+        };
+        let mut members = voters.clone();
+        members.extend(learners.iter().cloned());
+        let c = &self.counters;
+        Status {
+            node_id: self.cfg.node_id.clone(),
+            role,
+            leader_id,
+            term: m.current_term,
+            members,
+            voters,
+            learners,
+            degraded,
+            peers_connected: self.mesh.connected().len(),
+            p2p_address: self.p2p_address.clone(),
+            joins_accepted: c.joins_accepted.load(Ordering::Relaxed),
+            joins_refused: c.joins_refused.load(Ordering::Relaxed),
+            unauthenticated_refused: c.unauthenticated_refused.load(Ordering::Relaxed),
+            forwards_in: c.forwards_in.load(Ordering::Relaxed),
+            forwards_out: c.forwards_out.load(Ordering::Relaxed),
+            peers_down_total: self.lock_membership().downs,
+        }
+    }
+
+    /// Every node the cluster state knows, with liveness and latest advert.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let mut known = self.store.nodes();
+        for (k, v) in self.seeds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            known.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        known
+            .entry(self.cfg.node_id.clone())
+            .or_insert_with(|| NodeMeta {
+                name: self.cfg.node_id.clone(),
+                p2p_address: self.p2p_address.clone(),
+                api_address: self.cfg.api_address.clone(),
+            });
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let now = now_ms();
+        let ms = self.lock_membership();
+        let parse = |b: &Option<Bytes>| b.as_ref().and_then(|b| serde_json::from_slice(b).ok());
+        known
+            .into_values()
+            .map(|n| {
+                let local = n.name == self.cfg.node_id;
+                let peer = ms.get(&n.name);
+                let (alive, last_seen, advert, advert_at) = if local {
+                    let adv = self
+                        .advert
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    (true, now, parse(&adv), adv.map(|_| now as f64 / 1000.0))
+                } else {
+                    match peer {
+                        Some(p) => (
+                            p.connected,
+                            p.last_seen_ms,
+                            parse(&p.advert),
+                            p.advert.as_ref().map(|_| p.advert_at_ms as f64 / 1000.0),
+                        ),
+                        None => (false, 0, None, None),
+                    }
+                };
+                NodeView {
+                    voter: voters.contains(&raft_id(&n.name)),
+                    id: n.name,
+                    api_address: n.api_address,
+                    p2p_address: n.p2p_address,
+                    alive,
+                    last_seen: last_seen as f64 / 1000.0,
+                    advert,
+                    advert_at,
+                    local,
+                }
+            })
+            .collect()
+    }
+
+    /// Keep `advert` (JSON) as this node's latest and push it to every peer.
+    pub fn publish_advert(self: &Arc<Self>, advert: Bytes) {
+        *self.advert.lock().unwrap_or_else(|p| p.into_inner()) = Some(advert.clone());
+        for peer in self.mesh.connected() {
+            self.send_advert(&peer, advert.clone());
+        }
+    }
+
+    fn send_advert(&self, peer: &str, advert: Bytes) {
+        let Some(conn) = self.mesh.connection(peer) else {
+            return;
+        };
+        let mut payload = Vec::with_capacity(self.cfg.node_id.len() + 1 + advert.len());
+        payload.extend_from_slice(self.cfg.node_id.as_bytes());
+        payload.push(b'\n');
+        payload.extend_from_slice(&advert);
+        tokio::spawn(async move {
+            let _ = transport::push(&conn, Kind::Advert, payload.into()).await;
+        });
+    }
+
+    /// Send `request` to `peer` and return the stream of its answer.
+    pub async fn forward(&self, peer: &str, request: &[u8]) -> Result<ForwardStream, ForwardError> {
+        let conn = self
+            .mesh
+            .connection(peer)
+            .ok_or_else(|| ForwardError::Unavailable(format!("no connection to node '{peer}'")))?;
+        self.counters.forwards_out.fetch_add(1, Ordering::Relaxed);
+        forward::open(&conn, request).await
+    }
+
+    /// The next request forwarded to this node; None once stopped.
+    pub async fn next_inbound(&self) -> Option<Inbound> {
+        let mut stop = self.shutdown.subscribe();
+        if *stop.borrow() {
+            return None;
+        }
+        let mut rx = self.inbound_rx.lock().await;
+        tokio::select! {
+            i = rx.recv() => i,
+            _ = stop.wait_for(|s| *s) => None,
+        }
+    }
+
+    // --- background tasks
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.mesh.endpoint().accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => me.serve_connection(conn, None).await,
+                    Err(e) => tracing::debug!("incoming connection failed: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Serve the streams a peer opens on `conn`.
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, peer: Option<String>) {
+        let authed = transport::peer_has_cert(&conn);
+        let peer = Arc::new(Mutex::new(peer));
+        loop {
+            tokio::select! {
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let me = self.clone();
+                        let (conn, peer) = (conn.clone(), peer.clone());
+                        tokio::spawn(async move { me.serve_bi(conn, peer, authed, send, recv).await });
+                    }
+                    Err(_) => return,
+                },
+                uni = conn.accept_uni(), if authed => match uni {
+                    Ok(recv) => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.serve_uni(recv).await });
+                    }
+                    Err(_) => return,
+                },
+            }
+        }
+    }
+
+    async fn serve_uni(self: Arc<Self>, recv: quinn::RecvStream) {
+        let mut reader = FrameReader::new(recv);
+        let Ok(Ok(Some(f))) = tokio::time::timeout(CONTROL_TIMEOUT, reader.next()).await else {
+            return;
+        };
+        if f.kind != Kind::Advert {
+            return;
+        }
+        let Some(nl) = f.payload.iter().position(|&b| b == b'\n') else {
+            return;
+        };
+        let Ok(id) = std::str::from_utf8(&f.payload[..nl]) else {
+            return;
+        };
+        if id == self.cfg.node_id {
+            return;
+        }
+        let advert = f.payload.slice(nl + 1..);
+        self.lock_membership().advert(id, advert, now_ms());
+    }
+
+    async fn serve_bi(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        peer: Arc<Mutex<Option<String>>>,
+        authed: bool,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let mut reader = FrameReader::new(recv);
+        let first = match tokio::time::timeout(CONTROL_TIMEOUT, reader.next()).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Err(TransportError::Frame(e))) => {
+                tracing::warn!("closing connection from {}: {e}", conn.remote_address());
+                conn.close(codes::PROTOCOL, b"bad frame");
+                return;
+            }
+            _ => return,
+        };
+        if !authed && first.kind != Kind::JoinRequest {
+            self.counters
+                .unauthenticated_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "refused {:?} from {}: no client certificate (only a join may come without one)",
+                first.kind,
+                conn.remote_address()
+            );
+            conn.close(codes::UNAUTHENTICATED, b"client certificate required");
+            return;
+        }
+        async fn reply(mut send: quinn::SendStream, kind: Kind, body: Vec<u8>) {
+            let _ = write_frame(&mut send, kind, &body).await;
+            let _ = send.finish();
+            let _ = send.stopped().await;
+        }
+        match first.kind {
+            Kind::Hello => {
+                let Ok(h) = serde_json::from_slice::<Hello>(&first.payload) else {
+                    return;
+                };
+                if !valid_node_id(&h.id) || h.id == self.cfg.node_id {
+                    conn.close(codes::PROTOCOL, b"bad hello");
+                    return;
+                }
+                *peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.id.clone());
+                self.mesh.register(h.id, conn.clone());
+                let body = serde_json::to_vec(&Hello {
+                    id: self.cfg.node_id.clone(),
+                })
+                .unwrap_or_default();
+                reply(send, Kind::Hello, body).await;
+            }
+            Kind::RaftVote | Kind::RaftAppend | Kind::RaftSnapshot => {
+                match crate::consensus::network::serve(&self.raft, first.kind, &first.payload).await
+                {
+                    Ok(body) => reply(send, Kind::RaftResponse, body).await,
+                    Err(e) => reply(send, Kind::Error, e.into_bytes()).await,
+                }
+            }
+            Kind::AddMember => {
+                let res: Result<(), String> =
+                    match serde_json::from_slice::<NodeMeta>(&first.payload) {
+                        Ok(meta) => self.add_member(meta).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("bad node metadata: {e}")),
+                    };
+                reply(
+                    send,
+                    Kind::AddMemberResponse,
+                    serde_json::to_vec(&res).unwrap_or_default(),
+                )
+                .await;
+            }
+            Kind::Forward => {
+                self.counters.forwards_in.fetch_add(1, Ordering::Relaxed);
+                let from = peer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_default();
+                let inbound = forward::accept(from, first.payload, send);
+                if let Err(
+                    mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i),
+                ) = self.inbound_tx.try_send(inbound)
+                {
+                    i.reply
+                        .error(503, "the node's forwarded request queue is full".into());
+                }
+            }
+            Kind::JoinRequest => {
+                let (kind, body) = self.handle_join(&conn, &first.payload).await;
+                let refused = kind == Kind::Error;
+                reply(send, kind, body).await;
+                if refused && !authed {
+                    conn.close(codes::BAD_TOKEN, b"join refused");
+                }
+            }
+            other => {
+                tracing::warn!("unexpected {other:?} stream from {}", conn.remote_address());
+            }
+        }
+    }
+
+    async fn handle_join(&self, conn: &quinn::Connection, payload: &[u8]) -> (Kind, Vec<u8>) {
+        let err = |status: u16, message: String| {
+            (
+                Kind::Error,
+                serde_json::to_vec(&forward::ErrorBody { status, message }).unwrap_or_default(),
+            )
+        };
+        let Ok(req) = serde_json::from_slice::<JoinRequest>(payload) else {
+            return err(400, "malformed join request".into());
+        };
+        if !crate::transport::tls::secrets_match(&req.secret, &self.material.secret) {
+            self.counters.joins_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "refused join of '{}' from {}: wrong token",
+                req.node_id,
+                conn.remote_address()
+            );
+            return err(403, "invalid join token".into());
+        }
+        if !valid_node_id(&req.node_id) {
+            return err(400, format!("invalid node id '{}'", req.node_id));
+        }
+        let p2p_address = match req.p2p_address.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(conn.remote_address().ip(), a.port()).to_string()
+            }
+            _ => req.p2p_address.clone(),
+        };
+        let cert = match self.material.ca.issue(&req.node_id) {
+            Ok(c) => c,
+            Err(e) => return err(500, e.to_string()),
+        };
+        let meta = NodeMeta {
+            name: req.node_id.clone(),
+            p2p_address,
+            api_address: req.api_address.clone(),
+        };
+        if let Err(e) = self.add_member(meta).await {
+            return err(503, format!("cannot add the node to the cluster: {e}"));
+        }
+        self.counters.joins_accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "node '{}' joined from {}",
+            req.node_id,
+            conn.remote_address()
+        );
+        let resp = JoinResponse {
+            ca_cert_pem: self.material.ca.cert_pem.clone(),
+            ca_key_pem: self.material.ca.key_pem.clone(),
+            node_cert_pem: cert.cert_pem,
+            node_key_pem: cert.key_pem,
+            secret: self.material.secret.clone(),
+            members: self.store.nodes().into_values().collect(),
+        };
+        (
+            Kind::JoinResponse,
+            serde_json::to_vec(&resp).unwrap_or_default(),
+        )
+    }
+
+    /// Add or update a node in the Raft membership, through the leader.
+    async fn add_member(&self, meta: NodeMeta) -> Result<(), ClusterError> {
+        let m = self.raft.metrics().borrow().clone();
+        let me = raft_id(&self.cfg.node_id);
+        match m.current_leader {
+            Some(l) if l == me => self.leader_add(meta).await,
+            Some(l) => {
+                let leader = m
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.name.clone())
+                    .ok_or_else(|| ClusterError::Raft("leader has no metadata".into()))?;
+                // Through the leader, or any peer that can reach it.
+                let conn = self
+                    .mesh
+                    .connection(&leader)
+                    .or_else(|| {
+                        self.mesh
+                            .connected()
+                            .first()
+                            .and_then(|p| self.mesh.connection(p))
+                    })
+                    .ok_or_else(|| {
+                        ClusterError::Raft(format!("no connection to the leader '{leader}'"))
+                    })?;
+                let body = serde_json::to_vec(&meta).unwrap_or_default();
+                let f = transport::call(&conn, Kind::AddMember, &body, CONTROL_TIMEOUT).await?;
+                let res: Result<(), String> = serde_json::from_slice(&f.payload)
+                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
+                res.map_err(ClusterError::Raft)
+            }
+            None => Err(ClusterError::Raft(
+                "no leader: the cluster has no quorum".into(),
+            )),
+        }
+    }
+
+    async fn leader_add(&self, meta: NodeMeta) -> Result<(), ClusterError> {
+        let nid = raft_id(&meta.name);
+        let m = self.raft.metrics().borrow().clone();
+        let existing = m.membership_config.membership().get_node(&nid).cloned();
+        match existing {
+            Some(old) if old == meta => {}
+            Some(_) => {
+                self.raft
+                    .client_write(Command::SetNode(meta))
+                    .await
+                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
+            }
+            None => {
+                self.raft
+                    .add_learner(nid, meta, false)
+                    .await
+                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
+            }
+        }
+        let raft = self.raft.clone();
+        tokio::spawn(promote(raft, nid));
+        Ok(())
+    }
+
+    async fn event_loop(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<PeerEvent>) {
+        while let Some(e) = events.recv().await {
+            match e {
+                PeerEvent::Up(p) => {
+                    self.lock_membership().connected(&p, now_ms());
+                    tracing::info!("peer '{p}' up");
+                    let adv = self
+                        .advert
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(adv) = adv {
+                        self.send_advert(&p, adv);
+                    }
+                }
+                PeerEvent::Down(p) => {
+                    tracing::warn!("peer '{p}' down");
+                    self.lock_membership().disconnected(&p, now_ms());
+                }
+            }
+        }
+    }
+
+    /// Dial every member with a larger id that has no connection: one side of
+    /// each pair dials, so there is one connection per pair.
+    async fn dial_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(DIAL_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut known = self.store.nodes();
+            {
+                let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
+                seeds.retain(|k, _| !known.contains_key(k));
+                for (k, v) in seeds.iter() {
+                    known.insert(k.clone(), v.clone());
+                }
+            }
+            for (name, meta) in known {
+                if name.as_str() <= self.cfg.node_id.as_str()
+                    || self.mesh.connection(&name).is_some()
+                {
+                    continue;
+                }
+                if !self
+                    .dialing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.clone())
+                {
+                    continue;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let res = async {
+                        let addr = resolve(&meta.p2p_address).await?;
+                        Ok::<_, ClusterError>(
+                            me.mesh.dial(&name, addr, me.cfg.failure_timeout).await?,
+                        )
+                    }
+                    .await;
+                    me.dialing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&name);
+                    match res {
+                        Ok(conn) => {
+                            tokio::spawn(me.clone().serve_connection(conn, Some(name)));
+                        }
+                        Err(e) => tracing::debug!("dial '{name}' at {}: {e}", meta.p2p_address),
+                    }
+                });
+            }
+        }
+    }
+
+    /// After a restart with new addresses, update this node's metadata.
+    async fn metadata_loop(self: Arc<Self>, me: NodeMeta) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            match self.store.nodes().get(&me.name) {
+                Some(known) if *known == me => return,
+                None => continue,
+                Some(_) => {
+                    if self.add_member(me.clone()).await.is_ok() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Make a learner a voter once it has caught up, while voters are fewer than
+/// [`MAX_VOTERS`]. Gives up after a minute or when this node loses leadership.
+async fn promote(raft: RaftNode, nid: u64) {
+    for _ in 0..240 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let m = raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return;
+        }
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        if voters.contains(&nid) || voters.len() >= MAX_VOTERS {
+            return;
+        }
+        let caught_up = m
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&nid).cloned().flatten())
+            .is_some_and(|matched| {
+                m.membership_config
+                    .log_id()
+                    .is_some_and(|l| matched.index >= l.index)
+            });
+        if !caught_up {
+            continue;
+        }
+        match raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([nid])), true)
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => tracing::debug!("promote {nid}: {e}"),
+        }
+    }
+}
+
+fn format_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

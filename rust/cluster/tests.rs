@@ -1,0 +1,318 @@
+//! Several nodes in one process on 127.0.0.1, each with its own data dir.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+fn cfg(id: &str, dir: &std::path::Path, join: Vec<String>, token: Option<String>) -> ClusterConfig {
+    ClusterConfig {
+        node_id: id.into(),
+        data_dir: dir.join(id),
+        host: "127.0.0.1".into(),
+        port: 0,
+        join,
+        token,
+        api_address: format!("http://127.0.0.1/{id}"),
+        failure_timeout: Duration::from_millis(1000),
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t0.elapsed()
+}
+
+fn seed(c: &Cluster) -> Vec<String> {
+    vec![c.local_addr().unwrap().to_string()]
+}
+
+async fn three(dir: &std::path::Path) -> Vec<Arc<Cluster>> {
+    let a = Cluster::start(cfg("a", dir, vec![], None)).await.unwrap();
+    wait_for("a to lead", Duration::from_secs(5), || {
+        a.status().role == "leader"
+    })
+    .await;
+    let token = Some(a.join_token());
+    let b = Cluster::start(cfg("b", dir, seed(&a), token.clone()))
+        .await
+        .unwrap();
+    let c = Cluster::start(cfg("c", dir, seed(&b), token))
+        .await
+        .unwrap();
+    let all = vec![a, b, c];
+    let nodes = all.clone();
+    wait_for(
+        "3 voters seen alive by all",
+        Duration::from_secs(10),
+        || {
+            nodes.iter().all(|n| {
+                let v = n.nodes();
+                v.len() == 3 && v.iter().all(|x| x.alive && x.voter)
+            })
+        },
+    )
+    .await;
+    all
+}
+
+/// Serve forwarded requests: answer `n` chunks, or an error for "fail".
+fn serve(c: Arc<Cluster>, cancelled: Arc<AtomicU64>) {
+    tokio::spawn(async move {
+        while let Some(i) = c.next_inbound().await {
+            let cancelled = cancelled.clone();
+            tokio::spawn(async move {
+                let req: serde_json::Value = serde_json::from_slice(&i.request).unwrap();
+                if req["fail"].as_bool() == Some(true) {
+                    i.reply.error(404, "model 'x' not found".into());
+                    return;
+                }
+                let n = req["n"].as_u64().unwrap();
+                for k in 0..n {
+                    if !i.reply.chunk(Bytes::from(format!("{{\"k\":{k}}}"))) {
+                        break;
+                    }
+                    if req["slow"].as_bool() == Some(true) {
+                        tokio::select! {
+                            _ = i.reply.cancelled() => { cancelled.fetch_add(1, Ordering::SeqCst); return; }
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
+                }
+                i.reply.end();
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_forms_forwards_and_survives_its_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three(dir.path()).await;
+    let leaders: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.status().role == "leader")
+        .collect();
+    assert_eq!(leaders.len(), 1);
+    for n in &nodes {
+        let s = n.status();
+        assert!(!s.degraded, "{s:?}");
+        assert_eq!(s.voters.len(), 3);
+        assert_eq!(s.peers_connected, 2);
+        assert_eq!(s.leader_id.as_deref(), Some(leaders[0].node_id()));
+    }
+    assert_eq!(nodes[0].counters.joins_accepted.load(Ordering::Relaxed), 1);
+    assert_eq!(nodes[1].counters.joins_accepted.load(Ordering::Relaxed), 1);
+
+    // adverts reach every node
+    nodes[2].publish_advert(Bytes::from_static(b"{\"in_flight\":3}"));
+    let n0 = nodes[0].clone();
+    wait_for("c's advert at a", Duration::from_secs(3), || {
+        n0.nodes()
+            .iter()
+            .any(|v| v.id == "c" && v.advert.as_ref().is_some_and(|a| a["in_flight"] == 3))
+    })
+    .await;
+
+    // forwarding: a → c streams chunks in order
+    let cancelled = Arc::new(AtomicU64::new(0));
+    serve(nodes[2].clone(), cancelled.clone());
+    let mut s = nodes[0].forward("c", br#"{"n":1000}"#).await.unwrap();
+    let mut got = Vec::new();
+    while s.next_batch(&mut got).await.unwrap() {}
+    assert_eq!(got.len(), 1000);
+    assert_eq!(&got[999][..], b"{\"k\":999}");
+
+    // remote errors keep their status
+    let mut s = nodes[0].forward("c", br#"{"fail":true}"#).await.unwrap();
+    let mut got = Vec::new();
+    assert_eq!(
+        s.next_batch(&mut got).await,
+        Err(ForwardError::Remote {
+            status: 404,
+            message: "model 'x' not found".into()
+        })
+    );
+    // unknown peers are unavailable, not errors of the request
+    assert!(matches!(
+        nodes[0].forward("zz", b"{}").await,
+        Err(ForwardError::Unavailable(_))
+    ));
+
+    // dropping the caller's stream cancels the work at the far side
+    let mut s = nodes[0]
+        .forward("c", br#"{"n":100000,"slow":true}"#)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    s.next_batch(&mut got).await.unwrap();
+    drop(s);
+    let c2 = cancelled.clone();
+    let took = wait_for("cancellation at c", Duration::from_secs(3), || {
+        c2.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    eprintln!("cancellation reached the far side in {took:?}");
+
+    // stop the leader: a new one within 5 s, the survivors see it down
+    let li = nodes
+        .iter()
+        .position(|n| n.status().role == "leader")
+        .unwrap();
+    let old = nodes[li].node_id().to_owned();
+    nodes[li].stop().await;
+    let rest: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != li)
+        .map(|(_, n)| n.clone())
+        .collect();
+    let r = rest.clone();
+    let took = wait_for("new leader", Duration::from_secs(5), || {
+        r.iter()
+            .any(|n| n.status().role == "leader" && n.status().leader_id.as_deref() != Some(&old))
+    })
+    .await;
+    eprintln!("new leader after {took:?}");
+    let r = rest.clone();
+    wait_for("old leader marked down", Duration::from_secs(3), || {
+        r.iter()
+            .all(|n| n.nodes().iter().any(|v| v.id == old && !v.alive))
+    })
+    .await;
+    for n in &rest {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_and_missing_certificate_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Cluster::start(cfg("a", dir.path(), vec![], None))
+        .await
+        .unwrap();
+    wait_for("a to lead", Duration::from_secs(5), || {
+        a.status().role == "leader"
+    })
+    .await;
+    let mut bad = JoinToken::parse(&a.join_token()).unwrap();
+    bad.secret = "0123".into();
+    let err = Cluster::start(cfg("x", dir.path(), seed(&a), Some(bad.render())))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClusterError::JoinRefused(_)), "{err}");
+    assert_eq!(a.counters.joins_refused.load(Ordering::Relaxed), 1);
+    assert!(!dir.path().join("x/tls/node.pem").exists());
+
+    // a token pinning another CA refuses the server before sending the secret
+    let other = TlsMaterial::create("o").unwrap().token();
+    let err = Cluster::start(cfg("y", dir.path(), seed(&a), Some(other.render())))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClusterError::JoinRefused(_)), "{err}");
+
+    // a connection without a client certificate may not speak Raft or Hello
+    let tls = TlsMaterial::load(&dir.path().join("a/tls")).unwrap();
+    let client = transport::client_config(
+        crate::transport::tls::untrusted_client_config(&tls.ca, None).unwrap(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(
+            client,
+            a.local_addr().unwrap(),
+            crate::transport::tls::SERVER_NAME,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let r = transport::call(
+        &conn,
+        Kind::Hello,
+        br#"{"id":"evil"}"#,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(
+        a.counters.unauthenticated_refused.load(Ordering::Relaxed),
+        1
+    );
+    assert!(a.nodes().iter().all(|n| n.id != "evil"));
+
+    // a client certificate from another CA fails the handshake
+    let foreign = TlsMaterial::create("f").unwrap();
+    let client = transport::client_config(
+        crate::transport::tls::untrusted_client_config(&tls.ca, Some(&foreign)).unwrap(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let r = async {
+        let conn = ep
+            .connect_with(
+                client,
+                a.local_addr().unwrap(),
+                crate::transport::tls::SERVER_NAME,
+            )?
+            .await?;
+        transport::call(
+            &conn,
+            Kind::Hello,
+            br#"{"id":"evil"}"#,
+            Duration::from_secs(2),
+        )
+        .await
+    }
+    .await;
+    assert!(r.is_err(), "{r:?}");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_rejoins_with_its_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three(dir.path()).await;
+    let follower = nodes
+        .iter()
+        .position(|n| n.status().role != "leader")
+        .unwrap();
+    let id = nodes[follower].node_id().to_owned();
+    let cert_before = std::fs::read(dir.path().join(&id).join("tls/node.pem")).unwrap();
+    let port = nodes[follower].local_addr().unwrap().port();
+    nodes[follower].stop().await;
+    // restart with no join list and no token: the data dir is enough
+    let mut c = cfg(&id, dir.path(), vec![], None);
+    c.port = port;
+    let again = Cluster::start(c).await.unwrap();
+    let a2 = again.clone();
+    wait_for(
+        "restarted node sees everyone",
+        Duration::from_secs(10),
+        || {
+            let v = a2.nodes();
+            v.len() == 3 && v.iter().all(|x| x.alive) && a2.status().leader_id.is_some()
+        },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(dir.path().join(&id).join("tls/node.pem")).unwrap(),
+        cert_before
+    );
+    assert_eq!(again.status().voters.len(), 3);
+    again.stop().await;
+    for (i, n) in nodes.iter().enumerate() {
+        if i != follower {
+            n.stop().await;
+        }
+    }
+}

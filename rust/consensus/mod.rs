@@ -1,0 +1,40 @@
+//! Consensus on the cluster state with openraft (0.9, the stable line).
+//!
+//! - [`types`]: the Raft type configuration, node metadata and commands.
+//! - [`store`]: the log, vote and state machine, persisted together in one file
+//!   that is replaced atomically on every change.
+//! - [`network`]: Raft RPCs over the QUIC mesh, behind the [`network::Rpc`]
+//!   trait so tests can run Raft over an in-memory network.
+//!
+//! The replicated state is the member list (at most [`MAX_VOTERS`] voters, the
+//! rest learners) with each node's metadata (name, P2P and API addresses).
+
+pub mod network;
+pub mod store;
+pub mod types;
+
+use std::sync::Arc;
+
+pub use types::{raft_id, Command, NodeMeta, TypeConfig};
+
+/// An odd number that survives two failures; more voters only slow commits.
+pub const MAX_VOTERS: usize = 5;
+
+pub type RaftNode = openraft::Raft<TypeConfig>;
+
+/// Raft timing. Heartbeats every 250 ms; a follower that hears nothing for 1–2 s
+/// stands for election, so a lost leader is replaced well within 5 s.
+pub fn raft_config() -> Arc<openraft::Config> {
+    let cfg = openraft::Config {
+        cluster_name: "ollama-distributed".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        // The log is small (membership and metadata); snapshot often so the
+        // state file stays small.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(200),
+        max_in_snapshot_log_to_keep: 50,
+        ..Default::default()
+    };
+    Arc::new(cfg.validate().expect("static raft config is valid"))
+}

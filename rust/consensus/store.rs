@@ -1,0 +1,287 @@
+//! Raft storage in one file: vote, log, committed id, state machine and last
+//! snapshot together, written to `data_dir/raft/state.json` by temp file,
+//! fsync and rename on every change. A crash leaves the previous state or the
+//! new one, never a mix, so log and state are always consistent. The state is
+//! small (members and metadata, log compacted by snapshots), so rewriting it
+//! whole is cheap.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogState, RaftLogReader, RaftSnapshotBuilder, RaftStorage, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+
+use super::types::{Command, NodeMeta, TypeConfig};
+
+type NodeId = u64;
+type SError = StorageError<NodeId>;
+
+/// The replicated state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateMachine {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub last_membership: StoredMembership<NodeId, NodeMeta>,
+    /// Metadata updates by name, on top of what the membership holds.
+    pub nodes: BTreeMap<String, NodeMeta>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeMeta>,
+    data: Vec<u8>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    last_purged: Option<LogId<NodeId>>,
+    log: BTreeMap<u64, Entry<TypeConfig>>,
+    sm: StateMachine,
+    snapshot: Option<StoredSnapshot>,
+    snapshot_seq: u64,
+}
+
+struct Inner {
+    path: PathBuf,
+    p: Persisted,
+}
+
+impl Inner {
+    fn save(&self) -> Result<(), std::io::Error> {
+        let bytes = serde_json::to_vec(&self.p)?;
+        crate::transport::tls::write_private(&self.path, &bytes)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// The Raft store; cheap to clone, all clones share one state.
+#[derive(Clone)]
+pub struct FileStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn io<E: std::fmt::Display>(e: E) -> SError {
+    StorageIOError::write(AnyError::error(e.to_string())).into()
+}
+
+impl FileStore {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, std::io::Error> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("state.json");
+        let p = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                std::io::Error::other(format!("corrupt raft state {}: {e}", path.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner { path, p })),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this node has ever been part of a cluster.
+    pub fn has_state(&self) -> bool {
+        let g = self.lock();
+        g.p.vote.is_some() || !g.p.log.is_empty() || g.p.sm.last_applied.is_some()
+    }
+
+    /// Every node the replicated state knows: membership nodes, updated by
+    /// later `SetNode` commands.
+    pub fn nodes(&self) -> BTreeMap<String, NodeMeta> {
+        let g = self.lock();
+        let mut out: BTreeMap<String, NodeMeta> =
+            g.p.sm
+                .last_membership
+                .nodes()
+                .map(|(_, n)| (n.name.clone(), n.clone()))
+                .collect();
+        for (k, v) in &g.p.sm.nodes {
+            if out.contains_key(k) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out
+    }
+}
+
+impl RaftLogReader<TypeConfig> for FileStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SError> {
+        let g = self.lock();
+        Ok(g.p.log.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for FileStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SError> {
+        let mut g = self.lock();
+        let data = serde_json::to_vec(&g.p.sm).map_err(io)?;
+        g.p.snapshot_seq += 1;
+        let snapshot_id = match g.p.sm.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, g.p.snapshot_seq),
+            None => format!("--{}", g.p.snapshot_seq),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: g.p.sm.last_applied,
+            last_membership: g.p.sm.last_membership.clone(),
+            snapshot_id,
+        };
+        g.p.snapshot = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        });
+        g.save().map_err(io)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStorage<TypeConfig> for FileStore {
+    type LogReader = Self;
+    type SnapshotBuilder = Self;
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SError> {
+        let mut g = self.lock();
+        g.p.vote = Some(*vote);
+        g.save().map_err(io)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SError> {
+        Ok(self.lock().p.vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
+        let mut g = self.lock();
+        g.p.committed = committed;
+        g.save().map_err(io)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
+        Ok(self.lock().p.committed)
+    }
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SError> {
+        let g = self.lock();
+        let last =
+            g.p.log
+                .values()
+                .next_back()
+                .map(|e| e.log_id)
+                .or(g.p.last_purged);
+        Ok(LogState {
+            last_purged_log_id: g.p.last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn append_to_log<I>(&mut self, entries: I) -> Result<(), SError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+    {
+        let mut g = self.lock();
+        for e in entries {
+            g.p.log.insert(e.log_id.index, e);
+        }
+        g.save().map_err(io)
+    }
+
+    async fn delete_conflict_logs_since(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        let mut g = self.lock();
+        g.p.log.retain(|&i, _| i < log_id.index);
+        g.save().map_err(io)
+    }
+
+    async fn purge_logs_upto(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        let mut g = self.lock();
+        g.p.log.retain(|&i, _| i > log_id.index);
+        g.p.last_purged = Some(log_id);
+        g.save().map_err(io)
+    }
+
+    async fn last_applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeMeta>), SError> {
+        let g = self.lock();
+        Ok((g.p.sm.last_applied, g.p.sm.last_membership.clone()))
+    }
+
+    async fn apply_to_state_machine(
+        &mut self,
+        entries: &[Entry<TypeConfig>],
+    ) -> Result<Vec<()>, SError> {
+        let mut g = self.lock();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            g.p.sm.last_applied = Some(e.log_id);
+            match &e.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(Command::SetNode(meta)) => {
+                    g.p.sm.nodes.insert(meta.name.clone(), meta.clone());
+                }
+                EntryPayload::Membership(m) => {
+                    g.p.sm.last_membership = StoredMembership::new(Some(e.log_id), m.clone());
+                }
+            }
+            out.push(());
+        }
+        g.save().map_err(io)?;
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeMeta>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SError> {
+        let data = snapshot.into_inner();
+        let sm: StateMachine = serde_json::from_slice(&data).map_err(io)?;
+        let mut g = self.lock();
+        g.p.sm = sm;
+        g.p.sm.last_applied = meta.last_log_id;
+        g.p.sm.last_membership = meta.last_membership.clone();
+        g.p.snapshot = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        });
+        g.save().map_err(io)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SError> {
+        let g = self.lock();
+        Ok(g.p.snapshot.as_ref().map(|s| Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(Cursor::new(s.data.clone())),
+        }))
+    }
+}

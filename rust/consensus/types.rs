@@ -1,0 +1,47 @@
+//! The Raft type configuration.
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+/// What the cluster state records about a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMeta {
+    /// The node's own id (a string it chose and keeps in its data dir).
+    pub name: String,
+    /// host:port of its QUIC endpoint.
+    pub p2p_address: String,
+    /// Base URL or host:port of its HTTP API.
+    pub api_address: String,
+}
+
+impl fmt::Display for NodeMeta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.p2p_address)
+    }
+}
+
+/// A change to the replicated state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Insert or update a node's metadata (its addresses changed).
+    SetNode(NodeMeta),
+}
+
+openraft::declare_raft_types!(
+    /// Raft types of the cluster state.
+    pub TypeConfig:
+        D = Command,
+        R = (),
+        NodeId = u64,
+        Node = NodeMeta,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// Raft wants a u64 id; nodes name themselves with strings. The first 8 bytes
+/// of the name's sha256: collisions need ~2^32 nodes.
+pub fn raft_id(name: &str) -> u64 {
+    let h = crate::transport::tls::sha256(name.as_bytes());
+    u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}

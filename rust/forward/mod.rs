@@ -1,0 +1,265 @@
+//! Request forwarding: one QUIC stream per request over the peer pair's
+//! connection.
+//!
+//! The caller writes a `Forward` frame (the node's request, opaque bytes) and
+//! finishes its side; the serving node answers with `Chunk` frames as its
+//! engine produces them, then `End`, or an `Error` frame carrying the HTTP
+//! status and message the local path would have used. Nothing is buffered
+//! whole: chunks are relayed as they arrive, in batches of whatever is ready.
+//!
+//! Cancellation: a caller that drops its [`ForwardStream`] stops the stream
+//! (STOP_SENDING); the serving side sees `stopped()` resolve, marks the
+//! [`Reply`] cancelled, and the handler stops its work.
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::transport::{codes, frame, write_frame, FrameReader, Kind, TransportError};
+
+/// Why a forwarded request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The peer could not be reached or the stream broke: retryable while no
+    /// chunk was sent on.
+    #[error("peer unavailable: {0}")]
+    Unavailable(String),
+    /// The peer answered with an error (model not found, overloaded…).
+    #[error("{message}")]
+    Remote { status: u16, message: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub status: u16,
+    pub message: String,
+}
+
+/// The caller's side of one forwarded request.
+pub struct ForwardStream {
+    recv: FrameReader,
+    done: bool,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ForwardError {
+    ForwardError::Unavailable(e.to_string())
+}
+
+/// Send `request` on a new stream of `conn`.
+pub async fn open(conn: &quinn::Connection, request: &[u8]) -> Result<ForwardStream, ForwardError> {
+    if request.len() > frame::MAX_PAYLOAD {
+        return Err(ForwardError::Remote {
+            status: 400,
+            message: "request too large".into(),
+        });
+    }
+    let (mut send, recv) = conn.open_bi().await.map_err(unavailable)?;
+    write_frame(&mut send, Kind::Forward, request)
+        .await
+        .map_err(unavailable)?;
+    send.finish().map_err(unavailable)?;
+    Ok(ForwardStream {
+        recv: FrameReader::new(recv),
+        done: false,
+    })
+}
+
+impl ForwardStream {
+    /// Wait for at least one chunk, then take every chunk already received.
+    /// Returns false once the stream has ended (after the chunks in `out`).
+    pub async fn next_batch(&mut self, out: &mut Vec<Bytes>) -> Result<bool, ForwardError> {
+        if self.done {
+            return Ok(false);
+        }
+        let first = self.recv.next().await.map_err(|e| self.broken(e))?;
+        let mut next = first;
+        loop {
+            match next {
+                None => {
+                    self.done = true;
+                    return Err(ForwardError::Unavailable(
+                        "peer closed the stream without an answer".into(),
+                    ));
+                }
+                Some(f) => match f.kind {
+                    Kind::Chunk => out.push(f.payload),
+                    Kind::End => {
+                        self.done = true;
+                        return Ok(false);
+                    }
+                    Kind::Error => {
+                        self.done = true;
+                        return Err(match serde_json::from_slice::<ErrorBody>(&f.payload) {
+                            Ok(b) => ForwardError::Remote {
+                                status: b.status,
+                                message: b.message,
+                            },
+                            Err(_) => ForwardError::Unavailable("malformed error from peer".into()),
+                        });
+                    }
+                    other => {
+                        self.done = true;
+                        return Err(ForwardError::Unavailable(format!(
+                            "unexpected {other:?} frame"
+                        )));
+                    }
+                },
+            }
+            match self.recv.buffered().map_err(|e| self.broken(e))? {
+                Some(f) => next = Some(f),
+                None => return Ok(true),
+            }
+        }
+    }
+
+    fn broken(&mut self, e: TransportError) -> ForwardError {
+        self.done = true;
+        ForwardError::Unavailable(e.to_string())
+    }
+
+    /// Tell the serving node to stop: the same as dropping the stream.
+    pub fn cancel(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.recv.stop(codes::CANCELLED);
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for ForwardStream {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// What the handler sends back.
+#[derive(Debug)]
+enum ReplyMsg {
+    Chunk(Bytes),
+    End,
+    Error(u16, String),
+}
+
+/// A request forwarded to this node, waiting for the local handler.
+pub struct Inbound {
+    /// The caller's node id.
+    pub from: String,
+    pub request: Bytes,
+    pub reply: Reply,
+}
+
+/// The serving side's handle on one forwarded request.
+#[derive(Clone)]
+pub struct Reply {
+    tx: mpsc::UnboundedSender<ReplyMsg>,
+    cancelled: watch::Receiver<bool>,
+}
+
+impl Reply {
+    /// Queue a chunk; false when the caller is gone.
+    pub fn chunk(&self, b: Bytes) -> bool {
+        self.tx.send(ReplyMsg::Chunk(b)).is_ok() && !self.is_cancelled()
+    }
+
+    pub fn end(&self) {
+        let _ = self.tx.send(ReplyMsg::End);
+    }
+
+    pub fn error(&self, status: u16, message: String) {
+        let _ = self.tx.send(ReplyMsg::Error(status, message));
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancelled.borrow()
+    }
+
+    /// Resolves when the caller cancels or goes away; never otherwise.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancelled.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+/// Start serving one forwarded request whose `Forward` frame has been read:
+/// spawns the writer that relays the handler's replies onto `send`.
+pub fn accept(from: String, request: Bytes, send: quinn::SendStream) -> Inbound {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ctx, crx) = watch::channel(false);
+    tokio::spawn(relay(send, rx, ctx));
+    Inbound {
+        from,
+        request,
+        reply: Reply { tx, cancelled: crx },
+    }
+}
+
+fn encode(m: &ReplyMsg, buf: &mut BytesMut) -> bool {
+    match m {
+        ReplyMsg::Chunk(b) => {
+            frame::encode_into(Kind::Chunk, b, buf);
+            false
+        }
+        ReplyMsg::End => {
+            frame::encode_into(Kind::End, &[], buf);
+            true
+        }
+        ReplyMsg::Error(status, message) => {
+            let body = serde_json::to_vec(&ErrorBody {
+                status: *status,
+                message: message.clone(),
+            })
+            .unwrap_or_default();
+            frame::encode_into(Kind::Error, &body, buf);
+            true
+        }
+    }
+}
+
+/// Chunks written per batch at most: enough to amortise the write call, small
+/// enough to keep latency flat.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+async fn relay(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::UnboundedReceiver<ReplyMsg>,
+    cancelled: watch::Sender<bool>,
+) {
+    let mut stopped = std::pin::pin!(send.stopped());
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stopped => {
+                let _ = cancelled.send(true);
+                return;
+            }
+            m = rx.recv() => {
+                buf.clear();
+                let mut terminal = match m {
+                    Some(m) => encode(&m, &mut buf),
+                    None => encode(&ReplyMsg::Error(500, "the handler ended without an answer".into()), &mut buf),
+                };
+                while !terminal && buf.len() < MAX_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(m) => terminal = encode(&m, &mut buf),
+                        Err(_) => break,
+                    }
+                }
+                if send.write_all(&buf).await.is_err() {
+                    let _ = cancelled.send(true);
+                    return;
+                }
+                if terminal {
+                    let _ = send.finish();
+                    // keep the stream until the peer has it, or stops it
+                    let _ = stopped.await;
+                    return;
+                }
+            }
+        }
+    }
+}
