@@ -310,12 +310,14 @@ class Node:
         by_name: dict[str, dict[str, Any]] = {}
         for e in await self.catalog_entries():
             by_name[e["name"]] = {"name": e["name"], "size": e["size"], "digest": e["digest"],
-                                  "nodes": [], "loaded_on": []}
+                                  "nodes": [], "loaded_on": [],
+                                  "requests": self.dispatcher.requests_by_model.get(e["name"], 0)}
         for n in self.cluster_nodes():
             if n["status"] != "active":
                 continue
             for m in n["models"]:
-                by_name.setdefault(m, {"name": m, "size": 0, "digest": "", "nodes": [], "loaded_on": []})
+                by_name.setdefault(m, {"name": m, "size": 0, "digest": "", "nodes": [], "loaded_on": [],
+                                       "requests": self.dispatcher.requests_by_model.get(m, 0)})
                 by_name[m]["nodes"].append(n["id"])
             for m in n["loaded_models"]:
                 if m in by_name:
@@ -325,6 +327,30 @@ class Node:
                 if not m["nodes"]:
                     m["nodes"] = [self.node_id]
         return sorted(by_name.values(), key=lambda m: m["name"])
+
+    def services(self) -> dict[str, Any]:
+        """What this node listens on, with the established TCP connections on each
+        port (read from the kernel through psutil, so the count is true)."""
+        from urllib.parse import urlsplit
+
+        try:
+            conns = psutil.Process().net_connections(kind="tcp")
+        except (psutil.Error, OSError):
+            conns = []
+
+        def tcp(url: str) -> dict[str, Any] | None:
+            if not url:
+                return None
+            port = urlsplit(url).port or 0
+            n = sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr
+                    and c.laddr.port == port)
+            return {"url": url, "port": port, "protocol": "tcp", "connections": n}
+
+        p2p = None
+        if self.cluster is not None:
+            p2p = {"url": f"quic://{self.cfg.p2p.host}:{self.cfg.p2p.port}", "port": self.cfg.p2p.port,
+                   "protocol": "udp", "connections": self.cluster_status().get("peers_connected", 0)}
+        return {"api": tcp(self.api_url), "web": tcp(self.web_url), "p2p": p2p}
 
     def health(self) -> dict[str, Any]:
         from .api.common import now_iso

@@ -50,6 +50,8 @@ async def status(request: web.Request) -> web.Response:
         "leader_id": cluster.get("leader_id"),
         "degraded": cluster.get("degraded", False),
         "cluster_size": len(nodes),
+        "data_dir": str(node.data_dir),
+        "services": node.services(),
         "active_nodes": active,
         "scheduler_stats": {
             "in_flight": d.scheduler.total_in_flight(),
