@@ -98,10 +98,10 @@ def create(store: Store, body: dict[str, Any], progress: Callable[[str], None]) 
     if files:
         if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
             raise BadRequestError("create: 'files' must map file names to sha256 digests")
-        ggufs = [(k, v) for k, v in files.items() if k.endswith(".gguf")]
-        if len(ggufs) != 1 or len(files) != 1:
-            raise BadRequestError("create: 'files' must hold exactly one .gguf file")
-        fname, raw_digest = ggufs[0]
+        if len(files) != 1:
+            raise BadRequestError("create: 'files' must hold exactly one GGUF file "
+                                  "(adapters and projectors are not supported)")
+        fname, raw_digest = next(iter(files.items()))
         digest = names.parse_digest(raw_digest)
         if not store.has_blob(digest):
             raise BadRequestError(f"create: blob sha256:{digest} for {fname} was not uploaded; "
