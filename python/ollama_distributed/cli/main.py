@@ -5,7 +5,16 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import config_cmd, models, run, start, version
+from . import (  # operator surface
+    config_cmd,
+    models,
+    nodes,
+    run,
+    start,
+    status,
+    troubleshoot,
+    version,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,6 +35,9 @@ cli.add_command(version.version)
 cli.add_command(config_cmd.config)
 cli.add_command(models.models)
 cli.add_command(run.run)
+cli.add_command(status.status)
+cli.add_command(troubleshoot.troubleshoot)
+cli.add_command(nodes.nodes)
 
 
 def main() -> None:

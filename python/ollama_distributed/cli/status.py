@@ -130,7 +130,7 @@ def render(data: dict[str, Any], color: bool) -> str:
     fg = {"healthy": "green", "degraded": "yellow"}.get(status, "red")
     ts = data.get("timestamp") or ""
     try:
-        shown = datetime.fromisoformat(ts.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S UTC")
+        shown = datetime.fromisoformat(ts).strftime("%Y-%m-%d %H:%M:%S UTC")
     except ValueError:
         shown = ts
     n = data["node"]
@@ -146,8 +146,8 @@ def render(data: dict[str, Any], color: bool) -> str:
         f"   Role: {n['role']}",
         f"   Uptime: {_uptime(n['uptime_seconds'])}",
         f"   Version: {n.get('version')}  Engine: {n.get('engine')}",
-        f"   Cluster: {c['size']} node(s), {len(c['active_nodes'])} active, "
-        f"{c['peers_connected']} peer(s) connected",
+        (f"   Cluster: {c['size']} node(s), {len(c['active_nodes'])} active, "
+        f"{c['peers_connected']} peer(s) connected"),
     ]
     if "resources" in data:
         r = data["resources"]
@@ -155,10 +155,10 @@ def render(data: dict[str, Any], color: bool) -> str:
             "",
             "💾 Resource Usage",
             f"   CPU: {r['cpu_percent']:.1f}% ({r['cpu_count']} cores)",
-            f"   Memory: {r['memory_percent']:.1f}% ({human_bytes(r['memory_used_bytes'] or 0)} / "
-            f"{human_bytes(r['memory_total_bytes'] or 0)})",
-            f"   Disk: {r['disk_percent']:.1f}% ({human_bytes(r['disk_used_bytes'] or 0)} / "
-            f"{human_bytes(r['disk_total_bytes'] or 0)}) for the data dir",
+            (f"   Memory: {r['memory_percent']:.1f}% ({human_bytes(r['memory_used_bytes'] or 0)} / "
+            f"{human_bytes(r['memory_total_bytes'] or 0)})"),
+            (f"   Disk: {r['disk_percent']:.1f}% ({human_bytes(r['disk_used_bytes'] or 0)} / "
+            f"{human_bytes(r['disk_total_bytes'] or 0)}) for the data dir"),
             "",
             "🤖 Model Information",
             f"   Total Models: {len(data['models'])}",
