@@ -83,3 +83,11 @@ package: $(PACKAGE_STAMP)
 
 # The system tier needs the packages; `make test` runs it with the rest.
 test test-system: package
+
+# Operator-surface test tools from Debian (promtool, prometheus, chromium);
+# the script is idempotent and quick when they are present.
+.PHONY: apt-deps
+apt-deps:
+	scripts/apt-deps.sh
+
+test test-integration: apt-deps
