@@ -286,6 +286,9 @@ class Dispatcher:
         try:
             async with contextlib.aclosing(self.engine.generate(req, record, slot, cancel)) as chunks:
                 async for chunk in chunks:
+                    if chunk.get("done") and chunk.get("load_duration"):
+                        # this request paid for a cold load: count it once, here, on the loading node
+                        self.metrics.model_load.labels(req.model).observe(chunk["load_duration"] / 1e9)
                     yield chunk
         finally:
             cancel.cancel()
