@@ -74,6 +74,7 @@ class Dispatcher:
         self.requests_total = 0
         self.requests_by_model: collections.Counter[str] = collections.Counter()
         self.tokens_total = 0
+        self.text_chunks = 0  # streamed text chunks, live (tokens_total counts at the end)
         self.started_at = time.time()
         metrics.bind(queue_depth=self.scheduler.queue_depth,
                      in_flight=self.scheduler.total_in_flight,
@@ -90,21 +91,35 @@ class Dispatcher:
 
     # ---- models ----------------------------------------------------------------
 
-    async def resolve(self, model: Any) -> tuple[str, ModelRecord | None]:
-        """The model's display name and store record; 404 when it is nowhere."""
+    async def resolve(self, model: Any, local_only: bool = False) -> tuple[str, ModelRecord | None]:
+        """The model's display name and local store record (None when only
+        peers or an upstream hold it); 404 when it is nowhere."""
         name = names.parse(model)
         if self.engine.uses_store:
             try:
                 rec = await asyncio.to_thread(self.store.get, name.short)
+                return rec.name.short, rec
             except ModelNotFoundError:
+                if self.remote is not None and not local_only and self._held_by_peers(name.short):
+                    return name.short, None
                 raise ModelNotFoundError(str(model)) from None  # the name as the client gave it
-            return rec.name.short, rec
         listed = await self.engine.list_models()
         wanted = {model, name.short}
         for m in listed:
             if m.get("name") in wanted or m.get("model") in wanted:
                 return str(m["name"]), None
+        if self.remote is not None and not local_only and self._held_by_peers(name.short):
+            return name.short, None
         raise ModelNotFoundError(str(model))
+
+    def _held_by_peers(self, model: str) -> bool:
+        try:
+            self.scheduler.route(model, int(time.time() * 1000))
+        except ModelNotFoundError:
+            return False
+        except OverloadedError:
+            return True  # held, but busy: routing answers 503 later
+        return True
 
     def local_models(self) -> list[str]:
         return [n.short for n in self.store.names()] if self.engine.uses_store else []
@@ -194,6 +209,8 @@ class Dispatcher:
                 return
             first = True
             async for chunk in self._run(req, record):
+                if "text" in chunk:
+                    self.text_chunks += 1  # about one per token, counted live for the dashboard
                 if first and "text" in chunk:
                     rec.ttft = time.perf_counter() - t0
                     first = False
@@ -253,7 +270,7 @@ class Dispatcher:
             self.scheduler.dispatched(node)
             try:
                 if node == self.node_id:
-                    source = self.run_local(req, record)
+                    source = self._local_source(req, record)
                 else:
                     source = self.remote.forward(node, req.to_dict())
                 async with contextlib.aclosing(source) as chunks:
@@ -275,11 +292,19 @@ class Dispatcher:
         assert last is not None
         raise last
 
+    async def _local_source(self, req: InferenceRequest,
+                            record: ModelRecord | None) -> AsyncIterator[dict[str, Any]]:
+        if req.kind == "embed":
+            yield await self._embed_local(req, record)
+            return
+        async for chunk in self.run_local(req, record):
+            yield chunk
+
     async def run_local(self, req: InferenceRequest,
                         record: ModelRecord | None = None) -> AsyncIterator[dict[str, Any]]:
         """Run on this node's engine: take a slot, stream, free the slot."""
         if record is None and self.engine.uses_store:
-            _, record = await self.resolve(req.model)
+            _, record = await self.resolve(req.model, local_only=True)
         keep_alive = self.keep_alive(req)
         slot = await self._acquire(req.model)
         cancel = CancelToken()
@@ -304,18 +329,63 @@ class Dispatcher:
         try:
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
-            keep_alive = self.keep_alive(req)
-            key = f"{model}#embed"  # own slots: embeddings never wait behind generation
-            slot = await self._acquire(key)
-            try:
-                result = await self.engine.embed(req, record)
-            finally:
-                self._release(key, slot)
-            self.engine.touch(model, keep_alive)
+            if self.remote is None:
+                result = await self._embed_local(req, record)
+            else:
+                result = await self._embed_routed(req, record)
             rec.prompt_tokens = int(result.get("prompt_eval_count") or 0)
             return result
         except OllamaDistributedError as e:
             rec.status = e.status
+            raise
+        finally:
+            rec.duration = time.perf_counter() - t0
+            self._record(rec)
+
+    async def _embed_local(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
+        if record is None and self.engine.uses_store:
+            _, record = await self.resolve(req.model, local_only=True)
+        keep_alive = self.keep_alive(req)
+        key = f"{req.model}#embed"  # own slots: embeddings never wait behind generation
+        slot = await self._acquire(key)
+        try:
+            result = await self.engine.embed(req, record)
+        finally:
+            self._release(key, slot)
+        self.engine.touch(req.model, keep_alive)
+        return result
+
+    async def _embed_routed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
+        async for chunk in self._run_routed(req, record):
+            if "embeddings" in chunk:
+                return chunk
+        raise PeerUnavailableError(f"no node returned embeddings for {req.model}")
+
+    async def handle_inbound(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """A request forwarded by a peer: run it here, counted here."""
+        req = InferenceRequest.from_dict(request)
+        t0 = time.perf_counter()
+        rec = RequestRecord(at=time.time(), model=str(req.model), endpoint=f"peer:{req.kind}",
+                            status=200, node=self.node_id)
+        try:
+            _, record = await self.resolve(req.model, local_only=True)
+            if req.kind == "embed":
+                result = await self._embed_local(req, record)
+                rec.prompt_tokens = int(result.get("prompt_eval_count") or 0)
+                yield result
+                return
+            async for chunk in self.run_local(req, record):
+                if chunk.get("done"):
+                    rec.prompt_tokens = int(chunk.get("prompt_eval_count") or 0)
+                    rec.tokens = int(chunk.get("eval_count") or 0)
+                elif rec.ttft is None:
+                    rec.ttft = time.perf_counter() - t0
+                yield chunk
+        except OllamaDistributedError as e:
+            rec.status = e.status
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            rec.status = 499
             raise
         finally:
             rec.duration = time.perf_counter() - t0
