@@ -14,4 +14,6 @@ pub mod scheduler;
 pub mod transport;
 
 #[cfg(feature = "python")]
+mod py_cluster;
+#[cfg(feature = "python")]
 mod python;

@@ -137,7 +137,7 @@ impl Scheduler {
     }
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -169,6 +169,7 @@ fn ping(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Scheduler>()?;
+    crate::py_cluster::register(m)?;
     m.add_function(wrap_pyfunction!(ping, m)?)?;
     Ok(())
 }

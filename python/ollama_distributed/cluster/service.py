@@ -1,0 +1,177 @@
+"""ClusterService: the node's handle on the Rust cluster core (`_core.Cluster`).
+
+It keeps the contract node.py and the dispatcher rely on: start/stop, status,
+nodes, adverts, the inbound handler for requests other nodes forward here, and
+`forward()` to send a request to a peer and stream its chunks back. JSON is
+encoded and decoded here, once per message; the Rust side treats requests and
+chunks as opaque bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pathlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .. import _core
+from ..errors import EngineError, OllamaDistributedError, PeerUnavailableError
+
+logger = logging.getLogger(__name__)
+
+InboundHandler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
+
+# How long a silent peer is kept before it is marked down. Keep-alives go out
+# four times within it, so a lost packet or two never drops a healthy peer; a
+# node killed with -9 shows as down about this long after its last packet.
+DEFAULT_FAILURE_TIMEOUT_S = 2.0
+
+
+class ClusterService:
+    """One node's membership in the cluster; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        data_dir: pathlib.Path,
+        host: str,
+        port: int,
+        join: list[str],
+        token: str | None,
+        api_address: str,
+        failure_timeout: float = DEFAULT_FAILURE_TIMEOUT_S,
+    ) -> None:
+        self.node_id = node_id
+        self.data_dir = pathlib.Path(data_dir)
+        self._core = _core.Cluster(
+            node_id, str(self.data_dir), host, int(port), list(join), token, api_address,
+            int(failure_timeout * 1000),
+        )
+        self._handler: InboundHandler | None = None
+        self._serving: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._started = False
+
+    # ---- life cycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the P2P port; create the cluster, join it, or rejoin after a restart.
+
+        Raises PermissionError when a seed refuses the token, RuntimeError for
+        anything else that keeps the node out (port busy, no seed answers).
+        """
+        await self._core.start()
+        self._started = True
+        self._loop_task = asyncio.create_task(self._inbound_loop(), name="cluster-inbound")
+        logger.info("cluster core started: node %s on %s/udp", self.node_id, self.local_address())
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        for t in list(self._serving):
+            t.cancel()
+        await self._core.stop()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._serving.clear()
+
+    # ---- state ----------------------------------------------------------------
+
+    def join_token(self) -> str | None:
+        token: str | None = self._core.join_token()
+        return token
+
+    def local_address(self) -> str | None:
+        addr: str | None = self._core.local_address()
+        return addr
+
+    def status(self) -> dict[str, Any]:
+        """role, leader_id, term, members, voters, learners, degraded, peers_connected, counters."""
+        status: dict[str, Any] = json.loads(self._core.status_json())
+        return status
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every known node: id, api_address, p2p_address, alive, last_seen, advert (+ advert_at, voter, local)."""
+        nodes: list[dict[str, Any]] = json.loads(self._core.nodes_json())
+        return nodes
+
+    def publish_advert(self, advert: dict[str, Any]) -> None:
+        self._core.publish_advert(json.dumps(advert, separators=(",", ":")).encode())
+
+    # ---- forwarding -----------------------------------------------------------
+
+    def set_inbound_handler(self, handler: InboundHandler) -> None:
+        self._handler = handler
+
+    async def forward(self, node_id: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Run `request` on `node_id` and yield its chunks as they arrive.
+
+        Closing or abandoning the iterator cancels the work at the peer. A peer
+        that cannot be reached raises PeerUnavailableError (retryable while no
+        chunk was yielded); a peer's own error is raised as the same error
+        class and status it would have had locally.
+        """
+        stream = await self._core.forward(node_id, json.dumps(request, separators=(",", ":")).encode())
+        try:
+            while True:
+                batch = await stream.recv()
+                if batch is None:
+                    return
+                for chunk in batch:
+                    yield json.loads(chunk)
+        finally:
+            stream.cancel()
+
+    async def _inbound_loop(self) -> None:
+        while True:
+            item = await self._core.next_inbound()
+            if item is None:
+                return
+            request, caller, reply = item
+            task = asyncio.create_task(self._serve(request, caller, reply))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, raw: bytes, caller: str, reply: Any) -> None:
+        if self._handler is None:
+            reply.error(503, "this node does not serve forwarded requests yet")
+            return
+        me = asyncio.current_task()
+        watcher = asyncio.ensure_future(reply.cancelled())
+
+        def on_cancel(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and me is not None and not me.done():
+                me.cancel()
+
+        watcher.add_done_callback(on_cancel)
+        try:
+            request = json.loads(raw)
+            agen = self._handler(request)
+            try:
+                async for chunk in agen:
+                    if not reply.send(json.dumps(chunk, separators=(",", ":")).encode()):
+                        return
+            finally:
+                aclose = getattr(agen, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            reply.end()
+        except asyncio.CancelledError:
+            logger.debug("forwarded request from %s cancelled by the caller", caller)
+        except OllamaDistributedError as e:
+            reply.error(e.status, e.message)
+        except json.JSONDecodeError as e:
+            reply.error(400, f"malformed forwarded request: {e}")
+        except Exception as e:  # an engine bug must not kill the inbound loop
+            logger.exception("forwarded request from %s failed", caller)
+            reply.error(EngineError.status, str(e) or type(e).__name__)
+        finally:
+            watcher.cancel()
+
+
+__all__ = ["ClusterService", "PeerUnavailableError"]

@@ -1,0 +1,289 @@
+//! `_core.Cluster`: the cluster core as Python sees it. `ollama_distributed.
+//! cluster.ClusterService` is its only user and keeps the stable contract;
+//! this layer converts once at the edge (config in, JSON or bytes out) and
+//! maps errors to `ollama_distributed.errors`.
+//!
+//! Everything that binds sockets or spawns tasks runs on the core's shared
+//! runtime (`python::runtime()`); reading a stream is polled wherever
+//! pyo3-async-runtimes polls it, since quinn's streams need no reactor.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyPermissionError, PyRuntimeError};
+use pyo3::prelude::*;
+
+use crate::cluster::{self, ClusterConfig, ClusterError};
+use crate::forward::{self, ForwardError};
+use crate::python::runtime;
+use crate::transport::tls::TlsMaterial;
+
+pyo3::import_exception!(ollama_distributed.errors, PeerUnavailableError);
+
+fn cluster_err(e: ClusterError) -> PyErr {
+    match e {
+        ClusterError::JoinRefused(m) => PyPermissionError::new_err(format!("join refused: {m}")),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+fn forward_err(e: ForwardError) -> PyErr {
+    match e {
+        ForwardError::Unavailable(m) => PeerUnavailableError::new_err(m),
+        ForwardError::Remote { status, message } => Python::attach(|py| {
+            let build = || -> PyResult<PyErr> {
+                let f = py
+                    .import("ollama_distributed.errors")?
+                    .getattr("from_status")?;
+                Ok(PyErr::from_value(f.call1((status, message.clone()))?))
+            };
+            build().unwrap_or_else(|e| e)
+        }),
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> PyErr {
+    PyRuntimeError::new_err(format!("cluster task failed: {e}"))
+}
+
+type Slot = Arc<Mutex<Option<Arc<cluster::Cluster>>>>;
+
+/// One node's membership in the cluster.
+#[pyclass(module = "ollama_distributed._core")]
+pub struct Cluster {
+    cfg: ClusterConfig,
+    slot: Slot,
+}
+
+impl Cluster {
+    fn running(&self) -> PyResult<Arc<cluster::Cluster>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| PyRuntimeError::new_err("the cluster is not started"))
+    }
+}
+
+#[pymethods]
+impl Cluster {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (node_id, data_dir, host, port, join, token=None, api_address=String::new(), failure_timeout_ms=2000))]
+    fn new(
+        node_id: String,
+        data_dir: PathBuf,
+        host: String,
+        port: u16,
+        join: Vec<String>,
+        token: Option<String>,
+        api_address: String,
+        failure_timeout_ms: u64,
+    ) -> Self {
+        let cfg = ClusterConfig {
+            node_id,
+            data_dir,
+            host,
+            port,
+            join,
+            token,
+            api_address,
+            // below ~4 keep-alives a second a peer would flap on a busy machine
+            failure_timeout: Duration::from_millis(failure_timeout_ms.max(400)),
+        };
+        Self {
+            cfg,
+            slot: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Bind the P2P port and create, join or rejoin the cluster.
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let cfg = self.cfg.clone();
+        let slot = self.slot.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let c = runtime()
+                .spawn(cluster::Cluster::start(cfg))
+                .await
+                .map_err(join_err)?
+                .map_err(cluster_err)?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+            Ok(())
+        })
+    }
+
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            if let Some(c) = c {
+                runtime()
+                    .spawn(async move { c.stop().await })
+                    .await
+                    .map_err(join_err)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The join token; read from the data dir when the node is not running.
+    fn join_token(&self) -> Option<String> {
+        if let Some(c) = self.slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Some(c.join_token());
+        }
+        TlsMaterial::load(&self.cfg.data_dir.join("tls"))
+            .ok()
+            .map(|m| m.token().render())
+    }
+
+    /// The UDP address the endpoint listens on.
+    fn local_address(&self) -> Option<String> {
+        self.running().ok()?.local_addr().map(|a| a.to_string())
+    }
+
+    /// Status as JSON (see `cluster::Status`).
+    fn status_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.running()?.status())
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// Every known node as JSON (see `membership::NodeView`).
+    fn nodes_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.running()?.nodes())
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// Keep and push this node's advert (JSON bytes).
+    fn publish_advert(&self, advert: Vec<u8>) -> PyResult<()> {
+        let c = self.running()?;
+        let _rt = runtime().enter();
+        c.publish_advert(advert.into());
+        Ok(())
+    }
+
+    /// Send a request (JSON bytes) to `node_id`; resolves to a ForwardStream.
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        node_id: String,
+        request: Vec<u8>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let s = runtime()
+                .spawn(async move { c.forward(&node_id, &request).await })
+                .await
+                .map_err(join_err)?
+                .map_err(forward_err)?;
+            Ok(ForwardStream {
+                inner: Arc::new(tokio::sync::Mutex::new(Some(s))),
+            })
+        })
+    }
+
+    /// The next forwarded request: (request bytes, caller id, InboundStream),
+    /// or None once stopped.
+    fn next_inbound<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let i = runtime()
+                .spawn(async move { c.next_inbound().await })
+                .await
+                .map_err(join_err)?;
+            Ok(i.map(|i| (i.request.to_vec(), i.from, InboundStream { reply: i.reply })))
+        })
+    }
+}
+
+/// The caller's side of a forwarded request. Dropping it, or `cancel()`,
+/// stops the work at the serving node.
+#[pyclass(module = "ollama_distributed._core")]
+pub struct ForwardStream {
+    inner: Arc<tokio::sync::Mutex<Option<forward::ForwardStream>>>,
+}
+
+#[pymethods]
+impl ForwardStream {
+    /// The chunks received so far (at least one), or None at the end.
+    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let mut g = inner.lock().await;
+            let Some(s) = g.as_mut() else { return Ok(None) };
+            let mut out = Vec::new();
+            let res = s.next_batch(&mut out).await;
+            match res {
+                // `more` is true only with at least one chunk in `out`
+                Ok(more) => {
+                    if !more {
+                        *g = None;
+                    }
+                    if out.is_empty() {
+                        return Ok(None);
+                    }
+                    Ok(Some(
+                        out.into_iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                    ))
+                }
+                Err(e) => {
+                    *g = None;
+                    Err(forward_err(e))
+                }
+            }
+        })
+    }
+
+    /// Stop the remote work now.
+    fn cancel(&self) {
+        match self.inner.try_lock() {
+            Ok(mut g) => drop(g.take()),
+            Err(_) => {
+                let inner = self.inner.clone();
+                runtime().spawn(async move { drop(inner.lock().await.take()) });
+            }
+        }
+    }
+}
+
+/// The serving side of a forwarded request.
+#[pyclass(module = "ollama_distributed._core")]
+pub struct InboundStream {
+    reply: forward::Reply,
+}
+
+#[pymethods]
+impl InboundStream {
+    /// Queue a chunk (JSON bytes); False once the caller is gone.
+    fn send(&self, chunk: Vec<u8>) -> bool {
+        self.reply.chunk(chunk.into())
+    }
+
+    fn end(&self) {
+        self.reply.end()
+    }
+
+    fn error(&self, status: u16, message: String) {
+        self.reply.error(status, message)
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.reply.is_cancelled()
+    }
+
+    /// Resolves when the caller cancels or goes away.
+    fn cancelled<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let reply = self.reply.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            reply.cancelled().await;
+            Ok(true)
+        })
+    }
+}
+
+/// Register the cluster classes on the `_core` module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Cluster>()?;
+    m.add_class::<ForwardStream>()?;
+    m.add_class::<InboundStream>()?;
+    Ok(())
+}
