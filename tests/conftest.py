@@ -36,10 +36,11 @@ class NodeProc:
     p2p_port: int
     log_path: Path
     extra: dict[str, object] = field(default_factory=dict)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     @property
     def web_url(self) -> str:
@@ -67,7 +68,7 @@ class NodeProc:
 
 
 def start_node(tmp: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True,
-               data_dir: Path | None = None, timeout: float = 60) -> NodeProc:
+               data_dir: Path | None = None, timeout: float = 60, host: str = "127.0.0.1") -> NodeProc:
     data_dir = data_dir or (tmp / "data")
     api, web, p2p = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
     log_path = tmp / f"node-{api}.log"
@@ -78,7 +79,7 @@ def start_node(tmp: Path, *args: str, env: dict[str, str] | None = None, wait: b
            "--p2p-port", str(p2p), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)
-    node = NodeProc(proc, data_dir, api, web, p2p, log_path)
+    node = NodeProc(proc, data_dir, api, web, p2p, log_path, host=host)
     if wait:
         wait_ready(node, timeout)
     return node
