@@ -96,7 +96,8 @@ class Node:
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()
         self.cluster: Any = None  # ClusterService once the cluster core runs
-        self.p2p_reason = "the cluster core is not part of this build yet"
+        self.p2p_reason = ""
+        self._peers: set[str] = set()
         self.started_at = time.time()
         self.ready = False
         self.websocket_connections = 0
@@ -123,6 +124,7 @@ class Node:
             from .web.app import create_web_app
 
             self.web_url = await self._serve(create_web_app(self), self.cfg.web.host, self.cfg.web.port)
+        await self._start_cluster()
         if self.cfg.api.host not in ("127.0.0.1", "localhost", "::1") and not self.cfg.api.auth_tokens:
             logger.warning("the API listens on %s without api.auth_tokens: anyone who can reach it "
                            "can use it; set api.auth_tokens or bind to 127.0.0.1", self.cfg.api.host)
@@ -130,6 +132,31 @@ class Node:
         self.notifier.ready(f"serving on {self.api_url}")
         self.notifier.start_watchdog()
         self._advert_task = asyncio.create_task(self._advertise(), name="advert")
+
+    async def _start_cluster(self) -> None:
+        """Bind the QUIC peer port: create the cluster, join one, or rejoin."""
+        if not self.cfg.p2p.enabled:
+            self.p2p_reason = "p2p.enabled is false"
+            return
+        from .cluster.service import ClusterService
+
+        p2p = self.cfg.p2p
+        api_host = self.cfg.api.host if self.cfg.api.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+        svc = ClusterService(node_id=self.node_id, data_dir=self.data_dir, host=p2p.host, port=p2p.port,
+                             join=list(p2p.join), token=p2p.token or None,
+                             api_address=f"http://{api_host}:{self.api_url.rsplit(':', 1)[1]}")
+        self.notifier.status("joining the cluster" if p2p.join else "starting the cluster core")
+        try:
+            await svc.start()
+        except PermissionError as e:
+            raise ConfigError(f"the cluster refused to let this node join: {e}; get a fresh token with "
+                              "`ollama-distributed cluster token` on a member and pass it with --token") from None
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"cannot start the P2P listener on {p2p.host}:{p2p.port}/udp: {e}; "
+                              "free the port or set p2p.port (--p2p-port)") from None
+        svc.set_inbound_handler(self.dispatcher.handle_inbound)
+        self.cluster = svc
+        self.dispatcher.remote = svc
 
     async def _serve(self, app: web.Application, host: str, port: int) -> str:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -225,6 +252,24 @@ class Node:
                                               a["max_queue"])
         if self.cluster is not None:
             self.cluster.publish_advert(a)
+            self._sync_peers()
+
+    def _sync_peers(self) -> None:
+        """Feed the scheduler every peer's latest advert and liveness."""
+        sched = self.dispatcher.scheduler
+        seen: set[str] = set()
+        for n in self.cluster.nodes():
+            if n.get("local") or n["id"] == self.node_id:
+                continue
+            adv = n.get("advert") or {}
+            seen.add(n["id"])
+            sched.update_node(n["id"], bool(n.get("alive")), int((n.get("advert_at") or 0) * 1000),
+                              list(adv.get("models", [])), list(adv.get("loaded", [])),
+                              int(adv.get("in_flight", 0)), int(adv.get("queue_depth", 0)),
+                              int(adv.get("max_queue", 0)))
+        for gone in self._peers - seen:
+            sched.remove_node(gone)
+        self._peers = seen
 
     async def models_changed(self) -> None:
         self._refresh_local_node()

@@ -114,6 +114,20 @@ async def prometheus(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def token(request: web.Request) -> web.Response:
+    """The join token, to loopback callers only: it admits new nodes."""
+    peer = request.remote or ""
+    if not (peer.startswith("127.") or peer == "::1"):
+        return web.json_response({"error": "the join token is only given to local callers; run "
+                                  "`ollama-distributed cluster token` on the node itself"}, status=403)
+    node = _node(request)
+    value = node.cluster.join_token() if node.cluster is not None else None
+    if not value:
+        return web.json_response({"error": f"no cluster is running on this node ({node.p2p_reason})"},
+                                 status=409)
+    return web.json_response({"token": value})
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health)
@@ -124,3 +138,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/distributed/metrics", metrics)
     r.add_get("/api/distributed/models", models)
     r.add_get("/metrics", prometheus)
+    r.add_get("/api/distributed/token", token)

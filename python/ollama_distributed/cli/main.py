@@ -6,6 +6,7 @@ import click
 
 from .. import __version__
 from . import (  # operator surface
+    cluster,
     config_cmd,
     models,
     nodes,
@@ -38,6 +39,7 @@ cli.add_command(run.run)
 cli.add_command(status.status)
 cli.add_command(troubleshoot.troubleshoot)
 cli.add_command(nodes.nodes)
+cli.add_command(cluster.cluster)
 
 
 def main() -> None:
