@@ -1,22 +1,35 @@
 """The dashboard app on the web port: a page written by hand (no build step),
-a JSON snapshot, and a WebSocket at /ws that pushes a snapshot every second."""
+a JSON snapshot at /api/state, a WebSocket at /ws that pushes a snapshot every
+second, and /api/playground, which streams an answer through the node's own
+dispatcher so the page needs no cross-origin call to the API port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import logging
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
+
+from ..engines.base import InferenceRequest
+from ..errors import OllamaDistributedError
 
 if TYPE_CHECKING:
     from ..node import Node
 
 logger = logging.getLogger(__name__)
 PUSH_INTERVAL = 1.0
+RECENT_SHOWN = 25
+# The playground is for trying a model, not for long jobs: cap the answer so a
+# stray click cannot hold an engine slot for minutes.
+PLAYGROUND_MAX_TOKENS = 512
+PLAYGROUND_MAX_PROMPT = 16_000
 
 
 async def snapshot(node: Node) -> dict[str, Any]:
@@ -29,16 +42,24 @@ async def snapshot(node: Node) -> dict[str, Any]:
         "loaded": [m.name for m in node.engine.loaded()],
         "requests_total": d.requests_total,
         "tokens_total": d.tokens_total,
+        "text_chunks": d.text_chunks,
         "in_flight": d.scheduler.total_in_flight(),
         "queue_depth": d.scheduler.queue_depth(),
-        "recent": [vars(r) for r in list(d.recent)[-20:]],
+        "recent": [vars(r) for r in list(d.recent)[-RECENT_SHOWN:]][::-1],
         "websocket_connections": node.websocket_connections,
+        "services": node.services(),
+        "auth_required": bool(node.cfg.api.auth_tokens),
     }
 
 
 async def index(request: web.Request) -> web.Response:
     html = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
-    return web.Response(text=html, content_type="text/html")
+    return web.Response(text=html, content_type="text/html", headers={
+        # Everything the page needs is inline or same-origin; nothing else may load.
+        "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                   "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+        "X-Content-Type-Options": "nosniff",
+    })
 
 
 async def state(request: web.Request) -> web.Response:
@@ -50,6 +71,7 @@ async def ws(request: web.Request) -> web.WebSocketResponse:
     sock = web.WebSocketResponse(heartbeat=15)
     await sock.prepare(request)
     node.websocket_connections += 1
+    logger.debug("dashboard client %s connected (%d now)", request.remote, node.websocket_connections)
 
     async def drain() -> None:  # notice a close from the browser
         async for msg in sock:
@@ -61,7 +83,7 @@ async def ws(request: web.Request) -> web.WebSocketResponse:
         while not sock.closed and not reader.done():
             try:
                 await sock.send_json(await snapshot(node))
-            except (ConnectionResetError, RuntimeError):
+            except (ConnectionError, RuntimeError):  # the client vanished mid-send
                 break
             await asyncio.sleep(PUSH_INTERVAL)
     finally:
@@ -72,10 +94,75 @@ async def ws(request: web.Request) -> web.WebSocketResponse:
     return sock
 
 
+def _line(chunk: dict[str, Any]) -> bytes:
+    chunk.pop("context", None)  # token ids: of no use to the page
+    return json.dumps(chunk).encode() + b"\n"
+
+
+def _refuse(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def playground(request: web.Request) -> web.StreamResponse:
+    """POST {"model", "prompt", "num_predict"?}: NDJSON lines {"text"} then {"done", ...}."""
+    node: Node = request.app["node"]
+    origin = request.headers.get("Origin")
+    if origin and urlsplit(origin).netloc != request.host:
+        return _refuse(403, "cross-origin requests to the playground are refused")
+    if request.content_type != "application/json":
+        return _refuse(415, "send the prompt as application/json")
+    tokens = node.cfg.api.auth_tokens
+    if tokens:
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
+            return _refuse(401, "this node has api.auth_tokens: enter one in the token field")
+    try:
+        body = await request.json()
+    except ValueError:
+        return _refuse(400, "invalid JSON")
+    if not isinstance(body, dict):
+        return _refuse(400, "expected a JSON object")
+    model, prompt = body.get("model"), body.get("prompt")
+    if not isinstance(model, str) or not model:
+        return _refuse(400, "choose a model")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return _refuse(400, "write a prompt")
+    if len(prompt) > PLAYGROUND_MAX_PROMPT:
+        return _refuse(400, f"the prompt is longer than {PLAYGROUND_MAX_PROMPT} characters")
+    n = body.get("num_predict", 128)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= PLAYGROUND_MAX_TOKENS:
+        return _refuse(400, f"num_predict must be a whole number from 1 to {PLAYGROUND_MAX_TOKENS}")
+    req = InferenceRequest(kind="chat", model=model, messages=[{"role": "user", "content": prompt}],
+                           options={"num_predict": n})
+    chunks = node.dispatcher.stream(req, "/playground")
+    async with contextlib.aclosing(chunks):
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = {"done": True}
+        except OllamaDistributedError as e:
+            return _refuse(e.status, e.message)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                           "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        try:
+            await resp.write(_line(first))
+            async for chunk in chunks:
+                await resp.write(_line(chunk))
+        except OllamaDistributedError as e:
+            await resp.write(json.dumps({"error": e.message}).encode() + b"\n")
+        except ConnectionError:
+            return resp  # the page went away; aclosing stops the generation
+        await resp.write_eof()
+        return resp
+
+
 def create_web_app(node: Node) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=1 << 20)
     app["node"] = node
     app.router.add_get("/", index)
     app.router.add_get("/api/state", state)
     app.router.add_get("/ws", ws)
+    app.router.add_post("/api/playground", playground)
     return app
