@@ -162,6 +162,10 @@ pub struct Cluster {
     /// Members learned from the join answer, until Raft replicates them.
     seeds: Mutex<BTreeMap<String, NodeMeta>>,
     dialing: Mutex<HashSet<String>>,
+    /// The IP peers reach us at, learned from an incoming connection when we
+    /// listen on an unspecified address (0.0.0.0), so our metadata names a
+    /// reachable address rather than 0.0.0.0.
+    learned_ip: Mutex<Option<std::net::IpAddr>>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -275,6 +279,7 @@ impl Cluster {
             advert: Mutex::new(None),
             seeds: Mutex::new(seeds),
             dialing: Mutex::new(HashSet::new()),
+            learned_ip: Mutex::new(None),
             shutdown,
             tasks: Mutex::new(Vec::new()),
         });
@@ -282,7 +287,7 @@ impl Cluster {
             tokio::spawn(cluster.clone().accept_loop()),
             tokio::spawn(cluster.clone().event_loop(events)),
             tokio::spawn(cluster.clone().dial_loop()),
-            tokio::spawn(cluster.clone().metadata_loop(me)),
+            tokio::spawn(cluster.clone().metadata_loop()),
         ];
         cluster
             .tasks
@@ -324,6 +329,29 @@ impl Cluster {
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.mesh.endpoint().local_addr().ok()
+    }
+
+    /// This node's metadata as peers should see it.
+    fn my_meta(&self) -> NodeMeta {
+        let mut p2p = self.p2p_address.clone();
+        if let Ok(a) = p2p.parse::<SocketAddr>() {
+            if a.ip().is_unspecified() {
+                if let Some(ip) = *self.learned_ip.lock().unwrap_or_else(|p| p.into_inner()) {
+                    p2p = SocketAddr::new(ip, a.port()).to_string();
+                }
+            }
+        }
+        NodeMeta {
+            name: self.cfg.node_id.clone(),
+            p2p_address: p2p,
+            api_address: self.cfg.api_address.clone(),
+        }
+    }
+
+    fn has_concrete_address(meta: &NodeMeta) -> bool {
+        meta.p2p_address
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_unspecified())
     }
 
     pub fn join_token(&self) -> String {
@@ -369,7 +397,7 @@ impl Cluster {
             learners,
             degraded,
             peers_connected: self.mesh.connected().len(),
-            p2p_address: self.p2p_address.clone(),
+            p2p_address: self.my_meta().p2p_address,
             joins_accepted: c.joins_accepted.load(Ordering::Relaxed),
             joins_refused: c.joins_refused.load(Ordering::Relaxed),
             unauthenticated_refused: c.unauthenticated_refused.load(Ordering::Relaxed),
@@ -387,11 +415,7 @@ impl Cluster {
         }
         known
             .entry(self.cfg.node_id.clone())
-            .or_insert_with(|| NodeMeta {
-                name: self.cfg.node_id.clone(),
-                p2p_address: self.p2p_address.clone(),
-                api_address: self.cfg.api_address.clone(),
-            });
+            .or_insert_with(|| self.my_meta());
         let metrics = self.raft.metrics().borrow().clone();
         let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
         let now = now_ms();
@@ -496,6 +520,12 @@ impl Cluster {
     /// Serve the streams a peer opens on `conn`.
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, peer: Option<String>) {
         let authed = transport::peer_has_cert(&conn);
+        if let Some(ip) = conn.local_ip().filter(|ip| !ip.is_unspecified()) {
+            self.learned_ip
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(ip);
+        }
         let peer = Arc::new(Mutex::new(peer));
         loop {
             tokio::select! {
@@ -839,20 +869,28 @@ impl Cluster {
         }
     }
 
-    /// After a restart with new addresses, update this node's metadata.
-    async fn metadata_loop(self: Arc<Self>, me: NodeMeta) {
+    /// Keep this node's metadata in the cluster state true: after a restart
+    /// with new addresses, or once a 0.0.0.0 listener learns its real IP.
+    async fn metadata_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            match self.store.nodes().get(&me.name) {
-                Some(known) if *known == me => return,
-                None => continue,
-                Some(_) => {
-                    if self.add_member(me.clone()).await.is_ok() {
-                        return;
-                    }
+            let me = self.my_meta();
+            let Some(known) = self.store.nodes().get(&me.name).cloned() else {
+                continue;
+            };
+            if known == me {
+                continue;
+            }
+            // never replace a reachable address with 0.0.0.0
+            if !Self::has_concrete_address(&me) && Self::has_concrete_address(&known) {
+                let port =
+                    |m: &NodeMeta| m.p2p_address.parse::<SocketAddr>().map(|a| a.port()).ok();
+                if port(&known) == port(&me) && known.api_address == me.api_address {
+                    continue;
                 }
             }
+            let _ = self.add_member(me).await;
         }
     }
 }

@@ -316,3 +316,40 @@ async fn a_restarted_node_rejoins_with_its_identity() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_on_0_0_0_0_advertise_the_address_peers_reach_them_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = cfg("a", dir.path(), vec![], None);
+    ca.host = "0.0.0.0".into();
+    let a = Cluster::start(ca).await.unwrap();
+    wait_for("a to lead", Duration::from_secs(5), || {
+        a.status().role == "leader"
+    })
+    .await;
+    let port = a.local_addr().unwrap().port();
+    let mut cb = cfg(
+        "b",
+        dir.path(),
+        vec![format!("127.0.0.1:{port}")],
+        Some(a.join_token()),
+    );
+    cb.host = "0.0.0.0".into();
+    let b = Cluster::start(cb).await.unwrap();
+    let (a2, b2) = (a.clone(), b.clone());
+    wait_for(
+        "concrete addresses everywhere",
+        Duration::from_secs(10),
+        || {
+            [&a2, &b2].iter().all(|n| {
+                let v = n.nodes();
+                v.len() == 2
+                    && v.iter()
+                        .all(|x| x.alive && x.p2p_address.starts_with("127.0.0.1:"))
+            })
+        },
+    )
+    .await;
+    b.stop().await;
+    a.stop().await;
+}
