@@ -14,7 +14,7 @@
 
 mod join;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,6 +113,9 @@ pub fn now_ms() -> u64 {
 
 /// How often the dial loop looks for members without a connection.
 const DIAL_EVERY: Duration = Duration::from_millis(250);
+/// How long a member with a smaller id (which should dial us) may stay
+/// unconnected before we dial it ourselves.
+const FALLBACK_DIAL_AFTER: Duration = Duration::from_secs(3);
 /// A request waiting for the local handler beyond this many is refused (503).
 const INBOUND_QUEUE: usize = 4096;
 /// Bound on any control exchange (join, hello, add member).
@@ -817,10 +820,13 @@ impl Cluster {
     }
 
     /// Dial every member with a larger id that has no connection: one side of
-    /// each pair dials, so there is one connection per pair.
+    /// each pair dials, so there is one connection per pair. A member with a
+    /// smaller id that stays unconnected for [`FALLBACK_DIAL_AFTER`] is dialled
+    /// too: it may hold a stale address for us (we restarted on another port).
     async fn dial_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(DIAL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unconnected_since: HashMap<String, std::time::Instant> = HashMap::new();
         loop {
             tick.tick().await;
             let mut known = self.store.nodes();
@@ -831,9 +837,20 @@ impl Cluster {
                     known.insert(k.clone(), v.clone());
                 }
             }
+            unconnected_since.retain(|k, _| known.contains_key(k));
             for (name, meta) in known {
-                if name.as_str() <= self.cfg.node_id.as_str()
-                    || self.mesh.connection(&name).is_some()
+                if name == self.cfg.node_id {
+                    continue;
+                }
+                if self.mesh.connection(&name).is_some() {
+                    unconnected_since.remove(&name);
+                    continue;
+                }
+                let since = *unconnected_since
+                    .entry(name.clone())
+                    .or_insert_with(std::time::Instant::now);
+                if name.as_str() < self.cfg.node_id.as_str()
+                    && since.elapsed() < FALLBACK_DIAL_AFTER
                 {
                     continue;
                 }

@@ -288,12 +288,12 @@ async fn a_restarted_node_rejoins_with_its_identity() {
         .unwrap();
     let id = nodes[follower].node_id().to_owned();
     let cert_before = std::fs::read(dir.path().join(&id).join("tls/node.pem")).unwrap();
-    let port = nodes[follower].local_addr().unwrap().port();
     nodes[follower].stop().await;
-    // restart with no join list and no token: the data dir is enough
-    let mut c = cfg(&id, dir.path(), vec![], None);
-    c.port = port;
-    let again = Cluster::start(c).await.unwrap();
+    // restart with no join list and no token: the data dir is enough; on a
+    // new port, so peers must learn the new address
+    let again = Cluster::start(cfg(&id, dir.path(), vec![], None))
+        .await
+        .unwrap();
     let a2 = again.clone();
     wait_for(
         "restarted node sees everyone",
