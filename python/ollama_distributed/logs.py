@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import types
 
 from . import env
 
@@ -68,8 +70,20 @@ def setup(level: str = "info") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     set_level(level)
+    # An uncaught exception goes through logging too, so under journald its
+    # traceback lines carry a priority like every other line.
+    sys.excepthook = _log_uncaught
+    threading.excepthook = lambda a: _log_uncaught(a.exc_type, a.exc_value, a.exc_traceback)
     # aiohttp's access log is one line per request; keep it at debug.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None,
+                  tb: types.TracebackType | None) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc or exc_type(), tb)
+        return
+    logging.getLogger("ollama_distributed").critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
 
 def set_level(level: str) -> None:

@@ -233,7 +233,19 @@ class Node:
         interval = self.cfg.scheduler.advert_interval_ms / 1000
         while True:
             self._refresh_local_node()
+            self._publish_status()
             await asyncio.sleep(interval)
+
+    def _publish_status(self) -> None:
+        """systemd's STATUS= follows the state as it changes (`systemctl status` shows it)."""
+        c = self.cluster_status()
+        loaded = ", ".join(m.name for m in self.engine.loaded()) or "none"
+        line = (f"serving on {self.api_url}: {c['role']}, {c.get('peers_connected', 0)} peer(s); "
+                f"loaded: {loaded}; {self.dispatcher.scheduler.total_in_flight()} in flight, "
+                f"{self.dispatcher.requests_total} served")
+        if line != getattr(self, "_last_status", ""):
+            self._last_status = line
+            self.notifier.status(line)
 
     def advert(self) -> dict[str, Any]:
         d = self.dispatcher
