@@ -216,7 +216,7 @@ def status(api: str, verbose: bool, watch: bool, interval: float, as_json: bool)
     color = use_color()
     if not watch:
         sys.exit(_once(api, verbose, as_json, color))
-    tty = click.get_text_stream("stdout").isatty()
+    tty = sys.stdout.isatty()
     try:
         while True:
             if tty and not as_json:
