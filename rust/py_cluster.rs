@@ -282,6 +282,13 @@ impl InboundStream {
 
 /// Register the cluster classes on the `_core` module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Our own events from info up, dependencies' (openraft, quinn) from warn:
+    // joins, refusals and peers going up or down reach journald through the
+    // node's logging; Raft's chatter does not.
+    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter(log::LevelFilter::Warn)
+        .filter_target("_core".to_owned(), log::LevelFilter::Info)
+        .install();
     m.add_class::<Cluster>()?;
     m.add_class::<ForwardStream>()?;
     m.add_class::<InboundStream>()?;
