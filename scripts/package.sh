@@ -79,7 +79,13 @@ rm -rf "$stage"
 mkdir -p "$stage/wheels" "$stage/venv" dist
 # abi3 wheel: built with the dev venv's interpreter so cargo reuses the same
 # build as `make dev`; it loads in any CPython >= 3.11, /usr/bin/python3 too.
-"$bin/maturin" build --release -q -i "$PY" --out "$stage/wheels" >&2
+# Another `maturin develop` in the same tree can race maturin's staging of the
+# library in target/ ("failed to rename ... lib_core.so"): try again.
+for try in 1 2 3; do
+  "$bin/maturin" build --release -q -i "$PY" --out "$stage/wheels" >&2 && break
+  [[ $try == 3 ]] && exit 1
+  echo "maturin build failed (try $try); again in 10 s" >&2; sleep 10
+done
 wheel=$(ls "$stage"/wheels/ollama_distributed-*.whl)
 version=$(basename "$wheel" | cut -d- -f2)
 

@@ -10,6 +10,7 @@ so each failure reads on its own.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -128,6 +129,15 @@ def test_enable_now_reaches_active(guest: Guest) -> None:
     pid = state["MainPID"]
     uid = guest.sh(f"awk '/^Uid:/ {{print $2}}' /proc/{pid}/status").stdout.strip()
     assert guest.run("id", "-u", "ollama-distributed").stdout.strip() == uid
+    # The hardening is in force on the running process, not only in the file.
+    status = guest.run("cat", f"/proc/{pid}/status").stdout
+    assert "NoNewPrivs:\t1" in status and "CapBnd:\t0000000000000000" in status
+    assert "Seccomp:\t2" in status
+    # LimitNOFILE=65536, or the container's own hard cap if that is lower.
+    cap = re.search(r"Max open files\s+\d+\s+(\d+)", guest.run("cat", "/proc/1/limits").stdout)
+    want = min(65536, int(cap.group(1))) if cap else 65536
+    limits = guest.run("cat", f"/proc/{pid}/limits").stdout
+    assert re.search(rf"Max open files\s+{want}\s+{want}", limits), limits
     # StateDirectory= made the data dir, owned by the node's user.
     assert guest.run("stat", "-c", "%U", DATA).stdout.strip() == "ollama-distributed"
 
