@@ -68,6 +68,7 @@ class Dispatcher:
         self.scheduler = _core.Scheduler(node_id, cfg.engine.num_parallel, cfg.engine.max_queue,
                                          cfg.scheduler.stale_after_ms)
         self.remote: Remote | None = None
+        self._upstream_names: list[str] = []
         self._tickets = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[int]] = {}
         self.recent: collections.deque[RequestRecord] = collections.deque(maxlen=RECENT)
@@ -122,7 +123,20 @@ class Dispatcher:
         return True
 
     def local_models(self) -> list[str]:
-        return [n.short for n in self.store.names()] if self.engine.uses_store else []
+        """Models this node can serve, for its advert."""
+        if self.engine.uses_store:
+            return [n.short for n in self.store.names()]
+        return list(self._upstream_names)
+
+    async def refresh_upstream(self) -> None:
+        """Re-read an upstream engine's model list (cached by the engine)."""
+        if self.engine.uses_store:
+            return
+        try:
+            self._upstream_names = [str(m["name"]) for m in await self.engine.list_models()]
+        except OllamaDistributedError as e:
+            logger.warning("cannot list the upstream's models: %s", e)
+            self._upstream_names = []
 
     def is_idle(self, model: str) -> bool:
         return self.scheduler.in_flight(model) == 0 and self.scheduler.in_flight(f"{model}#embed") == 0

@@ -115,6 +115,7 @@ class Node:
         if self.engine.uses_store:
             await asyncio.to_thread(catalog.register_default, self.store, self.cfg.models.default)
         await self.engine.start()
+        await self.dispatcher.refresh_upstream()
         self._refresh_local_node()
         from .api.app import create_app
 
@@ -232,6 +233,7 @@ class Node:
     async def _advertise(self) -> None:
         interval = self.cfg.scheduler.advert_interval_ms / 1000
         while True:
+            await self.dispatcher.refresh_upstream()
             self._refresh_local_node()
             self._publish_status()
             await asyncio.sleep(interval)

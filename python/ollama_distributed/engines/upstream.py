@@ -23,7 +23,7 @@ from .base import CancelToken, InferenceRequest, LoadedModel
 logger = logging.getLogger(__name__)
 
 # The upstream's model list is cached this long so each request doesn't pay a round trip.
-MODELS_TTL = 2.0
+MODELS_TTL = 10.0
 
 
 class _Upstream(abc.ABC):
@@ -37,6 +37,10 @@ class _Upstream(abc.ABC):
         self._models: list[dict[str, Any]] = []
         self._models_at = 0.0
         self._loaded: list[LoadedModel] = []
+        # Requests running at the upstream. llama_cpp.server interrupts a running
+        # completion when any other request arrives (its interrupt_requests
+        # default), so the model list is not re-read while one is in flight.
+        self._active = 0
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -73,16 +77,23 @@ class _Upstream(abc.ABC):
             return OverloadedError(f"upstream is busy: {msg}")
         return EngineError(f"upstream {self.base} answered {resp.status}: {msg}")
 
-    async def _post(self, path: str, body: dict[str, Any], model: str) -> aiohttp.ClientResponse:
+    @contextlib.asynccontextmanager
+    async def _post(self, path: str, body: dict[str, Any], model: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST to the upstream; the response is released and counted out on exit."""
+        self._active += 1
         try:
-            resp = await self.session.post(self.base + path, json=body)
-        except aiohttp.ClientError as e:
-            raise PeerUnavailableError(f"upstream {self.base} unreachable: {e}") from e
-        if resp.status != 200:
-            err = await self._error(resp, model)
-            resp.release()
-            raise err
-        return resp
+            try:
+                resp = await self.session.post(self.base + path, json=body)
+            except aiohttp.ClientError as e:
+                raise PeerUnavailableError(f"upstream {self.base} unreachable: {e}") from e
+            try:
+                if resp.status != 200:
+                    raise await self._error(resp, model)
+                yield resp
+            finally:
+                resp.release()
+        finally:
+            self._active -= 1
 
     async def _get_json(self, path: str) -> Any:
         try:
@@ -108,7 +119,8 @@ class _Upstream(abc.ABC):
         return list(self._loaded)
 
     async def list_models(self) -> list[dict[str, Any]]:
-        if time.monotonic() - self._models_at > MODELS_TTL:
+        busy = self._active > 0 and self._models_at > 0
+        if not busy and time.monotonic() - self._models_at > MODELS_TTL:
             self._models = await self._fetch_models()
             self._models_at = time.monotonic()
         return self._models
@@ -164,40 +176,38 @@ class OpenAIUpstreamEngine(_Upstream):
     ) -> AsyncIterator[dict[str, Any]]:
         t0 = time.perf_counter()
         path, body = self._body(req)
-        resp = await self._post(path, body, req.model)
         first: float | None = None
         reason = "stop"
         usage: dict[str, Any] = {}
         count = 0
         try:
-            async for raw in resp.content:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                try:
-                    event = json.loads(data)
-                except ValueError:
-                    raise EngineError("upstream sent a malformed stream event") from None
-                if event.get("usage"):
-                    usage = event["usage"]
-                for choice in event.get("choices") or []:
-                    text = choice.get("text")
-                    if text is None:
-                        text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        if first is None:
-                            first = time.perf_counter()
-                        count += 1
-                        yield {"text": text}
-                    if choice.get("finish_reason"):
-                        reason = "length" if choice["finish_reason"] == "length" else "stop"
+            async with self._post(path, body, req.model) as resp:
+                async for raw in resp.content:
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        raise EngineError("upstream sent a malformed stream event") from None
+                    if event.get("usage"):
+                        usage = event["usage"]
+                    for choice in event.get("choices") or []:
+                        text = choice.get("text")
+                        if text is None:
+                            text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            if first is None:
+                                first = time.perf_counter()
+                            count += 1
+                            yield {"text": text}
+                        if choice.get("finish_reason"):
+                            reason = "length" if choice["finish_reason"] == "length" else "stop"
         except aiohttp.ClientError as e:
             raise EngineError(f"upstream stream broke: {e}") from e
-        finally:
-            resp.release()
         end = time.perf_counter()
         first = first or end
         yield {
@@ -211,13 +221,12 @@ class OpenAIUpstreamEngine(_Upstream):
 
     async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        resp = await self._post("/v1/embeddings", {"model": req.model, "input": req.input}, req.model)
         try:
-            data = await resp.json(content_type=None)
+            async with self._post("/v1/embeddings", {"model": req.model, "input": req.input},
+                                  req.model) as resp:
+                data = await resp.json(content_type=None)
         except ValueError as e:
             raise EngineError(f"upstream answered invalid JSON: {e}") from e
-        finally:
-            resp.release()
         items = sorted(data.get("data", []), key=lambda d: d.get("index", 0))
         vecs = [list(map(float, d["embedding"])) for d in items]
         if req.normalize:
@@ -265,13 +274,13 @@ class OllamaUpstreamEngine(_Upstream):
         body: dict[str, Any] = {"model": req.model, "prompt": "", "stream": False}
         if req.keep_alive is not None:
             body["keep_alive"] = req.keep_alive
-        resp = await self._post("/api/generate", body, req.model)
-        resp.release()
+        async with self._post("/api/generate", body, req.model):
+            pass
         return time.perf_counter() - t0
 
     async def unload(self, model: str) -> None:
-        resp = await self._post("/api/generate", {"model": model, "keep_alive": 0, "stream": False}, model)
-        resp.release()
+        async with self._post("/api/generate", {"model": model, "keep_alive": 0, "stream": False}, model):
+            pass
 
     async def generate(
         self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
@@ -290,49 +299,45 @@ class OllamaUpstreamEngine(_Upstream):
             for key in ("system", "template", "context"):
                 if getattr(req, key) is not None:
                     body[key] = getattr(req, key)
-        resp = await self._post(path, body, req.model)
         try:
-            async for raw in resp.content:
-                if not raw.strip():
-                    continue
-                try:
-                    chunk = json.loads(raw)
-                except ValueError:
-                    raise EngineError("upstream sent a malformed NDJSON line") from None
-                if "error" in chunk:
-                    raise EngineError(f"upstream: {chunk['error']}")
-                text = chunk.get("response")
-                if text is None:
-                    text = (chunk.get("message") or {}).get("content")
-                if chunk.get("done"):
+            async with self._post(path, body, req.model) as resp:
+                async for raw in resp.content:
+                    if not raw.strip():
+                        continue
+                    try:
+                        chunk = json.loads(raw)
+                    except ValueError:
+                        raise EngineError("upstream sent a malformed NDJSON line") from None
+                    if "error" in chunk:
+                        raise EngineError(f"upstream: {chunk['error']}")
+                    text = chunk.get("response")
+                    if text is None:
+                        text = (chunk.get("message") or {}).get("content")
+                    if chunk.get("done"):
+                        if text:
+                            yield {"text": text}
+                        final = {k: chunk[k] for k in (
+                            "done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+                            "eval_duration", "load_duration", "total_duration", "context") if k in chunk}
+                        final["done"] = True
+                        final.setdefault("done_reason", "stop")
+                        yield final
+                        return
                     if text:
                         yield {"text": text}
-                    final = {k: chunk[k] for k in (
-                        "done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count",
-                        "eval_duration", "load_duration", "total_duration", "context") if k in chunk}
-                    final["done"] = True
-                    final.setdefault("done_reason", "stop")
-                    yield final
-                    return
-                if text:
-                    yield {"text": text}
         except aiohttp.ClientError as e:
             raise EngineError(f"upstream stream broke: {e}") from e
-        finally:
-            resp.release()
         raise EngineError("upstream stream ended without a final chunk")
 
     async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": req.model, "input": req.input, "truncate": req.truncate}
         if req.options:
             body["options"] = req.options
-        resp = await self._post("/api/embed", body, req.model)
         try:
-            data = await resp.json(content_type=None)
+            async with self._post("/api/embed", body, req.model) as resp:
+                data = await resp.json(content_type=None)
         except ValueError as e:
             raise EngineError(f"upstream answered invalid JSON: {e}") from e
-        finally:
-            resp.release()
         vecs = data.get("embeddings") or []
         return {"embeddings": vecs, "prompt_eval_count": int(data.get("prompt_eval_count") or 0),
                 "load_duration": int(data.get("load_duration") or 0),
