@@ -282,12 +282,14 @@ impl InboundStream {
 
 /// Register the cluster classes on the `_core` module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // Our own events from info up, dependencies' (openraft, quinn) from warn:
-    // joins, refusals and peers going up or down reach journald through the
-    // node's logging; Raft's chatter does not.
+    // Our own events from info up, other crates' from warn: joins, refusals
+    // and peers going up or down reach journald through the node's logging.
+    // openraft reports every unreachable peer as an error while a node joins
+    // or is down; we report those transitions ourselves, so it stays quiet.
     let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
         .filter(log::LevelFilter::Warn)
         .filter_target("_core".to_owned(), log::LevelFilter::Info)
+        .filter_target("openraft".to_owned(), log::LevelFilter::Off)
         .install();
     m.add_class::<Cluster>()?;
     m.add_class::<ForwardStream>()?;
