@@ -129,6 +129,10 @@ class Node:
         if self.cfg.api.host not in ("127.0.0.1", "localhost", "::1") and not self.cfg.api.auth_tokens:
             logger.warning("the API listens on %s without api.auth_tokens: anyone who can reach it "
                            "can use it; set api.auth_tokens or bind to 127.0.0.1", self.cfg.api.host)
+        if self.web_url and self.cfg.web.host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("the dashboard listens on %s: anyone who can reach it sees the cluster's state "
+                           "(its playground still needs api.auth_tokens when set); bind web.host to "
+                           "127.0.0.1 and reach it through an SSH tunnel or a proxy", self.cfg.web.host)
         self.ready = True
         self.notifier.ready(f"serving on {self.api_url}")
         self.notifier.start_watchdog()

