@@ -71,7 +71,7 @@ clean:
 # The system tier (tests/system) installs them in an nspawn-booted Debian 12.
 PACKAGE_INPUTS := $(RUST_SRC) pyproject.toml requirements-dev.txt \
 	$(shell find python -type f -not -name '*.so' -not -path '*/__pycache__/*' 2>/dev/null) \
-	$(wildcard systemd/* packaging/* packaging/scripts/*/*) scripts/package.sh
+	$(filter-out %.md,$(wildcard systemd/* packaging/* packaging/scripts/*/*)) scripts/package.sh
 PACKAGE_STAMP := dist/.packaged
 
 $(PACKAGE_STAMP): $(VENV)/.deps $(PACKAGE_INPUTS)
