@@ -27,9 +27,11 @@ $(VENV)/.deps: requirements-dev.txt scripts/llama-wheel.sh Makefile
 
 venv: $(VENV)/.deps
 
-# Build the Rust extension into the venv (editable), removing any stale .so first.
+# Build the Rust extension into the venv (editable). Stale builds under other
+# names (a non-abi3 tag) are removed first; the live _core.abi3.so is replaced
+# in place, so running nodes and tests never see it missing.
 $(CORE_STAMP): $(VENV)/.deps $(RUST_SRC) pyproject.toml
-	rm -f python/ollama_distributed/_core*.so
+	find python/ollama_distributed -maxdepth 1 -name '_core*.so' ! -name '_core.abi3.so' -delete
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH maturin develop --release -q
 	touch $@
 
