@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -181,3 +182,32 @@ def test_nodes_table_and_json(node: NodeProc) -> None:
     data = json.loads(cli("nodes", "--api", node.url, "--json").stdout)
     assert [n["id"] for n in data["nodes"]] == [node_id]
     assert data["nodes"][0]["resources"]["memory_total_bytes"] == psutil.virtual_memory().total
+
+
+def test_a_node_with_auth_tokens(tmp_path: Path) -> None:
+    n = start_node(tmp_path, "--engine", "mock", env={"OLLAMA_DISTRIBUTED_API_AUTH_TOKENS": "t0ken"})
+    try:
+        r = cli("status", "--api", n.url)
+        no_traceback(r)
+        assert r.returncode == 2 and "OLLAMA_DISTRIBUTED_API_TOKEN" in r.stderr
+        ok = cli("status", "--api", n.url, "--verbose", env={"OLLAMA_DISTRIBUTED_API_TOKEN": "t0ken"})
+        assert ok.returncode == 0 and "Overall Status: healthy" in ok.stdout
+        nodes = cli("nodes", "--api", n.url, "--json", env={"OLLAMA_DISTRIBUTED_API_TOKEN": "t0ken"})
+        assert nodes.returncode == 0 and json.loads(nodes.stdout)["nodes"]
+        t = cli("troubleshoot", "--api", n.url, "--json")
+        checks = {c["name"]: c for c in json.loads(t.stdout)["checks"]}
+        assert t.returncode == 1 and "OLLAMA_DISTRIBUTED_API_TOKEN" in checks["Service reachable"]["fix"]
+        # the playground on the web port asks for the same token
+        req = urllib.request.Request(n.web_url + "/api/playground", method="POST",
+                                     data=json.dumps({"model": MODEL, "prompt": "hi"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            raise AssertionError("the playground answered without a token")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+        req.add_header("Authorization", "Bearer t0ken")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read().splitlines()[-1])["done"] is True
+    finally:
+        n.stop()

@@ -199,7 +199,12 @@ def check_ports(ctx: Context) -> list[Check]:
                                   f"stop that process or set {key}.port in {where}, then restart the node"))
         p2p = services.get("p2p")
         if p2p:
-            out.append(passed(f"Port {p2p['port']}/udp (P2P)", "ours: the node's QUIC endpoint"))
+            name = f"Port {p2p['port']}/udp (P2P)"
+            if _port_free("0.0.0.0", int(p2p["port"]), "udp"):
+                out.append(failed(name, "the node says it listens there, but nothing holds the port",
+                                  "restart the node and read its log for the P2P listener's error"))
+            else:
+                out.append(passed(name, f"held: the node's QUIC endpoint ({p2p['url']})"))
         return out or [skipped("Ports", "the node did not say which ports it uses")]
     # Nothing answers: the ports the config asks for must be free for a start.
     wanted = [("API", "api.port", "--api-port", cfg.api.host, cfg.api.port, "tcp")]
