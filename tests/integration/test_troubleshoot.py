@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -232,3 +234,39 @@ def test_unreachable_or_not_a_node(kind: str, home: dict[str, str]) -> None:
     assert service["name"] == "Service reachable" and service["status"] == "fail"
     assert service["fix"]
     assert {c["name"] for c in by_status(data, "skip")} >= {"Peers", "Clock skew"}
+
+
+def test_real_two_node_cluster_then_a_peer_dies(tmp_path: Path, home: dict[str, str]) -> None:
+    from ..conftest import start_node
+
+    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a")
+    b = None
+    try:
+        token = subprocess.run([*CLI, "cluster", "token", "--data-dir", str(a.data_dir)], capture_output=True,
+                               text=True, timeout=60, check=True).stdout.strip()
+        b = start_node(tmp_path, "--engine", "mock", "--join", f"127.0.0.1:{a.p2p_port}", "--token", token,
+                       data_dir=tmp_path / "b")
+        b_id = b.get("/health")["node_id"]  # type: ignore[index]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listed = a.get("/api/distributed/nodes")["nodes"]  # type: ignore[index]
+            if len(listed) == 2 and all(n["status"] == "active" for n in listed):
+                break
+            time.sleep(0.2)
+        code, data, text = troubleshoot("--api", a.url, env=home)
+        assert code == 0, text
+        ok = {c["name"]: c for c in by_status(data, "pass")}
+        assert f"Peer {b_id}" in ok and f":{b.api_port} answers" in ok[f"Peer {b_id}"]["detail"]
+        assert f"Clock skew with {b_id}" in ok
+        assert f"Port {a.p2p_port}/udp (P2P)" in ok
+
+        b.stop(signal.SIGKILL)
+        code, data, _text = troubleshoot("--api", a.url, env=home)
+        assert code == 1
+        bad = only_failure(data, f"Peer {b_id}")
+        assert f":{b.api_port} unreachable" in bad["detail"]
+        assert f"status --api http://localhost:{b.api_port}" in bad["fix"] or b.url in bad["fix"]
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
