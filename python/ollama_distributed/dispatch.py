@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ class RequestRecord:
     tokens: int = 0
     duration: float = 0.0
     ttft: float | None = None
+    started: float = 0.0  # perf_counter at arrival
 
 
 class Dispatcher:
@@ -193,6 +194,26 @@ class Dispatcher:
         if rec.tokens:
             m.generated_tokens.labels(rec.model).inc(rec.tokens)
 
+    @contextlib.contextmanager
+    def _tracked(self, req: InferenceRequest, endpoint: str) -> Iterator[RequestRecord]:
+        """Count one request on every path: its status, duration and tokens."""
+        rec = RequestRecord(at=time.time(), model=str(req.model), endpoint=endpoint, status=200,
+                            node=self.node_id, started=time.perf_counter())
+        try:
+            yield rec
+        except OllamaDistributedError as e:
+            rec.status = e.status
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            rec.status = 499  # client closed the request (nginx's convention)
+            raise
+        except Exception:
+            rec.status = 500
+            raise
+        finally:
+            rec.duration = time.perf_counter() - rec.started
+            self._record(rec)
+
     def keep_alive(self, req: InferenceRequest) -> float | None:
         default = parse_keep_alive(self.cfg.engine.keep_alive)
         if req.keep_alive is None:
@@ -208,10 +229,7 @@ class Dispatcher:
         Errors before the first chunk raise, so the API can still answer with a
         status code; after it they end the stream.
         """
-        t0 = time.perf_counter()
-        rec = RequestRecord(at=time.time(), model=str(req.model), endpoint=endpoint, status=200,
-                            node=self.node_id)
-        try:
+        with self._tracked(req, endpoint) as rec:
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
             keep_alive = self.keep_alive(req)
@@ -223,29 +241,15 @@ class Dispatcher:
                 return
             first = True
             async for chunk in self._run(req, record):
-                if "text" in chunk:
-                    self.text_chunks += 1  # about one per token, counted live for the dashboard
                 if first and "text" in chunk:
-                    rec.ttft = time.perf_counter() - t0
+                    rec.ttft = time.perf_counter() - rec.started
                     first = False
                 if chunk.get("done"):
                     rec.prompt_tokens = int(chunk.get("prompt_eval_count") or 0)
                     rec.tokens = int(chunk.get("eval_count") or 0)
                     if first:
-                        rec.ttft = time.perf_counter() - t0
+                        rec.ttft = time.perf_counter() - rec.started
                 yield chunk
-        except OllamaDistributedError as e:
-            rec.status = e.status
-            raise
-        except asyncio.CancelledError:
-            rec.status = 499  # client closed the request (nginx's convention)
-            raise
-        except Exception:
-            rec.status = 500
-            raise
-        finally:
-            rec.duration = time.perf_counter() - t0
-            self._record(rec)
 
     async def _load_or_unload(self, req: InferenceRequest, record: ModelRecord | None,
                               keep_alive: float | None) -> AsyncIterator[dict[str, Any]]:
@@ -337,10 +341,7 @@ class Dispatcher:
                 await self.engine.unload(req.model)
 
     async def embed(self, req: InferenceRequest, endpoint: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        rec = RequestRecord(at=time.time(), model=str(req.model), endpoint=endpoint, status=200,
-                            node=self.node_id)
-        try:
+        with self._tracked(req, endpoint) as rec:
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
             if self.remote is None:
@@ -349,12 +350,6 @@ class Dispatcher:
                 result = await self._embed_routed(req, record)
             rec.prompt_tokens = int(result.get("prompt_eval_count") or 0)
             return result
-        except OllamaDistributedError as e:
-            rec.status = e.status
-            raise
-        finally:
-            rec.duration = time.perf_counter() - t0
-            self._record(rec)
 
     async def _embed_local(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
         if record is None and self.engine.uses_store:
@@ -378,10 +373,7 @@ class Dispatcher:
     async def handle_inbound(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A request forwarded by a peer: run it here, counted here."""
         req = InferenceRequest.from_dict(request)
-        t0 = time.perf_counter()
-        rec = RequestRecord(at=time.time(), model=str(req.model), endpoint=f"peer:{req.kind}",
-                            status=200, node=self.node_id)
-        try:
+        with self._tracked(req, f"peer:{req.kind}") as rec:
             _, record = await self.resolve(req.model, local_only=True)
             if req.kind == "embed":
                 result = await self._embed_local(req, record)
@@ -393,14 +385,5 @@ class Dispatcher:
                     rec.prompt_tokens = int(chunk.get("prompt_eval_count") or 0)
                     rec.tokens = int(chunk.get("eval_count") or 0)
                 elif rec.ttft is None:
-                    rec.ttft = time.perf_counter() - t0
+                    rec.ttft = time.perf_counter() - rec.started
                 yield chunk
-        except OllamaDistributedError as e:
-            rec.status = e.status
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            rec.status = 499
-            raise
-        finally:
-            rec.duration = time.perf_counter() - t0
-            self._record(rec)
