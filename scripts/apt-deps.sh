@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Debian tools the integration tests drive for real: promtool and a Prometheus
 # server (tests/integration/test_metrics.py) and headless Chromium for the
-# dashboard (test_dashboard.py, through PyPI's playwright with executable_path).
+# dashboard (test_dashboard.py, through PyPI's playwright with executable_path),
+# and a distribution v2 registry for pull and push (test_registry.py).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 need=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || need+=(prometheus)
 [[ -x /usr/bin/chromium ]] || need+=(chromium)
+command -v docker-registry >/dev/null || need+=(docker-registry)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "apt-deps: need root to apt-get install ${need[*]}" >&2

@@ -87,7 +87,7 @@ class SchedulerSection:
 
 @dataclass
 class ModelsSection:
-    default: str = "smollm2:135m"
+    default: str = "smollm2:135m"  # "" registers no bundled model (a node that pulls its models)
     replicas: int = 2
 
 

@@ -112,7 +112,7 @@ class Node:
     async def start(self) -> None:
         self.notifier.status("registering models")
         await asyncio.to_thread(self.store.ensure)
-        if self.engine.uses_store:
+        if self.engine.uses_store and self.cfg.models.default:  # "" means no bundled model
             await asyncio.to_thread(catalog.register_default, self.store, self.cfg.models.default)
         await self.engine.start()
         await self.dispatcher.refresh_upstream()

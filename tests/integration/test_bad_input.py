@@ -131,11 +131,18 @@ def test_create_from_a_non_gguf_blob_is_refused(node: NodeProc) -> None:
     assert post(node, "/api/show", {"model": "junk"})[0] == 404
 
 
-def test_pull_and_push_say_honestly_they_are_not_available(node: NodeProc) -> None:
+def test_pull_and_push_refuse_bad_names_and_unreachable_registries(node: NodeProc) -> None:
     for path in ("/api/pull", "/api/push"):
-        status, _, body = post(node, path, {"model": "llama3"})
-        assert status == 501
-        assert "not available" in body["error"]
+        for hostile in ("../../etc/passwd", "127.0.0.1:1/a/b/c/d", "x:../y", "a/b\\c"):
+            status, _, body = post(node, path, {"model": hostile})
+            assert status == 400, (path, hostile, body)
+            assert "invalid model name" in body["error"]
+        assert post(node, path, {"model": MODEL, "insecure": "yes"})[0] == 400
+    # Nothing listens on port 1: a clear 502 naming the registry, before any status is streamed.
+    status, _, body = post(node, "/api/pull", {"model": "127.0.0.1:1/library/nothing:1"})
+    assert status == 502 and "127.0.0.1:1" in body["error"]
+    status, _, body = post(node, "/api/push", {"model": "127.0.0.1:1/library/never-made:1"})
+    assert status == 404 and "never-made" in body["error"]
 
 
 def test_unknown_route_is_json_404(node: NodeProc) -> None:

@@ -54,8 +54,8 @@ def test_models_commands(node: NodeProc) -> None:
     assert "cli-made:latest" not in names
     r = cli("models", "show", "cli-made", "--api", node.url)
     assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
-    r = cli("models", "pull", "llama3", "--api", node.url)
-    assert r.returncode == 1 and "not available" in r.stderr
+    r = cli("models", "pull", "127.0.0.1:1/library/nothing", "--api", node.url)
+    assert r.returncode == 1 and "cannot reach registry 127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_models_create_from_file_uploads(node: NodeProc, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from .. import __version__
 from ..engines.base import InferenceRequest
 from ..errors import BadRequestError, ModelNotFoundError, NotAvailableError, OllamaDistributedError
-from ..models import catalog, gguf_info, names
+from ..models import catalog, gguf_info, names, registry
 from ..models.fsutil import storage_error
 from ..models.store import ModelRecord
 from .common import collect, error_response, field, iso, now_iso, read_json, stream_lines
@@ -357,17 +357,46 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-async def pull(request: web.Request) -> web.Response:
-    await read_json(request)
-    raise NotAvailableError(
-        "pull is not available yet: this node cannot download from a registry. "
-        "Create the model from a GGUF file instead (POST /api/blobs then /api/create)"
-    )
+async def _transfer(request: web.Request, kind: str) -> web.StreamResponse:
+    """/api/pull and /api/push: Ollama's progress statuses as NDJSON, or one
+    {"status": "success"} with stream false. Errors found before the first
+    status (bad name, model missing in the registry, registry unreachable or
+    answering garbage) keep their HTTP status; later ones end the stream as
+    an {"error": ...} line, as Ollama does."""
+    body = await read_json(request)
+    model = body.get("model") or body.get("name")
+    name = names.parse(model)
+    insecure = field(body, "insecure", bool, False)
+    stream = field(body, "stream", bool, True)
+    node = _node(request)
+    if not node.engine.uses_store:
+        raise NotAvailableError(f"{kind} is not available for models of the {node.engine.kind} upstream")
+    transfer = registry.pull if kind == "pull" else registry.push
+
+    async def source() -> AsyncIterator[dict[str, Any]]:
+        async for event in transfer(node.store, name.short, insecure=insecure):
+            if kind == "pull" and event.get("status") == "success":
+                await node.models_changed()
+            yield event
+
+    if not stream:
+        gen = source()
+        try:
+            async for _ in gen:
+                pass
+        finally:
+            await gen.aclose()
+        return web.json_response({"status": "success"})
+    return await stream_lines(request, source(), _ndjson, NDJSON,
+                              on_error=lambda e: _ndjson({"error": e.message}))
 
 
-async def push(request: web.Request) -> web.Response:
-    await read_json(request)
-    raise NotAvailableError("push is not available yet: this node cannot upload to a registry")
+async def pull(request: web.Request) -> web.StreamResponse:
+    return await _transfer(request, "pull")
+
+
+async def push(request: web.Request) -> web.StreamResponse:
+    return await _transfer(request, "push")
 
 
 # ---- blobs ----------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
     for code in errors:
         op["responses"][str(code)] = {"description": {400: "Bad request", 401: "Unauthorized",
                                       404: "Unknown model", 413: "Body too large",
-                                      501: "Not available", 503: "Busy: see Retry-After"}[code],
+                                      501: "Not available", 502: "Registry unreachable or answered garbage",
+                                      503: "Busy: see Retry-After", 507: "No space left"}[code],
                                       "content": {"application/json": {"schema": _ERR}}}
     if body:
         op["requestBody"] = body
@@ -50,6 +51,8 @@ def spec() -> dict[str, Any]:
                   "stream": {"type": "boolean"}, "format": _FORMAT, "options": _OPTIONS,
                   "keep_alive": _KEEP_ALIVE}, ["model"])
     model_only = _body({"model": {"type": "string"}}, ["model"])
+    transfer = _body({"model": {"type": "string"}, "insecure": {"type": "boolean"},
+                      "stream": {"type": "boolean"}}, ["model"])
     paths: dict[str, Any] = {
         "/": {"get": _op("Liveness text: 'Ollama is running'", errors=()),
               "head": _op("Liveness", errors=())},
@@ -70,8 +73,10 @@ def spec() -> dict[str, Any]:
         "/api/copy": {"post": _op("Copy a model", _body({"source": {"type": "string"},
                       "destination": {"type": "string"}}, ["source", "destination"]), errors=(400, 404))},
         "/api/delete": {"delete": _op("Delete a model", model_only, errors=(400, 404))},
-        "/api/pull": {"post": _op("Pull from a registry (not available yet)", model_only, errors=(400, 501))},
-        "/api/push": {"post": _op("Push to a registry (not available yet)", model_only, errors=(400, 501))},
+        "/api/pull": {"post": _op("Pull from the registry the name's host part names", transfer,
+                                  stream="application/x-ndjson", errors=(400, 404, 502, 507))},
+        "/api/push": {"post": _op("Push to the registry the name's host part names", transfer,
+                                  stream="application/x-ndjson", errors=(400, 404, 502))},
         "/api/tags": {"get": _op("Models available", errors=())},
         "/api/ps": {"get": _op("Models loaded", errors=())},
         "/api/version": {"get": _op("Server version", errors=())},

@@ -1,4 +1,4 @@
-"""`models list|show|ps|create|pull|cp|rm`."""
+"""`models list|show|ps|create|pull|push|cp|rm`."""
 
 from __future__ import annotations
 
@@ -147,13 +147,56 @@ def create(model: str, from_: str | None, gguf: Path | None, system: str | None,
         click.echo(event.get("status", ""))
 
 
+def _transfer(client: Client, path: str, model: str, insecure: bool, verb: str) -> None:
+    """Stream /api/pull or /api/push: one progress bar per layer on stderr, as
+    `ollama pull` draws them, and the other statuses on stdout."""
+    bars: dict[str, Any] = {}
+    shown: dict[str, int] = {}
+    stderr = click.get_text_stream("stderr")
+    try:
+        for event in client.stream(path, {"model": model, "insecure": insecure, "stream": True}):
+            digest, total = event.get("digest"), event.get("total")
+            if digest and total:
+                bar = bars.get(digest)
+                if bar is None:
+                    bar = click.progressbar(length=int(total), label=event.get("status", digest),
+                                            file=stderr, show_pos=False, show_eta=True)
+                    bar.__enter__()
+                    bars[digest] = bar
+                    shown[digest] = 0
+                done = int(event.get("completed") or 0)
+                if done > shown[digest]:
+                    bar.update(done - shown[digest])
+                    shown[digest] = done
+                if done >= int(total):
+                    bar.render_finish()
+                continue
+            for bar in bars.values():
+                bar.render_finish()
+            click.echo(event.get("status", ""))
+    except KeyboardInterrupt:
+        click.echo(f"\n{verb} interrupted; run the same command again to resume "
+                   "(downloaded parts are kept, nothing half-done is visible)", err=True)
+        raise SystemExit(130) from None
+
+
 @models.command("pull")
 @click.argument("model")
+@click.option("--insecure", is_flag=True, help="Allow a plain-HTTP (or unverified TLS) registry.")
 @api_option
-def pull(model: str, api: str) -> None:
-    """Pull MODEL from a registry (POST /api/pull)."""
-    for event in Client(api).stream("/api/pull", {"model": model}):
-        click.echo(event.get("status", ""))
+def pull(model: str, insecure: bool, api: str) -> None:
+    """Pull MODEL from a registry (POST /api/pull); the host part of the name is the
+    registry, e.g. 127.0.0.1:5000/library/smollm2:135m. Resumes an interrupted pull."""
+    _transfer(Client(api), "/api/pull", model, insecure, "pull")
+
+
+@models.command("push")
+@click.argument("model")
+@click.option("--insecure", is_flag=True, help="Allow a plain-HTTP (or unverified TLS) registry.")
+@api_option
+def push(model: str, insecure: bool, api: str) -> None:
+    """Push MODEL to the registry its name names (POST /api/push)."""
+    _transfer(Client(api), "/api/push", model, insecure, "push")
 
 
 @models.command("cp")

@@ -1,0 +1,492 @@
+"""Registry pull and push with Ollama's protocol, against a real distribution v2
+registry (Debian's docker-registry) started here on a free 127.0.0.1 port, and
+against tiny aiohttp registries that misbehave on purpose (garbage, a wrong
+digest, a token realm, a connection cut mid-layer)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ollama
+import pytest
+from aiohttp import ClientSession, web
+
+from ..conftest import CLI, MODEL, NodeProc, free_port, start_node
+
+GGUF_PREFIX = "sha256-b179c952"
+PART_STARTS = {i * 24590608 for i in range(4)}  # the GGUF layer in 4 parts of ceil(98362432 / 4)
+STALL = 8 << 20  # bytes of each part sent before the proxy hangs
+SESSION = web.AppKey("session", ClientSession)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RegistryProc:
+    proc: subprocess.Popen[bytes]
+    port: int
+    root: Path
+    log: Path
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProc]:
+    exe = shutil.which("docker-registry")
+    if exe is None:  # scripts/apt-deps.sh installs it; `make test` runs that first
+        pytest.fail("docker-registry is missing: run scripts/apt-deps.sh (Debian's docker-registry package)")
+    tmp = tmp_path_factory.mktemp("registry")
+    port = free_port()
+    cfg = tmp / "config.yml"
+    cfg.write_text(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {tmp / 'storage'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: test-only\n")
+    log = tmp / "registry.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
+    reg = RegistryProc(proc, port, tmp / "storage", log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"docker-registry did not start:\n{log.read_text()}") from None
+            time.sleep(0.1)
+    yield reg
+    proc.terminate()
+    proc.wait(10)
+
+
+def no_default_node(tmp: Path, *args: str) -> NodeProc:
+    """A node that registers no bundled model, so whatever it has, it pulled."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = tmp / "config.yaml"
+    cfg.write_text('models:\n  default: ""\n')
+    return start_node(tmp, "--config", str(cfg), *args)
+
+
+class Server:
+    """An aiohttp app on a free 127.0.0.1 port, served from a thread of its own."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def statuses(events: list[Any]) -> list[str]:
+    return [e["status"] for e in events]
+
+
+def store_files(node: NodeProc) -> dict[str, bytes]:
+    blobs = node.data_dir / "models" / "blobs"
+    return {p.name: p.read_bytes() for p in blobs.glob("sha256-*")}
+
+
+def tmp_files(node: NodeProc) -> list[str]:
+    return sorted(p.name for p in (node.data_dir / "models" / "tmp").iterdir())
+
+
+def tags(node: NodeProc) -> list[str]:
+    return [m["name"] for m in node.get("/api/tags")["models"]]  # type: ignore[index]
+
+
+def check_progress(events: list[Any], verb: str) -> None:
+    """Every per-layer line is Ollama's shape, and each layer ends complete."""
+    last: dict[str, tuple[int, int]] = {}
+    for e in events:
+        if e.get("digest"):
+            assert e["status"] == f"{verb} {e['digest'][7:19]}", e
+            assert 0 <= e["completed"] <= e["total"], e
+            prev = last.get(e["digest"], (0, e["total"]))
+            assert e["completed"] >= prev[0] and e["total"] == prev[1], (prev, e)
+            last[e["digest"]] = (e["completed"], e["total"])
+    assert last and all(c == t for c, t in last.values()), last
+
+
+# ---- the round trip ---------------------------------------------------------------------------
+
+
+def test_push_then_pull_on_a_fresh_node(node: NodeProc, registry: RegistryProc, tmp_path: Path) -> None:
+    name = f"{registry.host}/library/smollm2:135m"
+    pusher = ollama.Client(host=node.url)
+    pusher.copy(MODEL, name)
+
+    print("=== push without insecure: the plain-HTTP registry is refused clearly")
+    with pytest.raises(ollama.ResponseError) as refused:
+        list(pusher.push(name, stream=True))
+    assert refused.value.status_code == 502
+    assert "does not speak https" in str(refused.value) and "insecure" in str(refused.value)
+
+    print("=== push with insecure")
+    events = [e.model_dump(exclude_none=True) for e in pusher.push(name, insecure=True, stream=True)]
+    s = statuses(events)
+    assert s[0] == "retrieving manifest" and s[-2:] == ["pushing manifest", "success"], s
+    check_progress(events, "pushing")
+    gguf = next(b for b in store_files(node) if b.startswith(GGUF_PREFIX))
+    req = urllib.request.Request(f"http://{registry.host}/v2/library/smollm2/blobs/{gguf.replace('-', ':', 1)}",
+                                 method="HEAD")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert int(r.headers["Content-Length"]) == 98362432
+
+    print("=== a second push finds every blob in place")
+    again = [e.model_dump(exclude_none=True) for e in pusher.push(name, insecure=True, stream=True)]
+    assert statuses(again)[-1] == "success"
+
+    print("=== pull on a fresh node with no model at all")
+    fresh = no_default_node(tmp_path / "puller")
+    try:
+        assert tags(fresh) == []
+        puller = ollama.Client(host=fresh.url)
+        t0 = time.monotonic()
+        events = [e.model_dump(exclude_none=True) for e in puller.pull(name, insecure=True, stream=True)]
+        took = time.monotonic() - t0
+        print(f"pulled 98 MB in {took:.2f}s ({98.4 / took:.0f} MB/s)")
+        s = statuses(events)
+        assert s[0] == "pulling manifest", s
+        assert s[-3:] == ["verifying sha256 digest", "writing manifest", "success"], s
+        check_progress(events, "pulling")
+        assert any(0 < e["completed"] < e["total"] for e in events if e.get("digest")) or took < 1
+
+        print("=== byte-identical blobs and manifest")
+        mine, theirs = store_files(fresh), store_files(node)
+        assert mine and all(theirs[k] == v for k, v in mine.items())
+        manifest = ("manifests", registry.host, "library", "smollm2", "135m")
+        assert (fresh.data_dir / "models").joinpath(*manifest).read_bytes() == \
+            (node.data_dir / "models").joinpath(*manifest).read_bytes()
+        assert tmp_files(fresh) == []
+        assert name in tags(fresh)
+
+        print("=== it generates")
+        out = puller.generate(model=name, prompt="Say hi", options={"num_predict": 4, "seed": 1})
+        assert out.response.strip() and out.done
+
+        print("=== a second pull downloads nothing")
+        again = [e.model_dump(exclude_none=True) for e in puller.pull(name, insecure=True, stream=True)]
+        assert all(e["completed"] == e["total"] for e in again if e.get("digest"))
+
+        print("=== a model the registry does not have is a 404")
+        with pytest.raises(ollama.ResponseError) as missing:
+            list(puller.pull(f"{registry.host}/library/nope:1", insecure=True, stream=True))
+        assert missing.value.status_code == 404 and "not found" in str(missing.value)
+        status, body = post(fresh, "/api/pull", {"model": f"{registry.host}/library/nope:1", "insecure": True,
+                                                 "stream": False})
+        assert status == 404, body
+    finally:
+        fresh.stop()
+        pusher.delete(name)
+
+
+def post(node: NodeProc, path: str, obj: Any) -> tuple[int, Any]:
+    req = urllib.request.Request(node.url + path, data=json.dumps(obj).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw = r.read()
+            return r.status, [json.loads(line) for line in raw.splitlines() if line.strip()]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# ---- interrupted downloads resume ---------------------------------------------------------------
+
+
+@dataclass
+class ProxyState:
+    cut_after: int = 0  # bytes of a blob GET sent before the connection is cut
+    cuts: int = 0  # how many blob GETs to cut
+    stall_after: int = 0  # bytes of a blob GET sent before it hangs (0: never)
+    released: threading.Event = field(default_factory=threading.Event)
+    ranges: list[str] = field(default_factory=list)
+    blob_bytes: int = 0
+
+
+def cutting_proxy(upstream: str, state: ProxyState) -> Server:
+    """Forwards to the registry; cuts or stalls blob downloads as `state` says."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        session = request.app[SESSION]
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("range", "accept", "authorization", "content-type")}
+        body = await request.read()
+        blob = request.method == "GET" and "/blobs/sha256:" in request.path
+        if blob:
+            state.ranges.append(request.headers.get("Range", ""))
+        async with session.request(request.method, f"http://{upstream}{request.path_qs}", headers=headers,
+                                   data=body or None, allow_redirects=False) as up:
+            keep = {k: v for k, v in up.headers.items()
+                    if k.lower() not in ("transfer-encoding", "connection", "date", "server")}
+            resp = web.StreamResponse(status=up.status, headers=keep)
+            await resp.prepare(request)
+            sent = 0
+            cut = blob and state.cuts > 0
+            if cut:
+                state.cuts -= 1
+            async for chunk in up.content.iter_chunked(1 << 16):
+                if cut and sent >= state.cut_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                if blob and state.stall_after and sent >= state.stall_after:
+                    while not state.released.is_set():
+                        await asyncio.sleep(0.05)
+                await resp.write(chunk)
+                sent += len(chunk)
+                if blob:
+                    state.blob_bytes += len(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def session_ctx(app: web.Application) -> Any:
+        app[SESSION] = ClientSession(auto_decompress=False)
+        yield
+        await app[SESSION].close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return Server(app)
+
+
+def pushed(node: NodeProc, registry: RegistryProc, repo: str) -> str:
+    name = f"{registry.host}/library/{repo}"
+    client = ollama.Client(host=node.url)
+    client.copy(MODEL, name)
+    try:
+        assert list(client.push(name, insecure=True, stream=True))[-1].status == "success"
+    finally:
+        client.delete(name)
+    return repo
+
+
+def test_pull_resumes_after_cut_connections_and_an_interrupted_client(
+        node: NodeProc, registry: RegistryProc, tmp_path: Path) -> None:
+    repo = pushed(node, registry, "resumable:1")
+    state = ProxyState(cut_after=4 << 20, cuts=3)
+    proxy = cutting_proxy(registry.host, state)
+    fresh = no_default_node(tmp_path / "puller")
+    name = f"{proxy.host}/library/{repo}"
+    try:
+        print("=== three blob downloads cut after 4 MiB: the pull retries from where each part stopped")
+        events = [e.model_dump(exclude_none=True)
+                  for e in ollama.Client(host=fresh.url).pull(name, insecure=True, stream=True)]
+        assert statuses(events)[-1] == "success"
+        starts = [int(r.removeprefix("bytes=").split("-")[0]) for r in state.ranges if r]
+        assert any(s not in PART_STARTS for s in starts), state.ranges  # resumed mid-part
+        assert state.blob_bytes < 98362432 + (2 << 20), state.blob_bytes  # nothing fetched twice
+        gguf = next(k for k in store_files(fresh) if k.startswith(GGUF_PREFIX))
+        assert hashlib.sha256(store_files(fresh)[gguf]).hexdigest() == gguf[7:]
+        ollama.Client(host=fresh.url).delete(name)
+    finally:
+        fresh.stop()
+        proxy.close()
+
+    print("=== Ctrl-C of `models pull` while the download hangs: nothing visible, the partial stays")
+    state = ProxyState(stall_after=STALL)
+    proxy = cutting_proxy(registry.host, state)
+    fresh = no_default_node(tmp_path / "puller2")
+    name = f"{proxy.host}/library/{repo}"
+    try:
+        cli = subprocess.Popen([*CLI, "models", "pull", "--insecure", name, "--api", fresh.url],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        saved = wait_for(lambda: partial_progress(fresh) >= 4 * STALL, 60)
+        assert saved, (tmp_files(fresh), fresh.log()[-2000:])
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=30)
+        assert cli.returncode == 130, err
+        assert b"interrupted" in err and b"resume" in err and b"Traceback" not in err
+        assert wait_for(lambda: tags(fresh) == [] and not store_files(fresh), 5)
+        left = tmp_files(fresh)
+        assert any(n.endswith(".partial") for n in left) and any(n.endswith(".json") for n in left), left
+
+        print("=== the same pull again resumes from the saved parts")
+        before = state.blob_bytes
+        state.released.set()
+        state.stall_after = 0
+        state.ranges.clear()
+        r = subprocess.run([*CLI, "models", "pull", "--insecure", name, "--api", fresh.url],
+                           capture_output=True, text=True, timeout=300, check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == "success"
+        assert "pulling b179c9523d0e" in r.stderr  # the progress bar's label
+        spans = [tuple(int(v) for v in x.removeprefix("bytes=").split("-")) for x in state.ranges if x]
+        big = [a for a, b in spans if b - a > 1 << 20]  # the model layer's parts, not the config
+        assert len(big) == 4 and not set(big) & PART_STARTS, state.ranges  # each resumed mid-part
+        assert state.blob_bytes - before < 98362432 - 4 * STALL + (2 << 20), (before, state.blob_bytes)
+        assert name in tags(fresh) and tmp_files(fresh) == []
+        gguf = next(k for k in store_files(fresh) if k.startswith(GGUF_PREFIX))
+        assert hashlib.sha256(store_files(fresh)[gguf]).hexdigest() == gguf[7:]
+    finally:
+        state.released.set()
+        fresh.stop()
+        proxy.close()
+
+
+def partial_progress(node: NodeProc) -> int:
+    done = 0
+    for state in (node.data_dir / "models" / "tmp").glob("pull-*.json"):
+        try:
+            done += sum(p[2] for p in json.loads(state.read_text())["parts"])
+        except (ValueError, OSError, KeyError):
+            pass
+    return done
+
+
+def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+# ---- registries that misbehave ---------------------------------------------------------------------
+
+
+def blob_ref(media: str, data: bytes, digest: str | None = None) -> dict[str, Any]:
+    return {"mediaType": media, "digest": digest or "sha256:" + hashlib.sha256(data).hexdigest(),
+            "size": len(data)}
+
+
+@dataclass
+class FakeRegistry:
+    manifests: dict[str, bytes] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    token: str | None = None
+    token_requests: list[dict[str, str]] = field(default_factory=list)
+    garbage: bool = False
+
+    def add(self, repo_tag: str, layer_bytes: bytes, served: bytes | None = None) -> None:
+        config = json.dumps({"model_format": "gguf"}).encode()
+        layer = blob_ref("application/vnd.ollama.image.model", layer_bytes)
+        cfg = blob_ref("application/vnd.docker.container.image.v1+json", config)
+        self.blobs[layer["digest"]] = served if served is not None else layer_bytes
+        self.blobs[cfg["digest"]] = config
+        self.manifests[repo_tag] = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": cfg, "layers": [layer]}).encode()
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if self.garbage:
+                return web.Response(text="<html>this is not a registry</html>", content_type="text/html")
+            if request.path == "/token":
+                self.token_requests.append(dict(request.query))
+                return web.json_response({"token": self.token})
+            if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+                return web.json_response(
+                    {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}, status=401,
+                    headers={"WWW-Authenticate": f'Bearer realm="http://{request.host}/token",'
+                                                 f'service="fake",scope="repository:library/x:pull"'})
+            parts = request.path.split("/")
+            if request.path == "/v2/":
+                return web.json_response({})
+            if len(parts) == 6 and parts[4] == "manifests":
+                data = self.manifests.get(f"{parts[3]}:{parts[5]}")
+                if data is None:
+                    return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+                return web.Response(body=data, content_type="application/vnd.docker.distribution.manifest.v2+json")
+            if len(parts) == 6 and parts[4] == "blobs" and parts[5] in self.blobs:
+                data = self.blobs[parts[5]]
+                rng = request.headers.get("Range", "")
+                if rng.startswith("bytes="):
+                    a, _, b = rng[6:].partition("-")
+                    chunk = data[int(a): int(b) + 1 if b else None]
+                    return web.Response(body=chunk, status=206, headers={
+                        "Content-Range": f"bytes {a}-{int(a) + len(chunk) - 1}/{len(data)}"})
+                return web.Response(body=data)
+            return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+def test_a_registry_answering_garbage_is_a_clear_error(node: NodeProc) -> None:
+    fake = FakeRegistry(garbage=True)
+    server = Server(fake.app())
+    try:
+        with pytest.raises(ollama.ResponseError) as e:
+            list(ollama.Client(host=node.url).pull(f"{server.host}/library/x:1", insecure=True, stream=True))
+        assert e.value.status_code == 502
+        assert "not a manifest" in str(e.value) and "this is not a registry" in str(e.value)
+        assert f"{server.host}/library/x:1" not in tags(node)
+    finally:
+        server.close()
+
+
+def test_a_layer_whose_bytes_do_not_match_its_digest_is_refused(node: NodeProc, tmp_path: Path) -> None:
+    good = b"GGUF" + bytes(range(256)) * 4000
+    claimed = b"GGUF" + bytes((i + 1) % 256 for i in range(256)) * 4000
+    bad = b"GGUF" + bytes(reversed(range(256))) * 4000  # same size as the claimed bytes, other content
+    fake = FakeRegistry(token="t0k3n")
+    fake.add("good:1", good)
+    fake.add("bad:1", claimed, served=bad)
+    server = Server(fake.app())
+    fresh = no_default_node(tmp_path / "puller")
+    client = ollama.Client(host=fresh.url)
+    try:
+        print("=== a registry behind a bearer token realm: the token is fetched for its scope")
+        events = [e.model_dump(exclude_none=True)
+                  for e in client.pull(f"{server.host}/library/good:1", insecure=True, stream=True)]
+        assert statuses(events)[-1] == "success"
+        assert fake.token_requests and fake.token_requests[0] == {
+            "service": "fake", "scope": "repository:library/x:pull"}
+        assert store_files(fresh)["sha256-" + hashlib.sha256(good).hexdigest()] == good
+
+        print("=== wrong bytes for a layer: refused, nothing visible, nothing left behind")
+        with pytest.raises(ollama.ResponseError) as e:
+            list(client.pull(f"{server.host}/library/bad:1", insecure=True, stream=True))
+        assert "digest mismatch" in str(e.value)
+        assert f"{server.host}/library/bad:1" not in tags(fresh)
+        assert "sha256-" + hashlib.sha256(bad).hexdigest() not in store_files(fresh)
+        assert tmp_files(fresh) == []
+        status, body = post(fresh, "/api/pull", {"model": f"{server.host}/library/bad:1", "insecure": True,
+                                                 "stream": False})
+        assert status == 502 and "digest mismatch" in body["error"]
+    finally:
+        fresh.stop()
+        server.close()
