@@ -454,6 +454,24 @@ def test_a_registry_answering_garbage_is_a_clear_error(node: NodeProc) -> None:
         assert e.value.status_code == 502
         assert "not a manifest" in str(e.value) and "this is not a registry" in str(e.value)
         assert f"{server.host}/library/x:1" not in tags(node)
+
+        print("=== manifests that try to climb out of the store, or are not models")
+        fake.garbage = False
+        hostile = {
+            "climb:1": {"schemaVersion": 2, "config": blob_ref("c", b"{}"),
+                        "layers": [{"mediaType": "m", "digest": "sha256:../../../../etc/passwd", "size": 1}]},
+            "negative:1": {"schemaVersion": 2, "layers": [blob_ref("m", b"x") | {"size": -5}]},
+            "index:1": {"schemaVersion": 2, "manifests": [{"digest": "sha256:" + "0" * 64}]},
+            "v1:1": {"schemaVersion": 1, "fsLayers": []},
+        }
+        for tag, manifest in hostile.items():
+            fake.manifests[tag] = json.dumps(manifest).encode()
+        for tag, expected in (("climb:1", "invalid digest"), ("negative:1", "invalid size"),
+                              ("index:1", "manifest list"), ("v1:1", "schemaVersion 1")):
+            status, body = post(node, "/api/pull", {"model": f"{server.host}/library/{tag}", "insecure": True})
+            assert status == 502 and expected in body["error"], (tag, body)
+        assert not [t for t in tags(node) if server.host in t]
+        assert not (node.data_dir / "models" / "manifests" / server.host).exists()
     finally:
         server.close()
 
@@ -490,3 +508,67 @@ def test_a_layer_whose_bytes_do_not_match_its_digest_is_refused(node: NodeProc, 
     finally:
         fresh.stop()
         server.close()
+
+
+# ---- a full disk ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real, small file system: a 160 MB tmpfs (root, as CI and these machines are)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_frees_the_space(
+        node: NodeProc, registry: RegistryProc, small_disk: Path, tmp_path: Path) -> None:
+    repo = pushed(node, registry, "bigger-than-the-disk:1")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text('models:\n  default: ""\n')
+    state = ProxyState(stall_after=STALL)
+    proxy = cutting_proxy(registry.host, state)
+    fresh = start_node(tmp_path, "--config", str(cfg), data_dir=small_disk / "data")
+    client = ollama.Client(host=fresh.url)
+    try:
+        print("=== the disk fills up while the layer downloads: a clear error, the partial removed")
+        events: list[Any] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                events.extend(client.pull(f"{proxy.host}/library/{repo}", insecure=True, stream=True))
+            except Exception as e:  # noqa: BLE001 (whatever it is, the asserts below show it)
+                failure.append(e)
+
+        puller = threading.Thread(target=run)
+        puller.start()
+        assert wait_for(lambda: partial_progress(fresh) >= 4 * STALL, 60), fresh.log()[-2000:]
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:  # take every free byte
+            try:
+                while True:
+                    f.write(bytes(1 << 20))
+            except OSError:
+                pass
+        state.released.set()
+        puller.join(60)
+        assert failure and isinstance(failure[0], ollama.ResponseError), (failure, events)
+        assert "no space left" in str(failure[0]), failure
+        print(f"    {failure[0]}")
+        assert tags(fresh) == [] and not store_files(fresh)
+        assert wait_for(lambda: tmp_files(fresh) == [], 5), tmp_files(fresh)
+
+        print("=== with the filler still there, the next pull is refused before it starts: 507")
+        status, body = post(fresh, "/api/pull", {"model": f"{proxy.host}/library/{repo}", "insecure": True})
+        assert status == 507 and "no space left" in body["error"] and "MB are free" in body["error"], body
+        filler.unlink()
+        assert shutil.disk_usage(small_disk).free > 120_000_000  # the partial's space came back too
+    finally:
+        state.released.set()
+        fresh.stop()
+        proxy.close()

@@ -406,12 +406,6 @@ async def _download(reg: Registry, name: names.ModelName, partial: _Partial) -> 
     """Fill `partial` with parallel Range requests, yielding progress; kept on any exit."""
     fd = partial.open()
     try:
-        need = partial.size - partial.completed
-        free = shutil.disk_usage(partial.data.parent).free
-        if need + DISK_MARGIN > free:
-            raise StorageError(f"no space left for layer sha256:{partial.hex[:12]}: it needs "
-                               f"{need >> 20} MiB more and {max(free - DISK_MARGIN, 0) >> 20} MiB are free; "
-                               "free some disk space")
         url = reg.url(f"{_repo(name)}/blobs/sha256:{partial.hex}")
         short = partial.hex[:12]
         tasks = [asyncio.create_task(_download_part(reg, url, fd, p, partial.size, short))
@@ -465,6 +459,22 @@ def _verify_and_commit(store: Store, partial: _Partial, host: str) -> None:
         partial.state.unlink()
 
 
+def _check_space(store: Store, manifest: dict[str, Any]) -> None:
+    """Refuse a pull that cannot fit before a byte is written (507)."""
+    need = 0
+    for ref in _refs(manifest):
+        hex_digest = names.parse_digest(ref["digest"])
+        if store.has_blob(hex_digest):
+            continue
+        partial = _Partial(store, hex_digest, int(ref["size"]))
+        need += partial.size - sum(p.done for p in (partial._load() or []))
+    free = shutil.disk_usage(store.tmp).free
+    if need + DISK_MARGIN > free:
+        raise StorageError(f"no space left on device for this pull: it needs {need / 1e6:.1f} MB more and "
+                           f"{max(free - DISK_MARGIN, 0) / 1e6:.1f} MB are free in {store.root}; "
+                           "free some disk space")
+
+
 async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
     """Pull a model, yielding Ollama's progress statuses. The manifest is fetched
     before the first status, so a missing model or a bad registry fails with its
@@ -474,6 +484,7 @@ async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
     async with _session() as session:
         reg = Registry(session, name.host, insecure)
         raw, manifest = await fetch_manifest(reg, name)
+        await asyncio.to_thread(_check_space, store, manifest)
         yield {"status": "pulling manifest"}
         fetched: list[_Partial] = []
         for ref in _refs(manifest):
