@@ -67,6 +67,7 @@ def test_status_json_schema_and_true_values(node: NodeProc) -> None:
     old = {m["name"]: m for m in before["models"]}[MODEL]
     assert model["requests"] == old["requests"] + 1
     assert model["loaded"] is True and model["size"] > 90_000_000
+    assert [(n["id"], n["status"], n["local"]) for n in data["nodes"]] == [(data["node"]["id"], "active", True)]
     svc = data["services"]
     assert svc["api"]["port"] == node.api_port and svc["web"]["port"] == node.web_port
     assert svc["api"]["connections"] >= 1  # this very request
@@ -75,7 +76,7 @@ def test_status_json_schema_and_true_values(node: NodeProc) -> None:
 def test_status_verbose_text(node: NodeProc) -> None:
     r = cli("status", "--api", node.url, "--verbose")
     assert r.returncode == 0
-    for needle in ("Resource Usage", f"({psutil.cpu_count()} cores)", "Model Information", MODEL,
+    for needle in ("Resource Usage", "Cluster Nodes", "(this node): active", f"({psutil.cpu_count()} cores)", "Model Information", MODEL,
                    f"listening on :{node.api_port}/tcp", f"listening on :{node.web_port}/tcp", "P2P: "):
         assert needle in r.stdout, (needle, r.stdout)
 

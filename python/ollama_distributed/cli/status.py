@@ -17,6 +17,7 @@ answered, or what answered is not an ollama-distributed node).
     resources       {cpu_percent, cpu_count, memory_used_bytes, memory_total_bytes,
                      memory_percent, disk_used_bytes, disk_total_bytes, disk_percent}
     models          [{name, size, loaded, requests}]
+    nodes           [{id, status, role, address, local}]
     services        {api|web|p2p: {url, port, protocol, connections} or null}
 
 With `--watch --json` one such object is printed per line (NDJSON).
@@ -106,6 +107,9 @@ def collect(api: str, verbose: bool, timeout: float = 5.0) -> dict[str, Any]:
         "disk_total_bytes": r.get("disk_total_bytes"),
         "disk_percent": round(100 * r.get("disk", 0), 1),
     }
+    out["nodes"] = [{"id": n.get("id"), "status": n.get("status"), "role": n.get("role"),
+                     "address": n.get("address"), "local": n.get("id") == health["node_id"]}
+                    for n in nodes if isinstance(n, dict)]
     models = _get_dict(client, "/api/distributed/models", timeout).get("models") or []
     out["models"] = [
         {"name": m.get("name"), "size": m.get("size", 0),
@@ -171,6 +175,11 @@ def render(data: dict[str, Any], color: bool) -> str:
                 state = "loaded" if m["loaded"] else "not loaded"
                 lines.append(f"     {icon} {m['name']} ({human_bytes(m['size'] or 0)}, {state}) - "
                              f"{m['requests']} requests")
+        lines += ["", "🖧  Cluster Nodes"]
+        for cn in data.get("nodes") or []:
+            here = " (this node)" if cn["local"] else ""
+            lines.append(f"   {'🟢' if cn['status'] == 'active' else '🔴'} {cn['id']}{here}: {cn['status']}, "
+                         f"{cn['role']}, {cn['address'] or '-'}")
         lines += ["", "🌐 Network Services"]
         for key, label in (("api", "API"), ("web", "Web"), ("p2p", "P2P")):
             s = (data.get("services") or {}).get(key)
