@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def show(model: str, api: str, as_json: bool) -> None:
 def _upload(client: Client, path: Path) -> str:
     size = path.stat().st_size
     h = hashlib.sha256()
-    with click.progressbar(length=size, label=f"hashing {path.name}", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=size, label=f"hashing {path.name}", file=sys.stderr) as bar:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
@@ -94,7 +95,7 @@ def _upload(client: Client, path: Path) -> str:
     if client.head(f"/api/blobs/{digest}") == 200:
         click.echo(f"using existing blob {digest[:19]}", err=True)
         return digest
-    with click.progressbar(length=size, label=f"uploading {path.name}", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=size, label=f"uploading {path.name}", file=sys.stderr) as bar:
         client.upload(f"/api/blobs/{digest}", str(path), size, bar)
     return digest
 
@@ -152,14 +153,21 @@ def _transfer(client: Client, path: str, model: str, insecure: bool, verb: str) 
     `ollama pull` draws them, and the other statuses on stdout."""
     bars: dict[str, Any] = {}
     shown: dict[str, int] = {}
+    finished: set[str] = set()
     stderr = click.get_text_stream("stderr")
+
+    def finish(digest: str) -> None:
+        if digest not in finished:  # each call ends the bar's line: once per bar
+            finished.add(digest)
+            bars[digest].render_finish()
+
     try:
         for event in client.stream(path, {"model": model, "insecure": insecure, "stream": True}):
             digest, total = event.get("digest"), event.get("total")
             if digest and total:
                 bar = bars.get(digest)
                 if bar is None:
-                    bar = click.progressbar(length=int(total), label=event.get("status", digest),
+                    bar = click.progressbar(length=int(total), label=f"{event.get('status', digest)} {human_bytes(int(total)):>8}",
                                             file=stderr, show_pos=False, show_eta=True)
                     bar.__enter__()
                     bars[digest] = bar
@@ -169,10 +177,10 @@ def _transfer(client: Client, path: str, model: str, insecure: bool, verb: str) 
                     bar.update(done - shown[digest])
                     shown[digest] = done
                 if done >= int(total):
-                    bar.render_finish()
+                    finish(digest)
                 continue
-            for bar in bars.values():
-                bar.render_finish()
+            for d in bars:
+                finish(d)
             click.echo(event.get("status", ""))
     except KeyboardInterrupt:
         click.echo(f"\n{verb} interrupted; run the same command again to resume "
