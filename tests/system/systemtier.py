@@ -159,6 +159,17 @@ class Guest:
         return self.run("journalctl", "-u", UNIT, "--no-pager", "-n", str(lines), *args,
                         check=False).stdout
 
+    def wait_journal(self, text: str, *args: str, timeout: float = 15) -> str:
+        """The unit's journal once it holds text (journald writes asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.journal(*args)
+            if text in log:
+                return log
+            if time.monotonic() > deadline:
+                raise AssertionError(f"[{self.name}] {text!r} not in the journal:\n{log[-3000:]}")
+            time.sleep(0.3)
+
     def journal_json(self, *args: str) -> list[dict[str, object]]:
         out = self.run("journalctl", "-u", UNIT, "--no-pager", "-o", "json", *args).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]

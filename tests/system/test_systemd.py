@@ -168,7 +168,7 @@ def test_reload(guest: Guest) -> None:
     guest.write(CONF, original + "\nbogus_section: {}\n")
     guest.run("systemctl", "reload", UNIT)
     guest.wait_unit(active, 30, "active after a failed reload")
-    assert "reload failed" in guest.journal("-p", "err")
+    guest.wait_journal("reload failed", "-p", "err")
     step("a good config on reload")
     guest.write(CONF, original)
     since = guest.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
@@ -176,7 +176,7 @@ def test_reload(guest: Guest) -> None:
     guest.run("systemctl", "reload", UNIT)
     state = guest.wait_unit(active, 30, "active after reload")
     assert state["MainPID"] == before, "reload must not restart the process"
-    assert "configuration reloaded" in guest.journal("--since", since)
+    guest.wait_journal("configuration reloaded", "--since", since)
     assert json.loads(guest.curl("-f", f"{API}/health").stdout)["status"] == "healthy"
 
 
@@ -202,7 +202,7 @@ def test_watchdog_restarts_a_hung_node(guest: Guest) -> None:
             lambda s: int(s["NRestarts"]) >= restarts + 1 and active(s) and s["MainPID"] != pid,
             120, "a watchdog restart")
         print(f"watchdog restart after {time.monotonic() - t0:.1f} s: {after}")
-        assert "Watchdog timeout" in guest.journal("-n", "100")
+        guest.wait_journal("Watchdog timeout", "-n", "100")
         assert json.loads(guest.curl("-f", f"{API}/health").stdout)["status"] == "healthy"
     finally:
         guest.run("rm", "-f", DROPIN)
@@ -271,14 +271,13 @@ def test_broken_config_fails_fast_and_bounded(guest: Guest) -> None:
         assert int(state["NRestarts"]) <= START_LIMIT_BURST
         time.sleep(3)
         assert guest.show("ActiveState")["ActiveState"] == "failed", "the loop must stay stopped"
-        log = guest.journal("-n", "300")
-        assert "prot" in log, log[-3000:]
-        assert "Start request repeated too quickly" in log
+        guest.wait_journal("api.prot", "-n", "300")
+        guest.wait_journal("Start request repeated too quickly", "-n", "300")
         step("troubleshoot names the bad key")
         t = guest.run("ollama-distributed", "troubleshoot", check=False)
         print(t.stdout[-2000:])
         assert t.returncode != 0
-        assert "prot" in t.stdout + t.stderr
+        assert "api.prot" in t.stdout + t.stderr
     finally:
         guest.write(CONF, original)
     restart_clean(guest)
@@ -292,8 +291,7 @@ def test_unwritable_data_dir_is_reported(guest: Guest) -> None:
         guest.run("systemctl", "reset-failed", UNIT, check=False)
         assert guest.run("systemctl", "restart", UNIT, check=False).returncode != 0
         guest.wait_unit(lambda s: s["ActiveState"] in ("failed", "activating"), 60, "failure")
-        log = guest.journal("-n", "100")
-        assert "/srv/od-data" in log, log[-3000:]
+        guest.wait_journal("/srv/od-data", "-n", "100")
     finally:
         guest.write(CONF, original)
     restart_clean(guest)
