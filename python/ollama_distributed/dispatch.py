@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ RECENT = 50  # requests kept for the dashboard's "recent requests"
 class Remote(Protocol):
     """The cluster's forwarding surface (ClusterService), as the dispatcher uses it."""
 
-    def forward(self, node_id: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    def forward(self, node_id: str, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]: ...
 
 
 @dataclass
@@ -311,7 +311,7 @@ class Dispatcher:
         raise last
 
     async def _local_source(self, req: InferenceRequest,
-                            record: ModelRecord | None) -> AsyncIterator[dict[str, Any]]:
+                            record: ModelRecord | None) -> AsyncGenerator[dict[str, Any], None]:
         if req.kind == "embed":
             yield await self._embed_local(req, record)
             return
@@ -319,7 +319,7 @@ class Dispatcher:
             yield chunk
 
     async def run_local(self, req: InferenceRequest,
-                        record: ModelRecord | None = None) -> AsyncIterator[dict[str, Any]]:
+                        record: ModelRecord | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Run on this node's engine: take a slot, stream, free the slot."""
         if record is None and self.engine.uses_store:
             _, record = await self.resolve(req.model, local_only=True)

@@ -174,8 +174,7 @@ class Node:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; another process may hold "
                               "the port (see `ss -ltnp`), or choose another port") from None
         self._runners.append(runner)
-        sock = site._server.sockets[0] if site._server and site._server.sockets else None  # type: ignore[union-attr]
-        bound = sock.getsockname()[1] if sock else port
+        bound = int(runner.addresses[-1][1]) if runner.addresses else port
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "") else host
         return f"http://{shown}:{bound}"
 
@@ -353,7 +352,7 @@ class Node:
         from .api.common import iso
 
         if self.engine.uses_store:
-            records = await asyncio.to_thread(self.store.list)
+            records = await asyncio.to_thread(self.store.records)
             entries = [{"name": r.name.short, "model": r.name.short, "modified_at": iso(r.modified_at),
                         "size": r.size, "digest": r.digest, "details": r.details} for r in records]
         else:

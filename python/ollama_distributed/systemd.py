@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-import sdnotify
+import sdnotify  # type: ignore[import-untyped]
 
 from . import _core, env
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..errors import OllamaDistributedError, OverloadedError
 from . import cluster, ollama, openai, openapi
@@ -57,7 +58,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(request, 500, "internal server error; see the node's log")
 
 
-def auth_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(node: Node) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         tokens = node.cfg.api.auth_tokens  # read live: SIGHUP can change it

@@ -4,6 +4,7 @@ start fast and print clear errors, not tracebacks)."""
 from __future__ import annotations
 
 import json
+import sys
 import socket
 import urllib.error
 import urllib.request
@@ -26,7 +27,7 @@ class ApiError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = 1, status: int | None = None) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click keeps it per class
         self.status = status
 
 
@@ -151,7 +152,7 @@ def print_json(obj: Any) -> None:
 
 
 def use_color() -> bool:
-    return not env.get(env.NO_COLOR) and click.get_text_stream("stdout").isatty()
+    return not env.get(env.NO_COLOR) and sys.stdout.isatty()
 
 
 

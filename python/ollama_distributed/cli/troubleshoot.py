@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import click
@@ -285,7 +285,7 @@ def _largest_model(data_dir: Path) -> tuple[str, int]:
     store = Store(data_dir / "models")
     biggest = ("", 0)
     with contextlib.suppress(Exception):
-        for rec in store.list():
+        for rec in store.records():
             if rec.size > biggest[1]:
                 biggest = (rec.name.short, rec.size)
     return biggest
@@ -366,7 +366,7 @@ def check_models(ctx: Context) -> list[Check]:
         return [passed(name, f"no model store yet in {ctx.data_dir} (the node creates it on start)")]
     try:
         refs = store.referenced()
-        problems = store.verify()
+        problems = cast("list[tuple[str, str]]", store.verify())
     except OSError as e:
         return [failed(name, f"cannot read the model store {store.root}: {e.strerror}",
                        "fix the data dir's permissions (it belongs to the node's user)")]

@@ -12,7 +12,7 @@ chunks stream to a local client or across QUIC to a peer:
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -87,7 +87,7 @@ class Engine(Protocol):
 
     def generate(
         self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
-    ) -> AsyncIterator[dict[str, Any]]: ...
+    ) -> AsyncGenerator[dict[str, Any], None]: ...
 
     async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]: ...
 

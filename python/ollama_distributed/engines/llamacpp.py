@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,7 +200,7 @@ class LlamaCppEngine:
 
     async def generate(
         self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         assert record is not None
         t_start = time.perf_counter()
         opts = opt.normalise(req.options, record.parameters)

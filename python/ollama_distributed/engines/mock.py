@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ..config import EngineSection
@@ -62,7 +62,7 @@ class MockEngine:
 
     async def generate(
         self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         assert record is not None
         t0 = time.perf_counter()
         self._mark(record)

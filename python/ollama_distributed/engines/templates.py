@@ -151,7 +151,7 @@ def render_prompt(llama: Any, record: ModelRecord, req: InferenceRequest) -> tup
         stop_token_ids=[eos],
     )
     try:
-        result = formatter(messages=msgs)
+        result = formatter(messages=msgs)  # type: ignore[arg-type]
     except Exception as e:
         raise BadRequestError(f"failed to render the chat template: {e}") from e
     stops = [s for s in (result.stop if isinstance(result.stop, list) else [result.stop]) if s]

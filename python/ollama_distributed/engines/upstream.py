@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -173,7 +173,7 @@ class OpenAIUpstreamEngine(_Upstream):
 
     async def generate(
         self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         t0 = time.perf_counter()
         path, body = self._body(req)
         first: float | None = None
@@ -284,7 +284,7 @@ class OllamaUpstreamEngine(_Upstream):
 
     async def generate(
         self, req: InferenceRequest, record: ModelRecord | None, slot: int, cancel: CancelToken
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         body: dict[str, Any] = {"model": req.model, "stream": True, "options": req.options}
         if req.format is not None:
             body["format"] = req.format

@@ -202,7 +202,7 @@ class Store:
         return manifest, data, mtime
 
     def names(self) -> list[names.ModelName]:
-        out = []
+        out: list[names.ModelName] = []
         if not self.manifests.is_dir():
             return out
         for path in self.manifests.glob("*/*/*/*"):
@@ -263,7 +263,7 @@ class Store:
                             rec.parameters = params
         return rec
 
-    def list(self) -> list[ModelRecord]:
+    def records(self) -> list[ModelRecord]:
         out = []
         for name in self.names():
             with contextlib.suppress(ModelNotFoundError):
