@@ -241,6 +241,8 @@ class Dispatcher:
                 return
             first = True
             async for chunk in self._run(req, record):
+                if "text" in chunk:
+                    self.text_chunks += 1  # live, for the dashboard's tokens/s chart (web/app.py)
                 if first and "text" in chunk:
                     rec.ttft = time.perf_counter() - rec.started
                     first = False

@@ -166,7 +166,13 @@ def test_playground_refuses_bad_requests(dash_node: NodeProc, body: Any, headers
     assert json.loads(e.value.read())["error"]
 
 
+def state(node: NodeProc) -> dict[str, Any]:
+    with urllib.request.urlopen(node.web_url + "/api/state", timeout=10) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
 def test_playground_streams_ndjson(dash_node: NodeProc) -> None:
+    before = state(dash_node)["text_chunks"]
     status, raw = post(dash_node.web_url + "/api/playground",
                        {"model": MODEL, "prompt": "Say hello.", "num_predict": 6})
     assert status == 200
@@ -174,6 +180,7 @@ def test_playground_streams_ndjson(dash_node: NodeProc) -> None:
     assert all("text" in m for m in lines[:-1]) and len(lines) >= 3
     assert lines[-1]["done"] is True and 0 < lines[-1]["eval_count"] <= 6
     assert "context" not in lines[-1]
+    assert state(dash_node)["text_chunks"] == before + len(lines) - 1  # the chart's live token count
 
 
 def test_dashboard_page_headers(dash_node: NodeProc) -> None:

@@ -68,7 +68,8 @@ def collect(api: str, verbose: bool, timeout: float = 5.0) -> dict[str, Any]:
     if not isinstance(health.get("node_id"), str) or health.get("status") not in EXIT:
         raise _not_a_node(client, "/health", "not with a node's health (no node_id and status)")
     st = _get_dict(client, "/api/distributed/status", timeout)
-    services = health.get("services") if isinstance(health.get("services"), dict) else {}
+    raw_services = health.get("services")
+    services: dict[str, Any] = raw_services if isinstance(raw_services, dict) else {}
     status = str(health["status"])
     out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

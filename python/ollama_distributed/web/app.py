@@ -11,8 +11,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncGenerator
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -135,7 +136,7 @@ async def playground(request: web.Request) -> web.StreamResponse:
         return _refuse(400, f"num_predict must be a whole number from 1 to {PLAYGROUND_MAX_TOKENS}")
     req = InferenceRequest(kind="chat", model=model, messages=[{"role": "user", "content": prompt}],
                            options={"num_predict": n})
-    chunks = node.dispatcher.stream(req, "/playground")
+    chunks = cast("AsyncGenerator[dict[str, Any], None]", node.dispatcher.stream(req, "/playground"))
     async with contextlib.aclosing(chunks):
         try:
             first = await anext(chunks)
