@@ -8,6 +8,7 @@
 //! pyo3-async-runtimes polls it, since quinn's streams need no reactor.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -170,15 +171,36 @@ impl Cluster {
     ) -> PyResult<Bound<'py, PyAny>> {
         let c = self.running()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let s = runtime()
-                .spawn(async move { c.forward(&node_id, &request).await })
-                .await
-                .map_err(join_err)?
-                .map_err(forward_err)?;
+            // Polled right here: opening a stream needs no reactor, and a hop
+            // to the core's runtime would add a thread wake-up to every request.
+            let s = c.forward(&node_id, &request).await.map_err(forward_err)?;
             Ok(ForwardStream {
                 inner: Arc::new(tokio::sync::Mutex::new(Some(s))),
             })
         })
+    }
+
+    /// The same as `forward` when it completes at once (the usual case: a
+    /// stream opens and the request is buffered without waiting), saving a
+    /// trip through the event loop; None when it would have to wait.
+    fn forward_now(&self, node_id: &str, request: Vec<u8>) -> PyResult<Option<ForwardStream>> {
+        use std::future::Future;
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Noop;
+        impl Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let c = self.running()?;
+        let _rt = runtime().enter();
+        let mut fut = std::pin::pin!(c.forward(node_id, &request));
+        let waker = Waker::from(Arc::new(Noop));
+        match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(Ok(s)) => Ok(Some(ForwardStream {
+                inner: Arc::new(tokio::sync::Mutex::new(Some(s))),
+            })),
+            Poll::Ready(Err(e)) => Err(forward_err(e)),
+            Poll::Pending => Ok(None),
+        }
     }
 
     /// The next forwarded request: (request bytes, caller id, InboundStream),
@@ -186,10 +208,7 @@ impl Cluster {
     fn next_inbound<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let c = self.running()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let i = runtime()
-                .spawn(async move { c.next_inbound().await })
-                .await
-                .map_err(join_err)?;
+            let i = c.next_inbound().await;
             Ok(i.map(|i| (i.request.to_vec(), i.from, InboundStream { reply: i.reply })))
         })
     }
@@ -204,25 +223,24 @@ pub struct ForwardStream {
 
 #[pymethods]
 impl ForwardStream {
-    /// The chunks received so far (at least one), or None at the end.
+    /// `(chunks, done)`: the chunks received so far (at least one unless
+    /// done), and whether the stream has ended, so the end costs no extra call.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let inner = self.inner.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let mut g = inner.lock().await;
-            let Some(s) = g.as_mut() else { return Ok(None) };
+            let Some(s) = g.as_mut() else {
+                return Ok((Vec::new(), true));
+            };
             let mut out = Vec::new();
-            let res = s.next_batch(&mut out).await;
-            match res {
-                // `more` is true only with at least one chunk in `out`
+            match s.next_batch(&mut out).await {
                 Ok(more) => {
                     if !more {
                         *g = None;
                     }
-                    if out.is_empty() {
-                        return Ok(None);
-                    }
-                    Ok(Some(
+                    Ok((
                         out.into_iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                        !more,
                     ))
                 }
                 Err(e) => {
@@ -281,16 +299,51 @@ impl InboundStream {
 }
 
 /// Register the cluster classes on the `_core` module.
+/// Python's logging is called only while this is set; `stop_logging()`
+/// clears it at interpreter exit, so no core thread calls into a finalizing
+/// interpreter (which aborts the process).
+static PY_LOGGING: AtomicBool = AtomicBool::new(true);
+
+struct GuardedLogger(pyo3_log::Logger);
+
+impl log::Log for GuardedLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        PY_LOGGING.load(Ordering::Acquire) && self.0.enabled(m)
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if PY_LOGGING.load(Ordering::Acquire) {
+            self.0.log(r)
+        }
+    }
+    fn flush(&self) {
+        if PY_LOGGING.load(Ordering::Acquire) {
+            self.0.flush()
+        }
+    }
+}
+
+/// Stop handing core log records to Python (registered with atexit).
+#[pyfunction]
+fn stop_logging() {
+    PY_LOGGING.store(false, Ordering::Release);
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // One runtime for the core and for awaitables handed to Python, so a
+    // packet's wake-up reaches the Python future without another thread hop.
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime());
     // Our own events from info up, other crates' from warn: joins, refusals
     // and peers going up or down reach journald through the node's logging.
     // openraft reports every unreachable peer as an error while a node joins
     // or is down; we report those transitions ourselves, so it stays quiet.
-    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
         .filter(log::LevelFilter::Warn)
         .filter_target("_core".to_owned(), log::LevelFilter::Info)
-        .filter_target("openraft".to_owned(), log::LevelFilter::Off)
-        .install();
+        .filter_target("openraft".to_owned(), log::LevelFilter::Off);
+    if log::set_boxed_logger(Box::new(GuardedLogger(logger))).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+    m.add_function(wrap_pyfunction!(stop_logging, m)?)?;
     m.add_class::<Cluster>()?;
     m.add_class::<ForwardStream>()?;
     m.add_class::<InboundStream>()?;

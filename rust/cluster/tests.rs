@@ -353,3 +353,22 @@ async fn nodes_on_0_0_0_0_advertise_the_address_peers_reach_them_at() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Rust-only forward round trip; `cargo test --release -- --ignored --nocapture rtt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn rtt() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three(dir.path()).await;
+    serve(nodes[2].clone(), Arc::new(AtomicU64::new(0)));
+    let mut times = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        let mut s = nodes[0].forward("c", br#"{"n":1}"#).await.unwrap();
+        let mut got = Vec::new();
+        while s.next_batch(&mut got).await.unwrap() {}
+        times.push(t.elapsed().as_micros());
+    }
+    times.sort();
+    eprintln!("rust-only forward round trip: p50 {} us p99 {} us", times[1000], times[1980]);
+}

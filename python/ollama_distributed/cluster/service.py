@@ -10,10 +10,11 @@ chunks as opaque bytes.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import pathlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .. import _core
@@ -27,6 +28,12 @@ InboundHandler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 # four times within it, so a lost packet or two never drops a healthy peer; a
 # node killed with -9 shows as down about this long after its last packet.
 DEFAULT_FAILURE_TIMEOUT_S = 2.0
+# A forwarded request still running after this long starts watching for the
+# caller's cancellation (a future per request is measurable at zero delay).
+WATCH_AFTER_S = 0.002
+
+# No core thread may call into Python's logging once the interpreter exits.
+atexit.register(_core.stop_logging)
 
 
 class ClusterService:
@@ -108,7 +115,7 @@ class ClusterService:
     def set_inbound_handler(self, handler: InboundHandler) -> None:
         self._handler = handler
 
-    async def forward(self, node_id: str, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def forward(self, node_id: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run `request` on `node_id` and yield its chunks as they arrive.
 
         Closing or abandoning the iterator cancels the work at the peer. A peer
@@ -116,12 +123,12 @@ class ClusterService:
         chunk was yielded); a peer's own error is raised as the same error
         class and status it would have had locally.
         """
-        stream = await self._core.forward(node_id, json.dumps(request, separators=(",", ":")).encode())
+        body = json.dumps(request, separators=(",", ":")).encode()
+        stream = self._core.forward_now(node_id, body) or await self._core.forward(node_id, body)
         try:
-            while True:
-                batch = await stream.recv()
-                if batch is None:
-                    return
+            done = False
+            while not done:
+                batch, done = await stream.recv()
                 for chunk in batch:
                     yield json.loads(chunk)
         finally:
@@ -142,13 +149,21 @@ class ClusterService:
             reply.error(503, "this node does not serve forwarded requests yet")
             return
         me = asyncio.current_task()
-        watcher = asyncio.ensure_future(reply.cancelled())
+        watcher: asyncio.Future[Any] | None = None
 
         def on_cancel(f: asyncio.Future[Any]) -> None:
             if not f.cancelled() and me is not None and not me.done():
                 me.cancel()
 
-        watcher.add_done_callback(on_cancel)
+        def watch() -> None:
+            nonlocal watcher
+            watcher = asyncio.ensure_future(reply.cancelled())
+            watcher.add_done_callback(on_cancel)
+
+        # Most forwarded requests that finish at once never need a watcher;
+        # one that runs longer gets it after WATCH_AFTER_S. Until then a
+        # cancelled caller is seen by send() returning False.
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
         try:
             request = json.loads(raw)
             agen = self._handler(request)
@@ -171,7 +186,9 @@ class ClusterService:
             logger.exception("forwarded request from %s failed", caller)
             reply.error(EngineError.status, str(e) or type(e).__name__)
         finally:
-            watcher.cancel()
+            timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
 
 __all__ = ["ClusterService", "PeerUnavailableError"]
