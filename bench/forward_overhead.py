@@ -124,7 +124,7 @@ async def concurrent(node: Node, streams: int, tokens: int) -> tuple[int, int, f
             data = await asyncio.wait_for(reader.read(-1), 120)
             writer.close()
             return data.startswith(b"HTTP/1.1 200") and b'"done": true' in data or b'"done":true' in data
-        except (OSError, asyncio.TimeoutError):
+        except (OSError, TimeoutError):
             return False
 
     t = time.perf_counter()
@@ -163,7 +163,7 @@ async def core_relay(tmp: pathlib.Path, tokens: int, requests: int) -> tuple[flo
     logging.basicConfig(level=logging.ERROR)
 
     port = free_port(socket.SOCK_DGRAM)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--data",
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--data",  # noqa: ASYNC220
                                str(tmp / "relay-b")], stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline() if server.stdout else ""
