@@ -357,9 +357,8 @@ def _progress(hex_digest: str, total: int, completed: int, verb: str = "pulling"
 async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, total: int,
                          short: str) -> None:
     last: BaseException | None = None
-    for attempt in range(RETRIES + 1):
-        if part.done >= part.size:
-            return
+    failures = 0  # in a row without progress: a flaky link that keeps moving never gives up
+    while part.done < part.size:
         start, end = part.offset + part.done, part.offset + part.size - 1
         try:
             resp = await reg.request("GET", url, headers={"Range": f"bytes={start}-{end}"})
@@ -392,14 +391,15 @@ async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, tot
                     part.done += len(chunk)
             if part.done < part.size:
                 raise aiohttp.ClientPayloadError(f"connection closed after {part.done} of {part.size} bytes")
-            return
         except (TimeoutError, aiohttp.ClientError) as e:
             last = e
-            logger.info("layer sha256:%s part at %d: attempt %d failed (%s), retrying", short,
-                        part.offset, attempt + 1, _reason(e))
-            await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
-    raise RegistryError(f"downloading layer sha256:{short}… from {reg.host} failed after "
-                        f"{RETRIES + 1} attempts: {_reason(last or Exception())}")
+            failures = 1 if part.offset + part.done > start else failures + 1
+            if failures > RETRIES:
+                raise RegistryError(f"downloading layer sha256:{short}… from {reg.host} failed {failures} "
+                                    f"times in a row: {_reason(last)}") from None
+            logger.info("layer sha256:%s part at %d: %s; retrying from byte %d", short, part.offset,
+                        _reason(e), part.offset + part.done)
+            await asyncio.sleep(min(0.25 * 2 ** (failures - 1), 4.0))
 
 
 async def _download(reg: Registry, name: names.ModelName, partial: _Partial) -> AsyncIterator[dict[str, Any]]:
