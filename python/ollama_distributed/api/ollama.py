@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -373,7 +373,7 @@ async def _transfer(request: web.Request, kind: str) -> web.StreamResponse:
         raise NotAvailableError(f"{kind} is not available for models of the {node.engine.kind} upstream")
     transfer = registry.pull if kind == "pull" else registry.push
 
-    async def source() -> AsyncIterator[dict[str, Any]]:
+    async def source() -> AsyncGenerator[dict[str, Any], None]:
         async for event in transfer(node.store, name.short, insecure=insecure):
             if kind == "pull" and event.get("status") == "success":
                 await node.models_changed()

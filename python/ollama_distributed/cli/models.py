@@ -154,7 +154,7 @@ def _transfer(client: Client, path: str, model: str, insecure: bool, verb: str) 
     bars: dict[str, Any] = {}
     shown: dict[str, int] = {}
     finished: set[str] = set()
-    stderr = click.get_text_stream("stderr")
+    stderr = sys.stderr
 
     def finish(digest: str) -> None:
         if digest not in finished:  # each call ends the bar's line: once per bar
