@@ -39,7 +39,7 @@ if [[ "${1:-}" == --inside ]]; then
   # and llama_cpp/lib, which is the copy it loads), each as three copies for the
   # soname links a wheel cannot hold: keep one file and link the rest (-50 MB).
   site=$("$dest/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-  rm -rf "$site/lib" "$site/include" "$site/bin"
+  rm -rf "${site:?}/lib" "${site:?}/include" "${site:?}/bin"
   for f in "$site"/llama_cpp/lib/lib*.so.*.*; do
     [[ -e $f ]] || continue
     base=${f##*/}; stem=${base%%.so.*}; major=${base#"$stem".so.}; major=${major%%.*}
