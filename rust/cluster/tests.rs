@@ -370,5 +370,8 @@ async fn rtt() {
         times.push(t.elapsed().as_micros());
     }
     times.sort();
-    eprintln!("rust-only forward round trip: p50 {} us p99 {} us", times[1000], times[1980]);
+    eprintln!(
+        "rust-only forward round trip: p50 {} us p99 {} us",
+        times[1000], times[1980]
+    );
 }
