@@ -6,6 +6,7 @@ digest, a token realm, a connection cut mid-layer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ollama
 import pytest
 from aiohttp import ClientSession, web
@@ -358,6 +360,53 @@ def test_pull_resumes_after_cut_connections_and_an_interrupted_client(
         assert name in tags(fresh) and tmp_files(fresh) == []
         gguf = next(k for k in store_files(fresh) if k.startswith(GGUF_PREFIX))
         assert hashlib.sha256(store_files(fresh)[gguf]).hexdigest() == gguf[7:]
+    finally:
+        state.released.set()
+        fresh.stop()
+        proxy.close()
+
+
+def test_pull_resumes_after_the_node_is_killed(node: NodeProc, registry: RegistryProc, tmp_path: Path) -> None:
+    repo = pushed(node, registry, "survives-kill:1")
+    state = ProxyState(stall_after=STALL)
+    proxy = cutting_proxy(registry.host, state)
+    fresh = no_default_node(tmp_path / "puller")
+    name = f"{proxy.host}/library/{repo}"
+    try:
+        print("=== kill -9 the node while the layer downloads")
+        def doomed_pull() -> None:
+            with contextlib.suppress(ollama.ResponseError, httpx.HTTPError):  # the node dies under it
+                list(ollama.Client(host=fresh.url).pull(name, insecure=True, stream=True))
+
+        puller = threading.Thread(target=doomed_pull)
+        puller.start()
+        assert wait_for(lambda: partial_progress(fresh) >= 4 * STALL, 60), fresh.log()[-2000:]
+        fresh.stop(signal.SIGKILL)
+        puller.join(30)
+        saved = partial_progress(fresh)
+
+        print("=== restarted on the same data dir: nothing visible, the partial kept")
+        fresh = start_node(tmp_path / "puller", "--config", str(tmp_path / "puller" / "config.yaml"),
+                           data_dir=fresh.data_dir)
+        assert tags(fresh) == [] and not store_files(fresh)
+        assert partial_progress(fresh) == saved >= 4 * STALL
+
+        print("=== the pull resumes from the saved parts")
+        state.released.set()
+        state.stall_after = 0
+        state.ranges.clear()
+        before = state.blob_bytes
+        events = [e.model_dump(exclude_none=True)
+                  for e in ollama.Client(host=fresh.url).pull(name, insecure=True, stream=True)]
+        assert statuses(events)[-1] == "success"
+        first = next(e for e in events if e.get("digest", "").startswith("sha256:b179"))
+        assert first["completed"] == saved, first  # progress starts where the saved parts stopped
+        spans = [tuple(int(v) for v in x.removeprefix("bytes=").split("-")) for x in state.ranges if x]
+        assert not {a for a, b in spans if b - a > 1 << 20} & PART_STARTS, state.ranges
+        assert state.blob_bytes - before < 98362432 - saved + (2 << 20)
+        gguf = next(k for k in store_files(fresh) if k.startswith(GGUF_PREFIX))
+        assert hashlib.sha256(store_files(fresh)[gguf]).hexdigest() == gguf[7:]
+        assert name in tags(fresh) and tmp_files(fresh) == []
     finally:
         state.released.set()
         fresh.stop()
