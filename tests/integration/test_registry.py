@@ -413,6 +413,40 @@ def test_pull_resumes_after_the_node_is_killed(node: NodeProc, registry: Registr
         proxy.close()
 
 
+def test_two_pulls_of_one_model_download_it_once(node: NodeProc, registry: RegistryProc, tmp_path: Path) -> None:
+    repo = pushed(node, registry, "wanted-twice:1")
+    state = ProxyState(stall_after=STALL)
+    proxy = cutting_proxy(registry.host, state)
+    fresh = no_default_node(tmp_path / "puller")
+    name = f"{proxy.host}/library/{repo}"
+    results: list[list[Any]] = []
+
+    def pull() -> None:
+        results.append(list(ollama.Client(host=fresh.url).pull(name, insecure=True, stream=True)))
+
+    try:
+        first = threading.Thread(target=pull)
+        first.start()
+        assert wait_for(lambda: partial_progress(fresh) >= 4 * STALL, 60), fresh.log()[-2000:]
+        second = threading.Thread(target=pull)
+        second.start()
+        time.sleep(1)
+        big = [r for r in state.ranges if r and not r.endswith("-275")]
+        assert len(big) == 4, state.ranges  # the second pull waits; it does not fetch the layer again
+        state.released.set()
+        first.join(120)
+        second.join(120)
+        assert len(results) == 2 and all(r[-1].status == "success" for r in results)
+        assert len([r for r in state.ranges if r and not r.endswith("-275")]) == 4, state.ranges
+        gguf = next(k for k in store_files(fresh) if k.startswith(GGUF_PREFIX))
+        assert hashlib.sha256(store_files(fresh)[gguf]).hexdigest() == gguf[7:]
+        assert tmp_files(fresh) == []
+    finally:
+        state.released.set()
+        fresh.stop()
+        proxy.close()
+
+
 def partial_progress(node: NodeProc) -> int:
     done = 0
     for state in (node.data_dir / "models" / "tmp").glob("pull-*.json"):

@@ -345,7 +345,8 @@ class _Partial:
 
 
 # One download per blob at a time on this node: two pulls sharing a layer wait
-# for each other rather than writing the same partial file.
+# for each other rather than writing the same partial file. Keyed by the
+# partial's path, so each store (data dir) has its own.
 _blob_locks: dict[Path, asyncio.Lock] = {}
 
 
@@ -492,28 +493,33 @@ async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
         raw, manifest = await fetch_manifest(reg, name)
         await asyncio.to_thread(_check_space, store, manifest)
         yield {"status": "pulling manifest"}
-        fetched: list[_Partial] = []
-        for ref in _refs(manifest):
-            hex_digest, size = names.parse_digest(ref["digest"]), int(ref["size"])
-            partial = _Partial(store, hex_digest, size)
-            lock = _blob_locks.setdefault(partial.data, asyncio.Lock())
-            async with lock:
+        refs = _refs(manifest)
+        async with contextlib.AsyncExitStack() as held:
+            # Each layer is downloaded by one pull at a time, from download to
+            # commit; locks are taken in digest order, so pulls sharing layers
+            # never wait on each other in a circle.
+            for hex_digest in sorted(names.parse_digest(r["digest"]) for r in refs):
+                lock = _blob_locks.setdefault(store.tmp / f"pull-{hex_digest}", asyncio.Lock())
+                await held.enter_async_context(lock)
+            fetched: list[_Partial] = []
+            for ref in refs:
+                hex_digest, size = names.parse_digest(ref["digest"]), int(ref["size"])
                 if store.has_blob(hex_digest):
                     yield _progress(hex_digest, size, size)
                     continue
+                partial = _Partial(store, hex_digest, size)
                 try:
                     async for event in _download(reg, name, partial):
                         yield event
                 except (TimeoutError, aiohttp.ClientError) as e:
                     raise RegistryError(f"registry {name.host}: {_reason(e)}") from None
                 fetched.append(partial)
-        yield {"status": "verifying sha256 digest"}
-        for partial in fetched:
-            if not store.has_blob(partial.hex):
+            yield {"status": "verifying sha256 digest"}
+            for partial in fetched:
                 await _verify_and_commit(store, partial, name.host)
         yield {"status": "writing manifest"}
         await asyncio.to_thread(atomic_write, store.manifest_path(name), raw)
-        logger.info("pulled %s (%d layers, manifest sha256:%s)", name.short, len(_refs(manifest)),
+        logger.info("pulled %s (%d layers, manifest sha256:%s)", name.short, len(refs),
                     hashlib.sha256(raw).hexdigest()[:12])
         yield {"status": "success"}
 
