@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,16 @@ def test_discard_removes_both_files(store: Store) -> None:
     p.state.write_text("{}")
     p.discard()
     assert list(store.tmp.iterdir()) == []
+
+
+def test_a_restart_keeps_recent_partials_and_drops_week_old_ones(store: Store) -> None:
+    recent, old = _Partial(store, HEX, 10), _Partial(store, "cd" * 32, 10)
+    for p in (recent, old):
+        p.data.write_bytes(b"x")
+        p.save()
+    week = time.time() - 8 * 86400
+    for path in (old.data, old.state):
+        os.utime(path, (week, week))
+    store.ensure()
+    assert recent.data.exists() and recent.state.exists()
+    assert not old.data.exists() and not old.state.exists()

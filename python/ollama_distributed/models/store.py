@@ -35,6 +35,7 @@ SYSTEM_MEDIA = "application/vnd.ollama.image.system"
 PARAMS_MEDIA = "application/vnd.ollama.image.params"
 LICENSE_MEDIA = "application/vnd.ollama.image.license"
 CHUNK = 1 << 20
+PULL_PARTIAL_MAX_AGE = 7 * 86400.0
 
 
 def sha256_file(path: Path) -> str:
@@ -89,6 +90,13 @@ class Store:
         for leftover in self.tmp.glob("upload-*"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        # An interrupted registry pull (models/registry.py) keeps its parts to
+        # resume; one nobody came back for in a week only holds disk.
+        now = time.time()
+        for partial in self.tmp.glob("pull-*"):
+            with contextlib.suppress(OSError):
+                if now - partial.stat().st_mtime > PULL_PARTIAL_MAX_AGE:
+                    partial.unlink()
 
     # ---- blobs -----------------------------------------------------------------
 
