@@ -14,6 +14,10 @@ packages=(systemd systemd-sysv dbus iproute2 ca-certificates procps curl
           python3 libgomp1 libstdc++6 libgcc-s1)
 stamp="bookworm minbase ${packages[*]}"
 
+# Concurrent runs (two clones, or CI beside a developer) build it once.
+mkdir -p "$(dirname "$dir")"
+exec 9>"$dir.lock"
+flock 9
 if [[ -f "$dir/.rootfs-stamp" && "$(cat "$dir/.rootfs-stamp")" == "$stamp" ]]; then
   exit 0
 fi
