@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,13 @@ def get(url: str, token: str | None = None) -> int:
         return e.code
 
 
+def status_of(node: NodeProc, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(node.url + "/api/distributed/status", headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
 def open_ws(node: NodeProc) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", node.web_port), timeout=10)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -107,6 +115,9 @@ def test_notify_lifecycle(notify: NotifySocket, tmp_path: Path) -> None:
         # === READY=1 only once the API answers, after the models are registered
         ready = notify.wait(lambda m: m.get("READY") == "1")
         assert get(node.url + "/health/ready") == 200
+        # the P2P listener is bound too
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(OSError):
+            udp.bind(("0.0.0.0", node.p2p_port))
         before = [m for _, m in notify.messages[:ready]]
         assert {"STATUS": "registering models"} in before
         assert notify.messages[ready][1]["STATUS"].startswith("serving on http://")
@@ -132,7 +143,8 @@ def test_notify_lifecycle(notify: NotifySocket, tmp_path: Path) -> None:
         open_ws(node).close()
         time.sleep(0.3)
         assert "dashboard client" not in node.log()  # info level: no debug lines yet
-        cfg.write_text("logging: {level: debug}\napi: {auth_tokens: [s3cret]}\n")
+        assert status_of(node)["scheduler_stats"]["num_parallel"] == 1
+        cfg.write_text("logging: {level: debug}\napi: {auth_tokens: [s3cret]}\nengine: {num_parallel: 2}\n")
         mark = len(notify.messages)
         node.proc.send_signal(signal.SIGHUP)
         reloading = notify.wait(lambda m: m.get("RELOADING") == "1", after=mark)
@@ -141,6 +153,7 @@ def test_notify_lifecycle(notify: NotifySocket, tmp_path: Path) -> None:
         assert get(node.url + "/api/tags") == 401
         assert get(node.url + "/api/tags", token="s3cret") == 200
         assert get(node.url + "/health/ready") == 200  # probes stay open
+        assert status_of(node, "s3cret")["scheduler_stats"]["num_parallel"] == 2  # a scheduler knob
         open_ws(node).close()
         deadline = time.monotonic() + 5
         while "dashboard client" not in node.log() and time.monotonic() < deadline:
