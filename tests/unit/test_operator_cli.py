@@ -3,6 +3,7 @@ colour rules, port probing, clock reading, and robustness to partial data."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -86,3 +87,17 @@ def test_clock_reading() -> None:
     with serve(node_routes("node-z", clock_offset=-42.0)) as url:
         skew, rtt = troubleshoot._clock(url)
     assert -42.5 < skew < -41.5 and 0 <= rtt < 1
+
+
+def test_unhealthy_node_answers_503_and_is_exit_1() -> None:
+    routes = node_routes("node-sick")
+    body = json.dumps({"status": "unhealthy", "node_id": "node-sick", "timestamp": "2026-01-01T00:00:00Z"})
+    routes["/health"] = lambda: (503, "application/json", body.encode())
+    with serve(routes) as url:
+        r = CliRunner().invoke(status.status, ["--api", url])
+        assert r.exit_code == 1, r.output
+        assert "Overall Status: unhealthy" in r.output
+        t = CliRunner().invoke(troubleshoot.troubleshoot, ["--api", url, "--json"])
+        assert t.exit_code == 1
+        service = json.loads(t.output)["checks"][0]
+        assert service["status"] == "fail" and "unhealthy" in service["detail"] and "journalctl" in service["fix"]

@@ -46,12 +46,24 @@ def _not_a_node(client: Client, path: str, what: str) -> ApiError:
                     "ollama-distributed node's API port (default 8080)?", exit_code=2)
 
 
+def _health_body(text: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "node_id" in data and "status" in data else None
+
+
 def _get_dict(client: Client, path: str, timeout: float) -> dict[str, Any]:
     try:
         data = client.get(path, timeout=timeout)
     except ApiError as e:
         if e.status == 401:
             raise ApiError(f"{client.base}{path}: {e.message}", exit_code=2) from None
+        if e.status == 503 and path == "/health":
+            unhealthy = _health_body(e.message)  # an unhealthy node answers its health with 503
+            if unhealthy is not None:
+                return unhealthy
         if e.status is not None:
             raise _not_a_node(client, path, f"with HTTP {e.status} ({e.message[:80]})") from None
         raise

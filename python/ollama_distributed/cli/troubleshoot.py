@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
@@ -101,6 +101,14 @@ def check_service(ctx: Context) -> list[Check]:
             return [failed(name, f"nothing answers at {ctx.client.base}: {reason}",
                            "start the node: `systemctl start ollama-distributed` (or `ollama-distributed "
                            "start`), or point --api / $OLLAMA_DISTRIBUTED_API at a running node")]
+        if e.status == 503:
+            from .status import _health_body
+
+            sick = _health_body(e.message)
+            if sick is not None:
+                return [failed(name, f"node {sick['node_id']} answers at {ctx.client.base} but is "
+                                     f"{sick['status']}",
+                               "read the node's log (`journalctl -u ollama-distributed -e`) for why")]
         if e.status == 401:
             return [failed(name, f"{ctx.client.base} refuses us: {e.message}",
                            "export OLLAMA_DISTRIBUTED_API_TOKEN=<one of the node's api.auth_tokens>")]
@@ -246,8 +254,13 @@ def check_disk(ctx: Context) -> list[Check]:
         return [failed(name, detail + f" (under {human_bytes(MIN_FREE_DISK)})",
                        f"free space on the file system of {probe}, or move node.data_dir to a larger disk")]
     if not os.access(probe, os.W_OK):
-        return [failed(name, f"{probe} is not writable by this user",
-                       f"fix its owner (`chown -R ollama-distributed {probe}`) or set node.data_dir")]
+        if os.geteuid() != 0 and probe.stat().st_uid != os.geteuid():
+            # The node's own user owns it (under systemd); only root can judge for it.
+            return [passed(name, detail + f" (owned by uid {probe.stat().st_uid}; run as root to check "
+                                          "that it is writable)")]
+        return [failed(name, f"{probe} is not writable",
+                       f"fix its owner (`chown -R ollama-distributed {probe}`), remount it read-write, "
+                       "or set node.data_dir")]
     return [passed(name, detail)]
 
 
@@ -326,7 +339,7 @@ def check_engine(ctx: Context) -> list[Check]:
     try:
         importlib.import_module("ollama_distributed._core")
         out.append(passed("Rust core", "ollama_distributed._core imports"))
-    except Exception as e:  # noqa: BLE001  an ImportError, or an OSError from the .so
+    except Exception as e:
         out.append(failed("Rust core", f"ollama_distributed._core does not import: {e}",
                           "reinstall the package (`apt install --reinstall ollama-distributed`, or "
                           "`make dev` in a checkout)"))
@@ -335,7 +348,7 @@ def check_engine(ctx: Context) -> list[Check]:
         try:
             mod = importlib.import_module("llama_cpp")
             out.append(passed(name, f"llama_cpp {getattr(mod, '__version__', '?')} imports"))
-        except Exception as e:  # noqa: BLE001  ImportError, or OSError loading libllama
+        except Exception as e:
             out.append(failed(name, f"llama_cpp does not import: {type(e).__name__}: {e}",
                               "reinstall llama-cpp-python (`make venv`; CMAKE_ARGS=-DGGML_NATIVE=OFF for "
                               "a portable build), or choose another engine.kind"))
@@ -366,10 +379,12 @@ def check_models(ctx: Context) -> list[Check]:
         return [passed(name, f"no model store yet in {ctx.data_dir} (the node creates it on start)")]
     try:
         refs = store.referenced()
-        problems = cast("list[tuple[str, str]]", store.verify())
+        problems = store.verify()
     except OSError as e:
-        return [failed(name, f"cannot read the model store {store.root}: {e.strerror}",
-                       "fix the data dir's permissions (it belongs to the node's user)")]
+        fix = ("run troubleshoot as root (or as the node's user: `sudo -u ollama-distributed ...`)"
+               if isinstance(e, PermissionError) and os.geteuid() != 0
+               else "fix the data dir's permissions (it belongs to the node's user)")
+        return [failed(name, f"cannot read the model store {store.root}: {e.strerror}", fix)]
     if not problems:
         return [passed(name, f"{len(refs)} blob(s) in {store.root} match their sha256")]
     users: dict[str, list[str]] = {}
@@ -493,7 +508,7 @@ def run_checks(ctx: Context, explicit_data_dir: bool) -> list[Check]:
             ctx.data_dir = Path(ctx.status.get("data_dir") or ctx.data_dir)
         try:
             results += check(ctx)
-        except Exception as e:  # noqa: BLE001  a check must never hide the others
+        except Exception as e:
             results.append(failed(check.__name__.removeprefix("check_").title(),
                                   f"the check itself failed: {type(e).__name__}: {e}",
                                   "report this as a bug, with the line above"))
