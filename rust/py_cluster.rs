@@ -184,23 +184,24 @@ impl Cluster {
     /// stream opens and the request is buffered without waiting), saving a
     /// trip through the event loop; None when it would have to wait.
     fn forward_now(&self, node_id: &str, request: Vec<u8>) -> PyResult<Option<ForwardStream>> {
-        use std::future::Future;
-        use std::task::{Context, Poll, Wake, Waker};
-        struct Noop;
-        impl Wake for Noop {
-            fn wake(self: Arc<Self>) {}
-        }
         let c = self.running()?;
         let _rt = runtime().enter();
-        let mut fut = std::pin::pin!(c.forward(node_id, &request));
-        let waker = Waker::from(Arc::new(Noop));
-        match fut.as_mut().poll(&mut Context::from_waker(&waker)) {
-            Poll::Ready(Ok(s)) => Ok(Some(ForwardStream {
+        match poll_once(c.forward(node_id, &request)) {
+            Some(Ok(s)) => Ok(Some(ForwardStream {
                 inner: Arc::new(tokio::sync::Mutex::new(Some(s))),
             })),
-            Poll::Ready(Err(e)) => Err(forward_err(e)),
-            Poll::Pending => Ok(None),
+            Some(Err(e)) => Err(forward_err(e)),
+            None => Ok(None),
         }
+    }
+
+    /// A forwarded request already waiting, or None: saves a trip through
+    /// the event loop per request under load.
+    fn next_inbound_now(&self) -> PyResult<Option<(Vec<u8>, String, InboundStream)>> {
+        Ok(self
+            .running()?
+            .try_next_inbound()
+            .map(|i| (i.request.to_vec(), i.from, InboundStream { reply: i.reply })))
     }
 
     /// The next forwarded request: (request bytes, caller id, InboundStream),
@@ -211,6 +212,22 @@ impl Cluster {
             let i = c.next_inbound().await;
             Ok(i.map(|i| (i.request.to_vec(), i.from, InboundStream { reply: i.reply })))
         })
+    }
+}
+
+/// Poll a future once, without a waker that matters: its result when it is
+/// ready at once, None (and the future dropped) otherwise. Only for futures
+/// that may be dropped at any await point without losing data.
+fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    let waker = Waker::from(Arc::new(Noop));
+    match std::pin::pin!(fut).poll(&mut Context::from_waker(&waker)) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
     }
 }
 
@@ -249,6 +266,32 @@ impl ForwardStream {
                 }
             }
         })
+    }
+
+    /// `recv()` without waiting: `(chunks, done)` when some chunks (or the
+    /// end) have already arrived, else None. Reading from the stream is
+    /// cancel-safe, so an unfinished poll loses nothing.
+    fn recv_now(&self) -> PyResult<Option<(Vec<Vec<u8>>, bool)>> {
+        let Ok(mut g) = self.inner.try_lock() else {
+            return Ok(None);
+        };
+        let Some(s) = g.as_mut() else {
+            return Ok(Some((Vec::new(), true)));
+        };
+        let mut out = Vec::new();
+        match poll_once(s.next_batch(&mut out)) {
+            None => Ok(None),
+            Some(Ok(more)) => {
+                if !more {
+                    *g = None;
+                }
+                Ok(Some((out.into_iter().map(|b| b.to_vec()).collect(), !more)))
+            }
+            Some(Err(e)) => {
+                *g = None;
+                Err(forward_err(e))
+            }
+        }
     }
 
     /// Stop the remote work now.

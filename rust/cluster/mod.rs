@@ -506,6 +506,11 @@ impl Cluster {
         }
     }
 
+    /// A forwarded request already waiting, without waiting for one.
+    pub fn try_next_inbound(&self) -> Option<Inbound> {
+        self.inbound_rx.try_lock().ok()?.try_recv().ok()
+    }
+
     // --- background tasks
 
     async fn accept_loop(self: Arc<Self>) {

@@ -128,7 +128,8 @@ class ClusterService:
         try:
             done = False
             while not done:
-                batch, done = await stream.recv()
+                # what has already arrived costs no trip through the event loop
+                batch, done = stream.recv_now() or await stream.recv()
                 for chunk in batch:
                     yield json.loads(chunk)
         finally:
@@ -136,7 +137,7 @@ class ClusterService:
 
     async def _inbound_loop(self) -> None:
         while True:
-            item = await self._core.next_inbound()
+            item = self._core.next_inbound_now() or await self._core.next_inbound()
             if item is None:
                 return
             request, caller, reply = item
