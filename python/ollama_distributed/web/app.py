@@ -83,7 +83,13 @@ async def ws(request: web.Request) -> web.WebSocketResponse:
     try:
         while not sock.closed and not reader.done():
             try:
-                await sock.send_json(await snapshot(node))
+                snap = await snapshot(node)
+            except Exception:  # one bad reading must not end the page's feed
+                logger.warning("dashboard snapshot failed; retrying", exc_info=True)
+                await asyncio.sleep(PUSH_INTERVAL)
+                continue
+            try:
+                await sock.send_json(snap)
             except (ConnectionError, RuntimeError):  # the client vanished mid-send
                 break
             await asyncio.sleep(PUSH_INTERVAL)
