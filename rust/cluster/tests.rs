@@ -375,3 +375,39 @@ async fn rtt() {
         times[1000], times[1980]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_reports_degraded_and_accepts_no_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three(dir.path()).await;
+    let li = nodes
+        .iter()
+        .position(|n| n.status().role == "leader")
+        .unwrap();
+    for (i, n) in nodes.iter().enumerate() {
+        if i != li {
+            n.stop().await;
+        }
+    }
+    let leader = nodes[li].clone();
+    let l2 = leader.clone();
+    wait_for(
+        "the lone leader reports degraded",
+        Duration::from_secs(5),
+        || l2.status().degraded,
+    )
+    .await;
+    let newcomer = NodeMeta {
+        name: "zz".into(),
+        p2p_address: "127.0.0.1:9".into(),
+        api_address: String::new(),
+    };
+    let res = tokio::time::timeout(Duration::from_secs(3), leader.add_member(newcomer)).await;
+    assert!(
+        !matches!(res, Ok(Ok(()))),
+        "a minority accepted a membership change"
+    );
+    assert!(leader.nodes().iter().all(|n| n.id != "zz"));
+    assert_eq!(leader.store.nodes().len(), 3);
+    leader.stop().await;
+}
