@@ -625,7 +625,7 @@ def test_a_full_disk_is_a_clear_error_and_frees_the_space(
         def run() -> None:
             try:
                 events.extend(client.pull(f"{proxy.host}/library/{repo}", insecure=True, stream=True))
-            except Exception as e:  # noqa: BLE001 (whatever it is, the asserts below show it)
+            except Exception as e:  # whatever it is, the asserts below show it
                 failure.append(e)
 
         puller = threading.Thread(target=run)

@@ -537,7 +537,7 @@ def _file_body(path: Path, start: int, length: int, counter: _Counter) -> Callab
 
     def make() -> Any:
         async def gen() -> AsyncIterator[bytes]:
-            with open(path, "rb") as f:  # noqa: ASYNC230 (a local open; the reads go to a thread)
+            with open(path, "rb") as f:  # a local open; the reads go to a thread
                 f.seek(start)
                 left = length
                 while left > 0:
