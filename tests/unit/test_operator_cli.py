@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from ollama_distributed.cli import nodes, status, troubleshoot
 
@@ -101,3 +103,12 @@ def test_unhealthy_node_answers_503_and_is_exit_1() -> None:
         assert t.exit_code == 1
         service = json.loads(t.output)["checks"][0]
         assert service["status"] == "fail" and "unhealthy" in service["detail"] and "journalctl" in service["fix"]
+
+
+@pytest.mark.parametrize("url", ["not a url", "http://[::1", "ftp://127.0.0.1:1", "http://127.0.0.1:99999", ""])
+@pytest.mark.parametrize("command", [status.status, nodes.nodes, troubleshoot.troubleshoot])
+def test_unusable_api_urls_are_exit_2_without_traceback(command: Any, url: str) -> None:
+    r = CliRunner().invoke(command, ["--api", url])
+    assert r.exit_code == 2, r.output
+    assert isinstance(r.exception, SystemExit)  # not an uncaught error
+    assert "is not a usable URL" in r.output and "http://127.0.0.1:8080" in r.output

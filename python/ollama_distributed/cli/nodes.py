@@ -8,6 +8,7 @@ import click
 
 from .client import ApiError, Client, human_bytes, print_json, use_color
 from .options import api_option, json_option
+from .status import checked_api
 
 HEADERS = ["ID", "NAME", "STATUS", "ROLE", "ADDRESS", "CPU", "MEMORY", "MODELS", "LOADED", "IN FLIGHT"]
 
@@ -35,7 +36,7 @@ def table(rows_: list[list[str]], headers: list[str], color: bool) -> str:
     widths = [max(len(r[i]) for r in [headers, *rows_]) for i in range(len(headers))]
     lines = []
     for k, r in enumerate([headers, *rows_]):
-        line = "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
         if color and k == 0:
             line = click.style(line, bold=True)
         lines.append(line)
@@ -47,7 +48,7 @@ def table(rows_: list[list[str]], headers: list[str], color: bool) -> str:
 @json_option
 def nodes(api: str, as_json: bool) -> None:
     """The cluster's nodes, with their state, resources and models (* marks the node asked)."""
-    client = Client(api, timeout=5)
+    client = Client(checked_api(api), timeout=5)
     try:
         data = client.get("/api/distributed/nodes")
     except ApiError as e:

@@ -32,6 +32,7 @@ from ..config import Config
 from ..errors import ConfigError
 from .client import ApiError, Client, human_bytes, print_json, use_color
 from .options import api_option, json_option
+from .status import checked_api
 
 # A pull or an upload needs room for a whole model; 1 GiB holds the default
 # model ten times over and a small quantised 1B model.
@@ -547,7 +548,7 @@ def render(results: list[Check], color: bool) -> str:
 def troubleshoot(api: str, config_path: str | None, data_dir: str | None, as_json: bool) -> None:
     """Run real checks on the node and this host; each failure says its fix.
     Exit 0 only when every check passes."""
-    ctx = build_context(api, config_path, data_dir)
+    ctx = build_context(checked_api(api), config_path, data_dir)
     results = run_checks(ctx, explicit_data_dir=bool(data_dir))
     ok = not any(c.status == "fail" for c in results)
     if as_json:
