@@ -263,9 +263,23 @@ def test_real_two_node_cluster_then_a_peer_dies(tmp_path: Path, home: dict[str, 
         b.stop(signal.SIGKILL)
         code, data, _text = troubleshoot("--api", a.url, env=home)
         assert code == 1
-        bad = only_failure(data, f"Peer {b_id}")
-        assert f":{b.api_port} unreachable" in bad["detail"]
-        assert f"status --api http://localhost:{b.api_port}" in bad["fix"] or b.url in bad["fix"]
+        bad = {c["name"]: c for c in by_status(data, "fail")}
+        assert f":{b.api_port} unreachable" in bad[f"Peer {b_id}"]["detail"]
+        assert (f"status --api http://localhost:{b.api_port}" in bad[f"Peer {b_id}"]["fix"]
+                or b.url in bad[f"Peer {b_id}"]["fix"])
+        assert set(bad) <= {f"Peer {b_id}", "Service reachable"}, bad  # degraded may already show
+
+        # a leader that lost its only peer has no quorum: the node says degraded, status exits 1
+        deadline = time.monotonic() + 20
+        while a.get("/health")["status"] != "degraded" and time.monotonic() < deadline:  # type: ignore[index]
+            time.sleep(0.2)
+        st = subprocess.run([*CLI, "status", "--api", a.url], capture_output=True, text=True, timeout=60,
+                            check=False, env={**os.environ, "NO_COLOR": "1"})
+        assert st.returncode == 1, st.stdout + st.stderr
+        assert "Overall Status: degraded" in st.stdout
+        code, data, _text = troubleshoot("--api", a.url, env=home)
+        service = data["checks"][0]
+        assert code == 1 and service["status"] == "fail" and "degraded" in service["detail"]
     finally:
         if b is not None:
             b.stop()
