@@ -208,6 +208,7 @@ def test_push_then_pull_on_a_fresh_node(node: NodeProc, registry: RegistryProc, 
         print("=== a second pull downloads nothing")
         again = [e.model_dump(exclude_none=True) for e in puller.pull(name, insecure=True, stream=True)]
         assert all(e["completed"] == e["total"] for e in again if e.get("digest"))
+        assert puller.pull(name, insecure=True, stream=False).status == "success"
 
         print("=== a model the registry does not have is a 404")
         with pytest.raises(ollama.ResponseError) as missing:

@@ -195,7 +195,10 @@ def _repo(name: names.ModelName) -> str:
 
 
 def _session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False)
+    # Digests are over the bytes as stored: ask for them unencoded, and never
+    # let a transparent gzip change what gets hashed.
+    return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False,
+                                 headers={"Accept-Encoding": "identity"})
 
 
 async def _error_body(resp: aiohttp.ClientResponse) -> str:
