@@ -493,26 +493,50 @@ class FakeRegistry:
             "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
             "config": cfg, "layers": [layer]}).encode()
 
+    uploads: dict[str, bytearray] = field(default_factory=dict)
+
+    def _challenge(self, request: web.Request, scope: str) -> web.Response:
+        return web.json_response(
+            {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}, status=401,
+            headers={"WWW-Authenticate": f'Bearer realm="http://{request.host}/token",service="fake"'
+                                         + (f',scope="{scope}"' if scope else "")})
+
     def app(self) -> web.Application:
+        """Serves pulls, and pushes like distribution does (POST, PATCH with
+        Content-Range, PUT ?digest=, manifest PUT); with `token`, every call
+        needs a bearer token whose scope covers it (push for writes)."""
+
         async def handle(request: web.Request) -> web.StreamResponse:
             if self.garbage:
                 return web.Response(text="<html>this is not a registry</html>", content_type="text/html")
             if request.path == "/token":
                 self.token_requests.append(dict(request.query))
-                return web.json_response({"token": self.token})
-            if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
-                return web.json_response(
-                    {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}, status=401,
-                    headers={"WWW-Authenticate": f'Bearer realm="http://{request.host}/token",'
-                                                 f'service="fake",scope="repository:library/x:pull"'})
+                push = request.query.get("scope", "").endswith("push")
+                return web.json_response({"token": f"{self.token}{'-push' if push else ''}"})
             parts = request.path.split("/")
+            repo = "/".join(parts[2:4]) if len(parts) > 4 else ""
+            write = request.method in ("POST", "PUT", "PATCH")
+            if self.token:
+                allowed = {f"Bearer {self.token}-push"} | (set() if write else {f"Bearer {self.token}"})
+                if request.headers.get("Authorization") not in allowed:
+                    return self._challenge(request, repo and f"repository:{repo}:{'pull,push' if write else 'pull'}")
             if request.path == "/v2/":
                 return web.json_response({})
             if len(parts) == 6 and parts[4] == "manifests":
+                if request.method == "PUT":
+                    body = await request.read()
+                    refs = json.loads(body)
+                    missing = [r["digest"] for r in [refs["config"], *refs["layers"]] if r["digest"] not in self.blobs]
+                    if missing:
+                        return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "detail": missing}]}, status=400)
+                    self.manifests[f"{parts[3]}:{parts[5]}"] = body
+                    return web.Response(status=201)
                 data = self.manifests.get(f"{parts[3]}:{parts[5]}")
                 if data is None:
                     return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
                 return web.Response(body=data, content_type="application/vnd.docker.distribution.manifest.v2+json")
+            if len(parts) >= 6 and parts[4:6] == ["blobs", "uploads"]:
+                return await upload(request, parts)
             if len(parts) == 6 and parts[4] == "blobs" and parts[5] in self.blobs:
                 data = self.blobs[parts[5]]
                 rng = request.headers.get("Range", "")
@@ -522,9 +546,33 @@ class FakeRegistry:
                     return web.Response(body=chunk, status=206, headers={
                         "Content-Range": f"bytes {a}-{int(a) + len(chunk) - 1}/{len(data)}"})
                 return web.Response(body=data)
-            return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
 
-        app = web.Application()
+        async def upload(request: web.Request, parts: list[str]) -> web.Response:
+            base = "/".join(parts[:6])
+            if request.method == "POST":
+                uid = f"u{len(self.uploads)}"
+                self.uploads[uid] = bytearray()
+                return web.Response(status=202, headers={"Location": f"{base}/{uid}?_state=x%3D%3D"})
+            uid = parts[6]
+            buf = self.uploads[uid]
+            if request.query.get("_state") != "x==":  # the Location's query must come back intact
+                return web.json_response({"errors": [{"code": "BLOB_UPLOAD_INVALID"}]}, status=400)
+            if request.method == "PATCH":
+                start = int(request.headers["Content-Range"].split("-")[0])
+                if start != len(buf):
+                    return web.json_response({"errors": [{"code": "RANGE_INVALID"}]}, status=416)
+            buf.extend(await request.read())
+            if request.method == "PATCH":
+                return web.Response(status=202, headers={"Location": f"{base}/{uid}?_state=x%3D%3D",
+                                                         "Range": f"0-{len(buf) - 1}"})
+            digest = request.query["digest"]
+            if digest != "sha256:" + hashlib.sha256(buf).hexdigest():
+                return web.json_response({"errors": [{"code": "DIGEST_INVALID"}]}, status=400)
+            self.blobs[digest] = bytes(buf)
+            return web.Response(status=201)
+
+        app = web.Application(client_max_size=256 << 20)
         app.router.add_route("*", "/{tail:.*}", handle)
         return app
 
@@ -575,8 +623,7 @@ def test_a_layer_whose_bytes_do_not_match_its_digest_is_refused(node: NodeProc, 
         events = [e.model_dump(exclude_none=True)
                   for e in client.pull(f"{server.host}/library/good:1", insecure=True, stream=True)]
         assert statuses(events)[-1] == "success"
-        assert fake.token_requests and fake.token_requests[0] == {
-            "service": "fake", "scope": "repository:library/x:pull"}
+        assert {"service": "fake", "scope": "repository:library/good:pull"} in fake.token_requests
         assert store_files(fresh)["sha256-" + hashlib.sha256(good).hexdigest()] == good
 
         print("=== wrong bytes for a layer: refused, nothing visible, nothing left behind")
@@ -656,3 +703,24 @@ def test_a_full_disk_is_a_clear_error_and_frees_the_space(
         state.released.set()
         fresh.stop()
         proxy.close()
+
+
+def test_push_to_a_registry_behind_a_token_realm(node: NodeProc) -> None:
+    fake = FakeRegistry(token="t0k3n")
+    server = Server(fake.app())
+    name = f"{server.host}/library/tokened:1"
+    client = ollama.Client(host=node.url)
+    client.copy(MODEL, name)
+    try:
+        events = [e.model_dump(exclude_none=True) for e in client.push(name, insecure=True, stream=True)]
+        assert statuses(events)[-1] == "success"
+        check_progress(events, "pushing")
+        assert {"service": "fake", "scope": "repository:library/tokened:pull,push"} in fake.token_requests
+        manifest = (node.data_dir / "models" / "manifests" / server.host / "library" / "tokened" / "1").read_bytes()
+        assert fake.manifests["tokened:1"] == manifest  # byte for byte: the digest survives
+        for ref in [json.loads(manifest)["config"], *json.loads(manifest)["layers"]]:
+            local = node.data_dir / "models" / "blobs" / ref["digest"].replace(":", "-")
+            assert fake.blobs[ref["digest"]] == local.read_bytes()
+    finally:
+        client.delete(name)
+        server.close()
