@@ -173,9 +173,15 @@ def test_push_then_pull_on_a_fresh_node(node: NodeProc, registry: RegistryProc, 
     with urllib.request.urlopen(req, timeout=10) as r:
         assert int(r.headers["Content-Length"]) == 98362432
 
-    print("=== a second push finds every blob in place")
-    again = [e.model_dump(exclude_none=True) for e in pusher.push(name, insecure=True, stream=True)]
-    assert statuses(again)[-1] == "success"
+    print("=== a second push finds every blob in place (`models push`, bars on stderr)")
+    r = subprocess.run([*CLI, "models", "push", "--insecure", name, "--api", node.url],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["retrieving manifest", "pushing manifest", "success"], r.stdout
+    assert "pushing b179c9523d0e  98.4 MB" in r.stderr  # not a tty: each bar prints its label once
+    r = subprocess.run([*CLI, "models", "pull", name, "--api", node.url],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1 and "--insecure" in r.stderr and "Traceback" not in r.stderr
 
     print("=== pull on a fresh node with no model at all")
     fresh = no_default_node(tmp_path / "puller")
