@@ -196,8 +196,9 @@ def _repo(name: names.ModelName) -> str:
 
 def _session() -> aiohttp.ClientSession:
     # Digests are over the bytes as stored: ask for them unencoded, and never
-    # let a transparent gzip change what gets hashed.
-    return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False,
+    # let a transparent gzip change what gets hashed. trust_env: HTTPS_PROXY and
+    # NO_PROXY apply, as they do for Ollama.
+    return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False, trust_env=True,
                                  headers={"Accept-Encoding": "identity"})
 
 
