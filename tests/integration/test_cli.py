@@ -129,3 +129,12 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     r = cli("start", "--data-dir", str(blocker / "sub"), "--api-port", "0", timeout=30)
     assert r.returncode == 78
     assert "cannot create the data dir" in r.stderr and "node.data_dir" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["http://exa mple:80", "ftp://x", "http://[::1", "http://h:99999", ""])
+def test_malformed_api_url_is_a_clear_error(bad: str) -> None:
+    for args in (("models", "list"), ("run", MODEL, "hi"), ("version",)):
+        r = cli(*args, "--api", bad)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+        if args != ("version",):  # version prints what it can without a node
+            assert r.returncode == 2 and "not a usable URL" in r.stderr, (args, r.stderr)

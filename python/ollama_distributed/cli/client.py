@@ -8,6 +8,7 @@ import sys
 import socket
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,11 +32,33 @@ class ApiError(click.ClickException):
         self.status = status
 
 
+def checked_api(api: str) -> str:
+    """The --api URL, or a clear error (exit 2) when it cannot be a node's URL."""
+    url = api.strip()
+    if url and "://" not in url:
+        url = "http://" + url
+    problem = ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  raises ValueError when out of range
+    except ValueError as e:
+        problem = str(e)
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = f"the scheme must be http or https, not {parts.scheme or 'nothing'!r}"
+        elif not parts.hostname:
+            problem = "it names no host"
+        elif any(c.isspace() or ord(c) < 32 for c in url):
+            problem = "it contains spaces or control characters"
+    if problem:
+        raise ApiError(f"--api {api!r} is not a usable URL: {problem}; give the node's API URL, "
+                       "e.g. http://127.0.0.1:8080", exit_code=2)
+    return url
+
+
 class Client:
     def __init__(self, base: str, timeout: float = 10.0, token: str | None = None) -> None:
-        self.base = base.rstrip("/")
-        if "://" not in self.base:
-            self.base = "http://" + self.base
+        self.base = checked_api(base).rstrip("/")
         self.timeout = timeout
         self.token = token if token is not None else env.get(env.API_TOKEN)
 

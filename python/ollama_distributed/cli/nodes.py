@@ -8,7 +8,7 @@ import click
 
 from .client import ApiError, Client, human_bytes, print_json, use_color
 from .options import api_option, json_option
-from .status import checked_api
+from .client import checked_api
 
 HEADERS = ["ID", "NAME", "STATUS", "ROLE", "ADDRESS", "CPU", "MEMORY", "MODELS", "LOADED", "IN FLIGHT"]
 

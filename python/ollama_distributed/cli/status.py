@@ -30,40 +30,15 @@ import sys
 import time
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 
-from .client import ApiError, Client, human_bytes, print_json, use_color
+from .client import ApiError, Client, checked_api, human_bytes, print_json, use_color
 from .options import api_option, json_option
 
 SCHEMA_VERSION = 1
 EXIT = {"healthy": 0, "degraded": 1, "unhealthy": 1, "unreachable": 2}
 RULE = "━" * 26
-
-
-def checked_api(api: str) -> str:
-    """The --api URL, or a clear error (exit 2) when it cannot be a node's URL."""
-    url = api.strip()
-    if url and "://" not in url:
-        url = "http://" + url
-    problem = ""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  raises ValueError when out of range
-    except ValueError as e:
-        problem = str(e)
-    else:
-        if parts.scheme not in ("http", "https"):
-            problem = f"the scheme must be http or https, not {parts.scheme or 'nothing'!r}"
-        elif not parts.hostname:
-            problem = "it names no host"
-        elif any(c.isspace() or ord(c) < 32 for c in url):
-            problem = "it contains spaces or control characters"
-    if problem:
-        raise ApiError(f"--api {api!r} is not a usable URL: {problem}; give the node's API URL, "
-                       "e.g. http://127.0.0.1:8080", exit_code=2)
-    return url
 
 
 def _not_a_node(client: Client, path: str, what: str) -> ApiError:

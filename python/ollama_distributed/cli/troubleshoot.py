@@ -32,7 +32,7 @@ from ..config import Config
 from ..errors import ConfigError
 from .client import ApiError, Client, human_bytes, print_json, use_color
 from .options import api_option, json_option
-from .status import checked_api
+from .client import checked_api
 
 # A pull or an upload needs room for a whole model; 1 GiB holds the default
 # model ten times over and a small quantised 1B model.
