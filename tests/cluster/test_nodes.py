@@ -266,3 +266,33 @@ def test_kill9_the_serving_node_before_its_first_token(tmp_path: Path) -> None:
     finally:
         for n in nodes.values():
             n.stop()
+
+
+def test_a_client_that_disconnects_at_a_cancels_the_work_at_b(tmp_path: Path) -> None:
+    """Mock engine at 20 tokens/s on b; the model lives only on b."""
+    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a")
+    b = start_node(tmp_path, "--engine", "mock", *join_args(a, token_of(a)), data_dir=tmp_path / "b",
+                   env={"OLLAMA_DISTRIBUTED_ENGINE_MOCK_TOKENS_PER_SECOND": "20"})
+    try:
+        until("two nodes", 30, lambda: converged([a, b], 2))
+        post(b.url + "/api/copy", {"source": MODEL, "destination": "b-only"})
+        until("a lists b-only", 10, lambda: "b-only:latest" in [
+            m["name"] for m in a.get("/api/tags")["models"]])  # type: ignore[index]
+        time.sleep(2.0)  # a's scheduler takes peers' adverts about once a second
+        step("stream from a, read two chunks, hang up")
+        req = urllib.request.Request(a.url + "/api/generate", data=json.dumps(
+            {"model": "b-only", "prompt": "long", "options": {"num_predict": 2000}}).encode(),
+            headers={"Content-Type": "application/json"})
+        resp = urllib.request.urlopen(req, timeout=30)
+        assert json.loads(resp.readline())["response"]
+        assert json.loads(resp.readline())["response"]
+        until("b runs it", 5, lambda: status(b)["scheduler_stats"]["in_flight"] == 1)
+        resp.close()
+        t0 = time.monotonic()
+        took = until("b stops the work", 10, lambda: status(b)["scheduler_stats"]["in_flight"] == 0)
+        print(f"b stopped {took:.2f}s after the client hung up at a")
+        assert time.monotonic() - t0 < 10
+        assert metric(b, "ollama_distributed_requests_total", endpoint="peer:generate", status="499") == 1
+    finally:
+        a.stop()
+        b.stop()
