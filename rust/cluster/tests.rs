@@ -411,3 +411,52 @@ async fn a_minority_reports_degraded_and_accepts_no_change() {
     assert_eq!(leader.store.nodes().len(), 3);
     leader.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_five_voters_the_rest_learn() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Cluster::start(cfg("n0", dir.path(), vec![], None))
+        .await
+        .unwrap();
+    wait_for("n0 to lead", Duration::from_secs(5), || {
+        a.status().role == "leader"
+    })
+    .await;
+    let token = Some(a.join_token());
+    let mut nodes = vec![a];
+    for i in 1..7 {
+        let seed = seed(&nodes[i - 1]);
+        let n = Cluster::start(cfg(&format!("n{i}"), dir.path(), seed, token.clone()))
+            .await
+            .unwrap();
+        nodes.push(n);
+    }
+    let all = nodes.clone();
+    wait_for(
+        "7 members, 5 voters, 2 learners, seen by all",
+        Duration::from_secs(20),
+        || {
+            all.iter().all(|n| {
+                let s = n.status();
+                s.voters.len() == 5
+                    && s.learners.len() == 2
+                    && n.nodes().iter().filter(|v| v.alive).count() == 7
+            })
+        },
+    )
+    .await;
+    let roles: Vec<&str> = nodes.iter().map(|n| n.status().role).collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{roles:?}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == "learner").count(),
+        2,
+        "{roles:?}"
+    );
+    for n in &nodes {
+        n.stop().await;
+    }
+}
