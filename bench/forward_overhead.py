@@ -49,7 +49,7 @@ class Node:
         self.proc = subprocess.Popen(
             [*CLI, "start", "--engine", "mock", "--data-dir", str(self.data), "--api-port", str(self.api),
              "--web-port", str(free_port()), "--p2p-port", str(self.p2p), "--log-level", "warning", *args],
-            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"),  # noqa: SIM115
+            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"),
             env={**os.environ, "HOME": str(tmp), **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -123,7 +123,7 @@ async def concurrent(node: Node, streams: int, tokens: int) -> tuple[int, int, f
                          b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             data = await asyncio.wait_for(reader.read(-1), 120)
             writer.close()
-            return data.startswith(b"HTTP/1.1 200") and b'"done": true' in data or b'"done":true' in data
+            return data.startswith(b"HTTP/1.1 200") and (b'"done": true' in data or b'"done":true' in data)
         except (OSError, TimeoutError):
             return False
 
@@ -163,7 +163,7 @@ async def core_relay(tmp: pathlib.Path, tokens: int, requests: int) -> tuple[flo
     logging.basicConfig(level=logging.ERROR)
 
     port = free_port(socket.SOCK_DGRAM)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--data",  # noqa: ASYNC220
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--data",
                                str(tmp / "relay-b")], stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline() if server.stdout else ""
@@ -224,7 +224,7 @@ def main() -> None:
         for i in range(args.requests):  # interleaved, so drift hits both alike
             via_a.append(latency(a, i, ca))
             direct.append(latency(b, i, cb))
-        added = [x - y for x, y in zip(via_a, direct)]
+        added = [x - y for x, y in zip(via_a, direct, strict=True)]
         print(f"latency, non-streaming 16 tokens, {args.requests} requests each (ms):")
         print(f"  straight to B   p50 {pct(direct, .5) * 1e3:6.2f}  p99 {pct(direct, .99) * 1e3:6.2f}")
         print(f"  A -> B (QUIC)   p50 {pct(via_a, .5) * 1e3:6.2f}  p99 {pct(via_a, .99) * 1e3:6.2f}")

@@ -56,7 +56,7 @@ class Net:
         sh("ip", "netns", "add", self.hub)
         sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.hub, "link", "set", "br0", "up")
-        for ns, ip, hub_end in zip(self.names, self.ips, self.hub_ends):
+        for ns, ip, hub_end in zip(self.names, self.ips, self.hub_ends, strict=True):
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
             sh("ip", "link", "add", hub_end, "netns", self.hub, "type", "veth", "peer", "name", "eth0",

@@ -14,7 +14,7 @@ import atexit
 import json
 import logging
 import pathlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from .. import _core
@@ -115,7 +115,7 @@ class ClusterService:
     def set_inbound_handler(self, handler: InboundHandler) -> None:
         self._handler = handler
 
-    async def forward(self, node_id: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def forward(self, node_id: str, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Run `request` on `node_id` and yield its chunks as they arrive.
 
         Closing or abandoning the iterator cancels the work at the peer. A peer
