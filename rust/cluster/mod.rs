@@ -816,8 +816,12 @@ impl Cluster {
                         self.send_advert(&p, adv);
                     }
                 }
-                PeerEvent::Down(p) => {
-                    tracing::warn!("peer '{p}' down");
+                PeerEvent::Down { peer: p, graceful } => {
+                    if graceful {
+                        tracing::info!("peer '{p}' left (shutting down)");
+                    } else {
+                        tracing::warn!("peer '{p}' down");
+                    }
                     self.lock_membership().disconnected(&p, now_ms());
                 }
             }

@@ -21,7 +21,11 @@ use super::{call, codes, tls, Kind, TransportError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
     Up(String),
-    Down(String),
+    /// The connection closed; `graceful` when the peer said it was shutting down.
+    Down {
+        peer: String,
+        graceful: bool,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -130,7 +134,8 @@ impl Mesh {
         let _ = self.events.send(PeerEvent::Up(peer.clone()));
         let me = std::sync::Arc::downgrade(self);
         tokio::spawn(async move {
-            conn.closed().await;
+            let why = conn.closed().await;
+            let graceful = matches!(&why, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::SHUTDOWN);
             let Some(me) = me.upgrade() else { return };
             let removed = {
                 let mut conns = me.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,7 +145,7 @@ impl Mesh {
                 }
             };
             if removed {
-                let _ = me.events.send(PeerEvent::Down(peer));
+                let _ = me.events.send(PeerEvent::Down { peer, graceful });
             }
         });
     }
