@@ -460,3 +460,69 @@ async fn at_most_five_voters_the_rest_learn() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_after_log_compaction_installs_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Cluster::start(cfg("a", dir.path(), vec![], None))
+        .await
+        .unwrap();
+    wait_for("a to lead", Duration::from_secs(5), || {
+        a.status().role == "leader"
+    })
+    .await;
+    // a metadata change so the snapshot holds more than the membership
+    a.raft
+        .client_write(Command::SetNode(NodeMeta {
+            name: "a".into(),
+            p2p_address: a.local_addr().unwrap().to_string(),
+            api_address: "http://changed".into(),
+        }))
+        .await
+        .unwrap();
+    a.raft.trigger().snapshot().await.unwrap();
+    let a2 = a.clone();
+    wait_for("a snapshot", Duration::from_secs(5), || {
+        a2.raft.metrics().borrow().snapshot.is_some()
+    })
+    .await;
+    let upto = a.raft.metrics().borrow().snapshot.unwrap().index;
+    a.raft.trigger().purge_log(upto).await.unwrap();
+    wait_for("the log purged", Duration::from_secs(5), || {
+        a2.raft
+            .metrics()
+            .borrow()
+            .purged
+            .is_some_and(|p| p.index == upto)
+    })
+    .await;
+
+    let b = Cluster::start(cfg("b", dir.path(), seed(&a), Some(a.join_token())))
+        .await
+        .unwrap();
+    let b2 = b.clone();
+    wait_for(
+        "b learns the state from the snapshot",
+        Duration::from_secs(10),
+        || {
+            let v = b2.nodes();
+            b2.raft.metrics().borrow().snapshot.is_some()
+                && v.len() == 2
+                && v.iter()
+                    .any(|n| n.id == "a" && n.api_address == "http://changed")
+                && b2.status().voters.len() == 2
+        },
+    )
+    .await;
+    // and it survives a restart of b from disk
+    b.stop().await;
+    let b = Cluster::start(cfg("b", dir.path(), vec![], None))
+        .await
+        .unwrap();
+    assert!(b
+        .nodes()
+        .iter()
+        .any(|n| n.id == "a" && n.api_address == "http://changed"));
+    b.stop().await;
+    a.stop().await;
+}
