@@ -102,6 +102,8 @@ pub struct Status {
     pub forwards_in: u64,
     pub forwards_out: u64,
     pub peers_down_total: u64,
+    /// Peer connections established since start (one per pair, reused).
+    pub connections_established: u64,
 }
 
 pub fn now_ms() -> u64 {
@@ -407,6 +409,7 @@ impl Cluster {
             forwards_in: c.forwards_in.load(Ordering::Relaxed),
             forwards_out: c.forwards_out.load(Ordering::Relaxed),
             peers_down_total: self.lock_membership().downs,
+            connections_established: self.mesh.established(),
         }
     }
 

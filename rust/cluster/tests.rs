@@ -123,11 +123,21 @@ async fn cluster_forms_forwards_and_survives_its_leader() {
     // forwarding: a → c streams chunks in order
     let cancelled = Arc::new(AtomicU64::new(0));
     serve(nodes[2].clone(), cancelled.clone());
+    let conns_before = nodes[0].status().connections_established;
     let mut s = nodes[0].forward("c", br#"{"n":1000}"#).await.unwrap();
     let mut got = Vec::new();
     while s.next_batch(&mut got).await.unwrap() {}
     assert_eq!(got.len(), 1000);
     assert_eq!(&got[999][..], b"{\"k\":999}");
+    // many requests, one connection: each request is a stream on it
+    for _ in 0..200 {
+        let mut s = nodes[0].forward("c", br#"{"n":2}"#).await.unwrap();
+        let mut got = Vec::new();
+        while s.next_batch(&mut got).await.unwrap() {}
+        assert_eq!(got.len(), 2);
+    }
+    assert_eq!(nodes[0].status().connections_established, conns_before);
+    assert_eq!(nodes[0].status().peers_connected, 2);
 
     // remote errors keep their status
     let mut s = nodes[0].forward("c", br#"{"fail":true}"#).await.unwrap();

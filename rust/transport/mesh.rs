@@ -39,6 +39,9 @@ pub struct Mesh {
     client: quinn::ClientConfig,
     conns: Mutex<HashMap<String, quinn::Connection>>,
     events: mpsc::UnboundedSender<PeerEvent>,
+    /// Connections registered since start: stays flat while peers stay up,
+    /// however many requests cross (each is a stream, not a connection).
+    established: std::sync::atomic::AtomicU64,
 }
 
 impl Mesh {
@@ -55,6 +58,7 @@ impl Mesh {
                 client,
                 conns: Mutex::new(HashMap::new()),
                 events: tx,
+                established: std::sync::atomic::AtomicU64::new(0),
             },
             rx,
         )
@@ -75,6 +79,10 @@ impl Mesh {
             .get(peer)
             .filter(|c| c.close_reason().is_none())
             .cloned()
+    }
+
+    pub fn established(&self) -> u64 {
+        self.established.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn connected(&self) -> Vec<String> {
@@ -131,6 +139,8 @@ impl Mesh {
                 old.close(codes::DUPLICATE, b"replaced by a newer connection");
             }
         }
+        self.established
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = self.events.send(PeerEvent::Up(peer.clone()));
         let me = std::sync::Arc::downgrade(self);
         tokio::spawn(async move {
