@@ -196,7 +196,6 @@ def test_push_then_pull_on_a_fresh_node(node: NodeProc, registry: RegistryProc, 
         assert s[0] == "pulling manifest", s
         assert s[-3:] == ["verifying sha256 digest", "writing manifest", "success"], s
         check_progress(events, "pulling")
-        assert any(0 < e["completed"] < e["total"] for e in events if e.get("digest")) or took < 1
 
         print("=== byte-identical blobs and manifest")
         mine, theirs = store_files(fresh), store_files(node)
