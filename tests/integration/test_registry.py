@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -729,3 +730,49 @@ def test_push_to_a_registry_behind_a_token_realm(node: NodeProc) -> None:
     finally:
         client.delete(name)
         server.close()
+
+
+def test_a_registry_with_a_password_uses_netrc(node: NodeProc, tmp_path: Path) -> None:
+    """docker-registry with htpasswd (HTTP Basic): refused clearly without
+    credentials; with them in the node user's ~/.netrc, push and pull work."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # Python 3.11's libxcrypt binding makes the bcrypt hash htpasswd needs
+    (tmp_path / "htpasswd").write_text(f"alice:{crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
+    port = free_port()
+    (tmp_path / "config.yml").write_text(
+        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'storage'}\n"
+        f"auth:\n  htpasswd:\n    realm: test\n    path: {tmp_path / 'htpasswd'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: test-only\n")
+    exe = shutil.which("docker-registry") or pytest.fail("docker-registry is missing: run scripts/apt-deps.sh")
+    reg = subprocess.Popen([exe, "serve", str(tmp_path / "config.yml")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    home = tmp_path / "home"
+    home.mkdir()
+    holder = start_node(home, env={"HOME": str(home)})
+    name = f"127.0.0.1:{port}/library/guarded:1"
+    try:
+        client = ollama.Client(host=holder.url)
+        client.copy(MODEL, name)
+        print("=== no credentials: a clear 502 that says where they go")
+        assert wait_for(lambda: post(holder, "/api/push", {"model": name, "insecure": True})[0] == 502, 10)
+        status, body = post(holder, "/api/push", {"model": name, "insecure": True})
+        assert "username and password" in body["error"] and "machine 127.0.0.1 login" in body["error"], body
+
+        print("=== credentials in ~/.netrc: push, then pull it back under the same name")
+        netrc = home / ".netrc"
+        netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
+        netrc.chmod(0o600)
+        assert list(client.push(name, insecure=True, stream=True))[-1].status == "success"
+        client.delete(name)
+        assert list(client.pull(name, insecure=True, stream=True))[-1].status == "success"
+        assert name in tags(holder)
+
+        print("=== a wrong password is refused, not retried forever")
+        netrc.write_text("machine 127.0.0.1 login alice password wrong\n")
+        status, body = post(holder, "/api/pull", {"model": name, "insecure": True})
+        assert status == 502 and "username and password" in body["error"], body
+    finally:
+        holder.stop()
+        reg.terminate()
+        reg.wait(10)

@@ -17,7 +17,10 @@ blobs and PATCH chunks for large ones), "pushing manifest", "success".
 
 https is used unless the request says `insecure`, which allows plain HTTP and
 unverified TLS. A registry that asks for a token (`WWW-Authenticate: Bearer
-realm=...`) gets an anonymous token request, as Docker clients do.
+realm=...`) gets a token request, as Docker clients make it; a username and
+password (Basic, or for the token service) come from ~/.netrc or $NETRC.
+Registry failures are 502s, never 401s: a 401 from the node means its own
+API token.
 """
 
 from __future__ import annotations
@@ -146,9 +149,16 @@ class Registry:
 
     async def _authenticate(self, challenge: str) -> None:
         scheme, _, rest = challenge.partition(" ")
+        if scheme.lower() == "basic":
+            # aiohttp (trust_env) already sent what $NETRC or ~/.netrc holds for this host.
+            machine = yarl.URL(f"http://{self.host}").host
+            raise RegistryError(
+                f"registry {self.host} wants a username and password and did not accept any: put them "
+                f"in ~/.netrc (or $NETRC) of the user the node runs as, as 'machine {machine} login USER "
+                "password PASSWORD'")
         if scheme.lower() != "bearer":
             raise RegistryError(f"registry {self.host} asks for {scheme} authentication, which this "
-                                "node does not support; it supports bearer token realms")
+                                "node does not support; it supports Basic (from ~/.netrc) and bearer token realms")
         params = dict(_CHALLENGE_PARAM.findall(rest))
         realm = params.pop("realm", "")
         if not realm.startswith(("https://", "http://")):
@@ -259,7 +269,7 @@ async def fetch_manifest(reg: Registry, name: names.ModelName) -> tuple[bytes, d
                 raise ModelNotFoundError(f"model '{name.short}' not found in registry {name.host}")
             if resp.status in (401, 403):
                 raise RegistryError(f"registry {name.host} refused access to {name.short}: "
-                                    f"{await _error_body(resp)}", status=resp.status)
+                                    f"{await _error_body(resp)}")
             if resp.status != 200:
                 raise RegistryError(f"registry {name.host} answered {resp.status} for the manifest of "
                                     f"{name.short}: {await _error_body(resp)}")
@@ -574,8 +584,7 @@ async def _with_progress(work: Awaitable[None], hex_digest: str, total: int, bas
 async def _expect(resp: aiohttp.ClientResponse, ok: tuple[int, ...], what: str, host: str) -> None:
     if resp.status not in ok:
         detail = await _error_body(resp)
-        raise RegistryError(f"registry {host} answered {resp.status} to {what}: {detail}",
-                            status=resp.status if resp.status in (401, 403) else None)
+        raise RegistryError(f"registry {host} answered {resp.status} to {what}: {detail}")
 
 
 async def _upload_blob(reg: Registry, name: names.ModelName, path: Path, hex_digest: str, size: int,
