@@ -86,5 +86,12 @@ def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None,
     logging.getLogger("ollama_distributed").critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
 
+def fatal(message: str) -> None:
+    """An error line on stderr before (or without) logging: at priority 3 under journald."""
+    prefix = f"<{_PRIORITY[logging.ERROR]}>" if stderr_is_journal() else ""
+    sys.stderr.write("".join(f"{prefix}{line}\n" for line in message.splitlines() or [""]))
+    sys.stderr.flush()
+
+
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())

@@ -138,3 +138,17 @@ def test_malformed_api_url_is_a_clear_error(bad: str) -> None:
         assert "Traceback" not in r.stderr, (args, r.stderr)
         if args != ("version",):  # version prints what it can without a node
             assert r.returncode == 2 and "not a usable URL" in r.stderr, (args, r.stderr)
+
+
+def test_fatal_errors_are_priority_3_under_journald(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("api:\n  prot: 1\n")
+    err = tmp_path / "stderr"
+    with open(err, "wb") as f:
+        st = os.fstat(f.fileno())
+        r = subprocess.run([*CLI, "start", "--config", str(path)], stderr=f, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, timeout=30)
+    assert r.returncode == 78
+    lines = err.read_text().splitlines()
+    assert lines and all(line.startswith("<3>") for line in lines)
+    assert "api.prot" in lines[0]

@@ -61,7 +61,7 @@ def start(config_path: str | None, data_dir: str | None, api_host: str | None, a
     try:
         cfg = cfgmod.load(config_path, overrides)
     except ConfigError as e:
-        click.echo(f"Error: invalid configuration: {e}", err=True)
+        logs.fatal(f"Error: invalid configuration: {e}")
         sys.exit(78)  # EX_CONFIG: systemd shows it, and Restart=on-failure stays bounded
     logs.setup(cfg.logging.level)
     click.echo("Starting ollama-distributed node...")
@@ -72,7 +72,7 @@ def start(config_path: str | None, data_dir: str | None, api_host: str | None, a
         node = Node(cfg, overrides, config_path)
         asyncio.run(node.run(on_started=_services))
     except ConfigError as e:
-        click.echo(f"Error: {e}", err=True)
+        logs.fatal(f"Error: {e}")
         sys.exit(78)
     except KeyboardInterrupt:
         pass
