@@ -632,6 +632,19 @@ def test_a_layer_whose_bytes_do_not_match_its_digest_is_refused(node: NodeProc, 
         assert {"service": "fake", "scope": "repository:library/good:pull"} in fake.token_requests
         assert store_files(fresh)["sha256-" + hashlib.sha256(good).hexdigest()] == good
 
+        print("=== the registry's model changes: a new pull replaces it and removes the old layer")
+        newer = good[::-1]
+        fake.add("good:1", newer)
+        events = [e.model_dump(exclude_none=True)
+                  for e in client.pull(f"{server.host}/library/good:1", insecure=True, stream=True)]
+        assert statuses(events)[-3:] == ["writing manifest", "removing unused layers", "success"], events
+        blobs = store_files(fresh)
+        assert blobs["sha256-" + hashlib.sha256(newer).hexdigest()] == newer
+        assert "sha256-" + hashlib.sha256(good).hexdigest() not in blobs
+        again = [e.model_dump(exclude_none=True)
+                 for e in client.pull(f"{server.host}/library/good:1", insecure=True, stream=True)]
+        assert "removing unused layers" not in statuses(again)  # nothing replaced, nothing removed
+
         print("=== wrong bytes for a layer: refused, nothing visible, nothing left behind")
         with pytest.raises(ollama.ResponseError) as e:
             list(client.pull(f"{server.host}/library/bad:1", insecure=True, stream=True))

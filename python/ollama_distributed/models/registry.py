@@ -9,7 +9,8 @@ with several `Range` requests in parallel. Progress of each part is kept in
 connection cut) resumes where it stopped. Nothing is visible in the store until
 its sha256 is verified; the manifest is written last. The statuses streamed
 are Ollama's: "pulling manifest", "pulling <12 hex>" with digest/total/completed,
-"verifying sha256 digest", "writing manifest", "success".
+"verifying sha256 digest", "writing manifest", "removing unused layers" (when
+the pull replaced a model and left layers nothing uses), "success".
 
 Push: "retrieving manifest", then for each blob "pushing <12 hex>" (HEAD to skip
 blobs the registry has, POST for an upload session, one monolithic PUT for small
@@ -532,10 +533,35 @@ async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
             for partial in fetched:
                 await _verify_and_commit(store, partial, name.host)
         yield {"status": "writing manifest"}
+        replaced = await asyncio.to_thread(_layers_of, store, name)
         await asyncio.to_thread(atomic_write, store.manifest_path(name), raw)
+        unused = replaced - await asyncio.to_thread(store.referenced)
+        if unused:
+            yield {"status": "removing unused layers"}
+            await asyncio.to_thread(_remove_blobs, store, unused)
         logger.info("pulled %s (%d layers, manifest sha256:%s)", name.short, len(refs),
                     hashlib.sha256(raw).hexdigest()[:12])
         yield {"status": "success"}
+
+
+def _layers_of(store: Store, name: names.ModelName) -> set[str]:
+    """The blobs the model's current manifest uses (none if it has none)."""
+    try:
+        manifest = store.get(name.short).manifest
+    except ModelNotFoundError:
+        return set()
+    out = set()
+    for ref in [manifest.get("config") or {}, *manifest["layers"]]:
+        with contextlib.suppress(BadRequestError):
+            out.add(names.parse_digest(ref.get("digest")))
+    return out
+
+
+def _remove_blobs(store: Store, hex_digests: set[str]) -> None:
+    """A pull that replaced a model removes the layers nothing uses any more, as Ollama does."""
+    for hex_digest in hex_digests:
+        with contextlib.suppress(OSError):
+            store.blob_path(hex_digest).unlink()
 
 
 # ---- push ----------------------------------------------------------------------------------
