@@ -645,6 +645,12 @@ def test_a_layer_whose_bytes_do_not_match_its_digest_is_refused(node: NodeProc, 
                  for e in client.pull(f"{server.host}/library/good:1", insecure=True, stream=True)]
         assert "removing unused layers" not in statuses(again)  # nothing replaced, nothing removed
 
+        print("=== registry tags are case-sensitive; the store's names are not")
+        fake.add("good:Q4_K_M", good)
+        assert list(client.pull(f"{server.host}/library/good:Q4_K_M", insecure=True, stream=True))[-1].status \
+            == "success"
+        assert f"{server.host}/library/good:q4_k_m" in tags(fresh)
+
         print("=== wrong bytes for a layer: refused, nothing visible, nothing left behind")
         with pytest.raises(ollama.ResponseError) as e:
             list(client.pull(f"{server.host}/library/bad:1", insecure=True, stream=True))
@@ -727,7 +733,7 @@ def test_a_full_disk_is_a_clear_error_and_frees_the_space(
 def test_push_to_a_registry_behind_a_token_realm(node: NodeProc) -> None:
     fake = FakeRegistry(token="t0k3n")
     server = Server(fake.app())
-    name = f"{server.host}/library/tokened:1"
+    name = f"{server.host}/library/tokened:V1"
     client = ollama.Client(host=node.url)
     client.copy(MODEL, name)
     try:
@@ -735,8 +741,8 @@ def test_push_to_a_registry_behind_a_token_realm(node: NodeProc) -> None:
         assert statuses(events)[-1] == "success"
         check_progress(events, "pushing")
         assert {"service": "fake", "scope": "repository:library/tokened:pull,push"} in fake.token_requests
-        manifest = (node.data_dir / "models" / "manifests" / server.host / "library" / "tokened" / "1").read_bytes()
-        assert fake.manifests["tokened:1"] == manifest  # byte for byte: the digest survives
+        manifest = (node.data_dir / "models" / "manifests" / server.host / "library" / "tokened" / "v1").read_bytes()
+        assert fake.manifests["tokened:V1"] == manifest  # byte for byte, under the tag as written
         for ref in [json.loads(manifest)["config"], *json.loads(manifest)["layers"]]:
             local = node.data_dir / "models" / "blobs" / ref["digest"].replace(":", "-")
             assert fake.blobs[ref["digest"]] == local.read_bytes()

@@ -374,7 +374,7 @@ async def _transfer(request: web.Request, kind: str) -> web.StreamResponse:
     transfer = registry.pull if kind == "pull" else registry.push
 
     async def source() -> AsyncGenerator[dict[str, Any], None]:
-        async for event in transfer(node.store, name.short, insecure=insecure):
+        async for event in transfer(node.store, model, insecure=insecure):
             if kind == "pull" and event.get("status") == "success":
                 await node.models_changed()
             yield event

@@ -205,6 +205,15 @@ def _repo(name: names.ModelName) -> str:
     return f"/v2/{name.namespace}/{name.model}"
 
 
+def _remote_tag(raw_name: object, name: names.ModelName) -> str:
+    """The tag as the user wrote it: the store keeps names lowercase, but an OCI
+    registry's tags are case-sensitive (`q4_K_M`)."""
+    raw = str(raw_name).strip()
+    colon, slash = raw.rfind(":"), raw.rfind("/")
+    tag = raw[colon + 1:] if colon > slash else names.DEFAULT_TAG
+    return tag if tag.lower() == name.tag else name.tag
+
+
 def _session() -> aiohttp.ClientSession:
     # Digests are over the bytes as stored: ask for them unencoded, and never
     # let a transparent gzip change what gets hashed. trust_env: HTTPS_PROXY and
@@ -261,8 +270,9 @@ def parse_manifest(raw: bytes, host: str) -> dict[str, Any]:
     return manifest
 
 
-async def fetch_manifest(reg: Registry, name: names.ModelName) -> tuple[bytes, dict[str, Any]]:
-    path = f"{_repo(name)}/manifests/{name.tag}"
+async def fetch_manifest(reg: Registry, name: names.ModelName, tag: str | None = None,
+                         ) -> tuple[bytes, dict[str, Any]]:
+    path = f"{_repo(name)}/manifests/{tag or name.tag}"
     try:
         resp = await reg.request("GET", path, headers={"Accept": MANIFEST_ACCEPT})
         async with resp:
@@ -505,7 +515,7 @@ async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
     store.tmp.mkdir(parents=True, exist_ok=True)
     async with _session() as session:
         reg = Registry(session, name.host, insecure)
-        raw, manifest = await fetch_manifest(reg, name)
+        raw, manifest = await fetch_manifest(reg, name, _remote_tag(raw_name, name))
         await asyncio.to_thread(_check_space, store, manifest)
         yield {"status": "pulling manifest"}
         refs = _refs(manifest)
@@ -680,7 +690,7 @@ async def push(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
                 yield _progress(hex_digest, size, size, "pushing")
             yield {"status": "pushing manifest"}
             media = manifest.get("mediaType") or MANIFEST_MEDIA
-            async with await reg.request("PUT", f"{_repo(name)}/manifests/{name.tag}",
+            async with await reg.request("PUT", f"{_repo(name)}/manifests/{_remote_tag(raw_name, name)}",
                                          headers={"Content-Type": media}, data=lambda: raw) as resp:
                 await _expect(resp, (201, 200), f"the manifest of {name.short}", reg.host)
         except (TimeoutError, aiohttp.ClientError) as e:
