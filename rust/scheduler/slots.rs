@@ -153,7 +153,7 @@ impl SlotPool {
             .filter(|m| {
                 self.models
                     .get(m.as_str())
-                    .is_none_or(|s| s.in_flight() == 0 && s.waiting.is_empty())
+                    .map_or(true, |s| s.in_flight() == 0 && s.waiting.is_empty())
             })
             .min_by_key(|m| self.models.get(m.as_str()).map_or(0, |s| s.last_used))
             .cloned()
