@@ -29,6 +29,8 @@ import psutil
 from ollama_distributed.models.catalog import find_default_gguf
 
 MODEL = "smollm2:135m"
+# The same sampling on both sides, spelled out (Ollama's defaults, greedy).
+OPTIONS = {"temperature": 0.0, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
 
 
 def free_port() -> int:
@@ -37,14 +39,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(data_dir: Path) -> tuple[subprocess.Popen[bytes], int, float]:
+def start(data_dir: Path, threads: int) -> tuple[subprocess.Popen[bytes], int, float]:
     api = free_port()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ollama_distributed.cli.main", "start", "--data-dir", str(data_dir),
          "--api-port", str(api), "--web-port", str(free_port()), "--p2p-port", str(free_port()),
          "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "OLLAMA_DISTRIBUTED_ENGINE_THREADS": str(threads)})
     while True:
         try:
             c = http.client.HTTPConnection("127.0.0.1", api, timeout=1)
@@ -60,7 +63,7 @@ def start(data_dir: Path) -> tuple[subprocess.Popen[bytes], int, float]:
 
 def via_node(port: int, prompt: str, tokens: int) -> tuple[float, float, int]:
     body = json.dumps({"model": MODEL, "prompt": prompt, "raw": True, "stream": True,
-                       "options": {"num_predict": tokens, "temperature": 0}})
+                       "options": {"num_predict": tokens, **OPTIONS}})
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     t0 = time.perf_counter()
     c.request("POST", "/api/generate", body, {"Content-Type": "application/json"})
@@ -85,7 +88,7 @@ def direct(llama: object, prompt: str, tokens: int) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     first = last = 0.0
     n = 0
-    for chunk in llama.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):  # type: ignore[attr-defined]
+    for chunk in llama.create_completion(prompt, max_tokens=tokens, stream=True, **OPTIONS):  # type: ignore[attr-defined]
         if chunk["choices"][0]["text"]:
             now = time.perf_counter()
             if not n:
@@ -99,6 +102,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
+    # One thread on each side by default: with two, llama.cpp's spinning thread
+    # barriers make every run hostage to whatever else the shared machine runs.
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     gguf = find_default_gguf()
     if gguf is None:
@@ -108,7 +114,7 @@ def main() -> None:
         data = Path(tmp) / "data"
         starts, rss = [], []
         for i in range(3):  # the first start registers the model; later ones find it in place
-            proc, port, took = start(data)
+            proc, port, took = start(data, args.threads)
             starts.append(took)
             rss.append(psutil.Process(proc.pid).memory_info().rss / 2**20)
             if i < 2:
@@ -117,7 +123,8 @@ def main() -> None:
         try:
             from llama_cpp import Llama
 
-            llama = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+            llama = Llama(model_path=str(gguf), n_ctx=2048, n_threads=args.threads,
+                          n_threads_batch=args.threads, verbose=False)
             via_node(port, "warm up", 4)  # load the model in the node
             direct(llama, "warm up", 4)
             ttft_node, ttft_direct, tps_node, tps_direct = [], [], [], []
@@ -136,7 +143,8 @@ def main() -> None:
 
     overhead = [(a - b) * 1000 for a, b in zip(ttft_node, ttft_direct)]
     ratio = statistics.median(tps_node) / statistics.median(tps_direct)
-    print(f"runs: {args.runs} interleaved, {args.tokens} tokens each, greedy, raw prompt, {gguf.name}")
+    print(f"runs: {args.runs} interleaved, {args.tokens} tokens each, greedy, raw prompt, "
+          f"{args.threads} thread(s) each side, {gguf.name}")
     print(f"tokens/s   node {statistics.median(tps_node):7.1f}   direct {statistics.median(tps_direct):7.1f}"
           f"   ratio {ratio:.3f}   (target >= 0.95)")
     print(f"TTFT ms    node {statistics.median(ttft_node) * 1000:7.1f}   direct "
