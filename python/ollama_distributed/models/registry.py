@@ -105,7 +105,7 @@ class Registry:
         """Send a request, choosing the scheme on first contact and answering one
         auth challenge. `target` is a path on the registry or a full URL (Location)."""
         if self.scheme is None:
-            await self._choose_scheme(target if isinstance(target, str) else target.path)
+            await self._choose_scheme()
         for attempt in range(2):
             url = self.url(target) if isinstance(target, str) else target
             hdrs = dict(headers or {})
@@ -125,7 +125,7 @@ class Registry:
             return resp
         raise AssertionError("unreachable")
 
-    async def _choose_scheme(self, path: str) -> None:
+    async def _choose_scheme(self) -> None:
         """https first; plain HTTP only when `insecure` allows it."""
         try:
             async with self.session.get(yarl.URL(f"https://{self.host}/v2/"),
@@ -380,8 +380,7 @@ def _progress(hex_digest: str, total: int, completed: int, verb: str = "pulling"
             "total": total, "completed": completed}
 
 
-async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, total: int,
-                         short: str) -> None:
+async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, short: str) -> None:
     last: BaseException | None = None
     failures = 0  # in a row without progress: a flaky link that keeps moving never gives up
     while part.done < part.size:
@@ -434,7 +433,7 @@ async def _download(reg: Registry, name: names.ModelName, partial: _Partial) -> 
     try:
         url = reg.url(f"{_repo(name)}/blobs/sha256:{partial.hex}")
         short = partial.hex[:12]
-        tasks = [asyncio.create_task(_download_part(reg, url, fd, p, partial.size, short))
+        tasks = [asyncio.create_task(_download_part(reg, url, fd, p, short))
                  for p in partial.parts if p.done < p.size]
         try:
             saved = time.monotonic()
