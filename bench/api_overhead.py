@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from ollama_distributed.models.catalog import find_default_gguf
 
 MODEL = "smollm2:135m"
@@ -141,7 +140,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(20)
 
-    overhead = [(a - b) * 1000 for a, b in zip(ttft_node, ttft_direct)]
+    overhead = [(a - b) * 1000 for a, b in zip(ttft_node, ttft_direct, strict=False)]
     ratio = statistics.median(tps_node) / statistics.median(tps_direct)
     print(f"runs: {args.runs} interleaved, {args.tokens} tokens each, greedy, raw prompt, "
           f"{args.threads} thread(s) each side, {gguf.name}")

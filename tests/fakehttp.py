@@ -56,13 +56,13 @@ def iso(offset: float = 0.0) -> str:
 def node_routes(node_id: str, status: str = "healthy", clock_offset: float = 0.0,
                 peers: list[dict[str, Any]] | None = None) -> dict[str, Route]:
     """The answers of a node, shaped like the real ones."""
-    health = lambda: (200, "application/json", json.dumps({
-        "status": status, "timestamp": iso(clock_offset), "version": "0.1.0", "node_id": node_id,
-        "uptime_seconds": 61, "services": {"api": True, "p2p": bool(peers), "p2p_peers": len(peers or []),
-                                           "engine": "mock", "available_nodes": 1 + len(peers or [])},
-    }).encode())
-    nodes = [{"id": node_id, "status": "active", "role": "leader", "local": True, "models": [],
-              "loaded_models": [], "resources": {}}] + list(peers or [])
+    def health():
+        return (200, "application/json", json.dumps({
+            "status": status, "timestamp": iso(clock_offset), "version": "0.1.0", "node_id": node_id,
+            "uptime_seconds": 61, "services": {"api": True, "p2p": bool(peers), "p2p_peers": len(peers or []),
+                                               "engine": "mock", "available_nodes": 1 + len(peers or [])},
+        }).encode())
+    nodes = [{"id": node_id, "status": "active", "role": "leader", "local": True, "models": [], "loaded_models": [], "resources": {}}, *list(peers or [])]
     return {
         "/health": health,
         "/health/live": js({"status": "alive"}),

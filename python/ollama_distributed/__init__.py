@@ -1,6 +1,7 @@
 """ollama-distributed: one Linux machine, or many, as a single LLM endpoint."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("ollama-distributed")

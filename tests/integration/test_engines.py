@@ -15,7 +15,6 @@ from typing import Any
 import ollama
 import openai
 import pytest
-
 from ollama_distributed.models.catalog import find_default_gguf
 
 from ..conftest import MODEL, NodeProc, free_port, start_node

@@ -102,7 +102,7 @@ def test_second_host_joins_and_serves(
     def install(g: Guest) -> None:
         try:
             g.run("apt-get", "install", "-y", "-q", deb, timeout=300)
-        except BaseException as e:  # noqa: BLE001 (re-raised in the test thread)
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=install, args=(g,)) for g in (a, b)]

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from ollama_distributed import config
 from ollama_distributed.errors import ConfigError
 

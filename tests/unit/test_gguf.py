@@ -5,7 +5,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from ollama_distributed.models import gguf_info
 from ollama_distributed.models.catalog import find_default_gguf
 

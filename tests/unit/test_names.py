@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ollama_distributed.errors import BadRequestError
 from ollama_distributed.models import names
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from ollama_distributed.errors import BadRequestError, ModelNotFoundError
 from ollama_distributed.models import catalog, fsutil
 from ollama_distributed.models.store import MODEL_MEDIA, Store, layer

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ollama_distributed.duration import parse_keep_alive
 from ollama_distributed.engines.options import normalise
 from ollama_distributed.engines.templates import render_go

@@ -39,7 +39,7 @@ def _ndjson(obj: dict[str, Any]) -> bytes:
 
 
 def _options(body: dict[str, Any]) -> dict[str, Any]:
-    return field(body, "options", dict, {})
+    return dict(field(body, "options", dict, {}))
 
 
 def _format(body: dict[str, Any]) -> Any:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 import secrets
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import sys
-import socket
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -89,7 +88,7 @@ class Client:
             if e.code == 401:
                 hint = f" (set ${env.API_TOKEN} to one of the node's api.auth_tokens)"
             raise ApiError(f"{msg or e.reason}{hint}", status=e.code) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ApiError(
                 f"cannot reach the node at {self.base}: {reason}. Is it running? Start it with "

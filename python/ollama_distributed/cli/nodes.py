@@ -6,9 +6,8 @@ from typing import Any
 
 import click
 
-from .client import ApiError, Client, human_bytes, print_json, use_color
+from .client import ApiError, Client, checked_api, human_bytes, print_json, use_color
 from .options import api_option, json_option
-from .client import checked_api
 
 HEADERS = ["ID", "NAME", "STATUS", "ROLE", "ADDRESS", "CPU", "MEMORY", "MODELS", "LOADED", "IN FLIGHT"]
 

@@ -30,9 +30,8 @@ import psutil
 from .. import config as cfgmod
 from ..config import Config
 from ..errors import ConfigError
-from .client import ApiError, Client, human_bytes, print_json, use_color
+from .client import ApiError, Client, checked_api, human_bytes, print_json, use_color
 from .options import api_option, json_option
-from .client import checked_api
 
 # A pull or an upload needs room for a whole model; 1 GiB holds the default
 # model ten times over and a small quantised 1B model.

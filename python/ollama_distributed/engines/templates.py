@@ -21,7 +21,7 @@ _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
 def _is_jinja(template: str) -> bool:
-    return "{%" in template or "messages" in template and "{{ ." not in template
+    return "{%" in template or ("messages" in template and "{{ ." not in template)
 
 
 def _parse(template: str) -> list[Any]:

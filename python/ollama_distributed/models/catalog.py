@@ -12,8 +12,16 @@ from typing import Any
 from ..engines import options as opt
 from ..errors import BadRequestError, ModelNotFoundError
 from . import gguf_info, names
-from .store import (LICENSE_MEDIA, MODEL_MEDIA, PARAMS_MEDIA, SYSTEM_MEDIA, TEMPLATE_MEDIA,
-                    ModelRecord, Store, layer)
+from .store import (
+    LICENSE_MEDIA,
+    MODEL_MEDIA,
+    PARAMS_MEDIA,
+    SYSTEM_MEDIA,
+    TEMPLATE_MEDIA,
+    ModelRecord,
+    Store,
+    layer,
+)
 
 logger = logging.getLogger(__name__)
 
