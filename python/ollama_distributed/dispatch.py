@@ -99,7 +99,7 @@ class Dispatcher:
         name = names.parse(model)
         if self.engine.uses_store:
             try:
-                rec = await asyncio.to_thread(self.store.get, name.short)
+                rec = self.store.get(name.short)  # a stat while cached; small files otherwise
                 return rec.name.short, rec
             except ModelNotFoundError:
                 if self.remote is not None and not local_only and self._held_by_peers(name.short):

@@ -82,6 +82,9 @@ class Store:
         self.blobs = root / "blobs"
         self.manifests = root / "manifests"
         self.tmp = root / "tmp"
+        # Parsed records by name, valid while their manifest file is unchanged:
+        # one stat per request instead of re-reading manifest, config and layers.
+        self._records: dict[names.ModelName, tuple[tuple[int, int, int], ModelRecord]] = {}
 
     def ensure(self) -> None:
         for d in (self.blobs, self.manifests, self.tmp):
@@ -224,7 +227,22 @@ class Store:
         return sorted(out)
 
     def get(self, raw_name: object) -> ModelRecord:
+        """The model's record; cheap (one stat) while its manifest is unchanged."""
         name = names.parse(raw_name)
+        try:
+            st = self.manifest_path(name).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            self._records.pop(name, None)
+            raise ModelNotFoundError(str(raw_name)) from None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._records.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rec = self._load(name, raw_name)
+        self._records[name] = (key, rec)
+        return rec
+
+    def _load(self, name: names.ModelName, raw_name: object) -> ModelRecord:
         found = self._read_manifest(name)
         if found is None:
             raise ModelNotFoundError(str(raw_name))
