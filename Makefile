@@ -62,8 +62,13 @@ lint: dev
 	cargo clippy --all-targets -q -- -D warnings
 	$(VENV)/bin/ruff check python tests bench
 
+# Every benchmark prints ratios measured side by side; none fails on a number.
 bench: dev
 	$(PY) bench/api_overhead.py
+	$(PY) bench/forward_overhead.py
+	cargo bench --bench scheduler
+	$(PY) bench/scheduler_decision.py
+	$(PY) bench/registry_pull.py
 
 clean:
 	rm -rf target $(VENV) python/ollama_distributed/_core*.so dist

@@ -60,6 +60,8 @@ class P2PSection:
     join: list[str] = field(default_factory=list)
     token: str = ""
     enabled: bool = True
+    # A peer silent this long is marked down (keep-alives go out 4 times within it).
+    failure_timeout_ms: int = 2000
 
 
 @dataclass
@@ -250,6 +252,7 @@ def _validate(cfg: Config) -> None:
         ("engine", "max_loaded_models"),
         ("api", "max_body_bytes"),
         ("models", "replicas"),
+        ("p2p", "failure_timeout_ms"),
     ):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")

@@ -4,7 +4,11 @@ several nodes can live in one test process."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +30,34 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 # Time to first token: mostly prompt evaluation, plus queueing and loading.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ClusterCounters(Collector):
+    """The cluster core's own counters, read from its status at scrape time
+    (they live in Rust; copying them into Python counters would drift)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        s = self._status()
+        if not s:
+            return
+        p = "ollama_distributed"
+        refused = CounterMetricFamily(f"{p}_peer_refusals", "Peers refused at the QUIC port, by reason.",
+                                      labels=["reason"])
+        refused.add_metric(["bad_token"], float(s.get("joins_refused", 0)))
+        refused.add_metric(["no_certificate"], float(s.get("unauthenticated_refused", 0)))
+        yield refused
+        yield CounterMetricFamily(f"{p}_peer_joins", "Nodes admitted with a join token.",
+                                  value=float(s.get("joins_accepted", 0)))
+        forwards = CounterMetricFamily(f"{p}_peer_forwards", "Requests relayed over QUIC, by direction.",
+                                       labels=["direction"])
+        forwards.add_metric(["in"], float(s.get("forwards_in", 0)))
+        forwards.add_metric(["out"], float(s.get("forwards_out", 0)))
+        yield forwards
+        yield CounterMetricFamily(f"{p}_peers_down", "Times a peer was marked down.",
+                                  value=float(s.get("peers_down_total", 0)))
 
 
 class Metrics:
@@ -59,6 +91,9 @@ class Metrics:
                                            "Dashboard WebSocket clients connected.", registry=r)
         self.build_info = Info(f"{p}_build", "Version of this node.", registry=r)
         self.build_info.info({"version": __version__})
+
+    def bind_cluster(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self.registry.register(ClusterCounters(status))
 
     def bind(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float],
              models_loaded: Callable[[], float]) -> None:

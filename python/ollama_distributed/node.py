@@ -92,6 +92,8 @@ class Node:
         self.name = cfg.node.name or socket.gethostname()
         self.store = Store(self.data_dir / "models")
         self.metrics = Metrics()
+        self.metrics.bind_cluster(
+            lambda: self.cluster.status() if getattr(self, "cluster", None) is not None else None)
         self.engine: Engine = make_engine(cfg, lambda: self.dispatcher)
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()
@@ -149,7 +151,8 @@ class Node:
         api_host = self.cfg.api.host if self.cfg.api.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
         svc = ClusterService(node_id=self.node_id, data_dir=self.data_dir, host=p2p.host, port=p2p.port,
                              join=list(p2p.join), token=p2p.token or None,
-                             api_address=f"http://{api_host}:{self.api_url.rsplit(':', 1)[1]}")
+                             api_address=f"http://{api_host}:{self.api_url.rsplit(':', 1)[1]}",
+                             failure_timeout=p2p.failure_timeout_ms / 1000)
         self.notifier.status("joining the cluster" if p2p.join else "starting the cluster core")
         try:
             await svc.start()

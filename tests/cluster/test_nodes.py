@@ -194,6 +194,13 @@ def test_a_wrong_token_is_refused(trio: dict[str, NodeProc], tmp_path: Path) -> 
     assert "invalid join token" in d.log()
     until("a logs the refusal", 5, lambda: "wrong token" in a.log())
     assert len(status(a)["active_nodes"]) == 3
+    import urllib.request
+
+    with urllib.request.urlopen(a.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    refusals = [line for line in text.splitlines()
+                if line.startswith('ollama_distributed_peer_refusals_total{reason="bad_token"}')]
+    assert refusals and float(refusals[0].split()[-1]) >= 1, "refused joins are counted in metrics"
 
 
 def test_kill9_the_leader_then_it_rejoins(trio: dict[str, NodeProc]) -> None:
