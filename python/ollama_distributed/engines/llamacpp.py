@@ -212,7 +212,15 @@ class LlamaCppEngine:
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        fut = loop.run_in_executor(self._pool, self._run, llama, lm, req, opts, cancel, emit)
+        def run() -> None:
+            try:
+                self._generate_blocking(llama, lm, req, opts, cancel, emit)
+            except BaseException as e:  # crosses to the event loop as an error chunk
+                logger.exception("generation failed for %s", req.model)
+                emit(e if isinstance(e, (BadRequestError, EngineError))
+                     else EngineError(f"generation failed: {e}"))
+
+        fut = loop.run_in_executor(self._pool, run)
         try:
             while True:
                 item = await queue.get()
@@ -229,21 +237,6 @@ class LlamaCppEngine:
             # The worker returns at its next token; wait so the slot is really free.
             with contextlib.suppress(Exception):
                 await asyncio.shield(fut)
-
-    def _run(
-        self,
-        llama: Any,
-        lm: _Loaded,
-        req: InferenceRequest,
-        opts: dict[str, Any],
-        cancel: CancelToken,
-        emit: Callable[[Any], None],
-    ) -> None:
-        try:
-            self._generate_blocking(llama, lm, req, opts, cancel, emit)
-        except BaseException as e:  # crosses to the event loop as an error chunk
-            logger.exception("generation failed for %s", req.model)
-            emit(e if isinstance(e, (BadRequestError, EngineError)) else EngineError(f"generation failed: {e}"))
 
     def _generate_blocking(
         self,

@@ -142,18 +142,14 @@ def create(store: Store, body: dict[str, Any], progress: Callable[[str], None]) 
         if new is not None:
             layers.append(new)
 
-    template = body.get("template")
-    if template is not None:
-        if not isinstance(template, str):
-            raise BadRequestError("create: 'template' must be a string")
-        progress("creating template layer")
-        replace(TEMPLATE_MEDIA, _text_layer(store, TEMPLATE_MEDIA, template))
-    system = body.get("system")
-    if system is not None:
-        if not isinstance(system, str):
-            raise BadRequestError("create: 'system' must be a string")
-        progress("creating system layer")
-        replace(SYSTEM_MEDIA, _text_layer(store, SYSTEM_MEDIA, system))
+    for key, media in (("template", TEMPLATE_MEDIA), ("system", SYSTEM_MEDIA)):
+        text = body.get(key)
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise BadRequestError(f"create: '{key}' must be a string")
+        progress(f"creating {key} layer")
+        replace(media, _text_layer(store, media, text))
     lic = body.get("license")
     if lic is not None:
         if isinstance(lic, list):
