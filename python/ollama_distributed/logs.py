@@ -83,7 +83,7 @@ def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None,
     if issubclass(exc_type, KeyboardInterrupt):
         sys.__excepthook__(exc_type, exc or exc_type(), tb)
         return
-    logging.getLogger("ollama_distributed").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+    logging.getLogger("ollama_distributed").critical("uncaught exception", exc_info=(exc_type, exc or exc_type(), tb))
 
 
 def fatal(message: str) -> None:

@@ -7,9 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,12 +15,14 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from . import __version__
 
 # `_created` gauges double the series count and Prometheus does not use them
 # from the text format; leave them out.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Buckets for whole requests on a CPU: from a cached short answer to a long one.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -15,11 +15,11 @@ from aiohttp import web
 
 from .. import __version__
 from ..engines.base import InferenceRequest
-from ..errors import BadRequestError, ModelNotFoundError, NotAvailableError, OllamaDistributedError
+from ..errors import BadRequestError, NotAvailableError
 from ..models import catalog, gguf_info, names, registry
 from ..models.fsutil import storage_error
 from ..models.store import ModelRecord
-from .common import collect, error_response, field, iso, now_iso, read_json, stream_lines
+from .common import collect, field, iso, now_iso, read_json, stream_lines
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -365,7 +365,7 @@ async def _transfer(request: web.Request, kind: str) -> web.StreamResponse:
     an {"error": ...} line, as Ollama does."""
     body = await read_json(request)
     model = body.get("model") or body.get("name")
-    name = names.parse(model)
+    names.parse(model)  # a hostile name is a 400 before anything else
     insecure = field(body, "insecure", bool, False)
     stream = field(body, "stream", bool, True)
     node = _node(request)

@@ -17,7 +17,7 @@ from .options import api_option, json_option
 def _table(rows: list[list[str]], headers: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     for r in [headers, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 @click.group()

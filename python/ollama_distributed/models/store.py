@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import BadRequestError, ModelNotFoundError
 from . import names
 from .fsutil import StorageError, atomic_write, fsync_dir, storage_error
+from .names import ModelName
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Store:
         self.tmp = root / "tmp"
         # Parsed records by name, valid while their manifest file is unchanged:
         # one stat per request instead of re-reading manifest, config and layers.
-        self._records: dict[names.ModelName, tuple[tuple[int, int, int], ModelRecord]] = {}
+        self._records: dict[ModelName, tuple[tuple[int, int, int], ModelRecord]] = {}
 
     def ensure(self) -> None:
         for d in (self.blobs, self.manifests, self.tmp):
@@ -96,7 +97,8 @@ class Store:
         # An interrupted registry pull (models/registry.py) keeps its parts to
         # resume; one nobody came back for in a week only holds disk.
         now = time.time()
-        for partial in self.tmp.glob("pull-*"):
+        # Peer transfers (rust/blobs) resume from tmp/p2p-*.partial the same way.
+        for partial in (*self.tmp.glob("pull-*"), *self.tmp.glob("p2p-*")):
             with contextlib.suppress(OSError):
                 if now - partial.stat().st_mtime > PULL_PARTIAL_MAX_AGE:
                     partial.unlink()
@@ -242,7 +244,7 @@ class Store:
         self._records[name] = (key, rec)
         return rec
 
-    def _load(self, name: names.ModelName, raw_name: object) -> ModelRecord:
+    def _load(self, name: ModelName, raw_name: object) -> ModelRecord:
         found = self._read_manifest(name)
         if found is None:
             raise ModelNotFoundError(str(raw_name))
