@@ -15,12 +15,14 @@ use std::time::Duration;
 use pyo3::exceptions::{PyPermissionError, PyRuntimeError};
 use pyo3::prelude::*;
 
+use crate::blobs::BlobError;
 use crate::cluster::{self, ClusterConfig, ClusterError};
 use crate::forward::{self, ForwardError};
 use crate::python::runtime;
 use crate::transport::tls::TlsMaterial;
 
 pyo3::import_exception!(ollama_distributed.errors, PeerUnavailableError);
+pyo3::import_exception!(ollama_distributed.errors, DigestMismatchError);
 
 fn cluster_err(e: ClusterError) -> PyErr {
     match e {
@@ -41,6 +43,21 @@ fn forward_err(e: ForwardError) -> PyErr {
             };
             build().unwrap_or_else(|e| e)
         }),
+    }
+}
+
+fn blob_err(e: BlobError) -> PyErr {
+    match e {
+        BlobError::DigestMismatch { .. } => DigestMismatchError::new_err(e.to_string()),
+        BlobError::Unavailable(m) => PeerUnavailableError::new_err(m),
+        BlobError::Remote { status, message } => {
+            forward_err(ForwardError::Remote { status, message })
+        }
+        BlobError::BadDigest(_) | BlobError::BadPath(_) => forward_err(ForwardError::Remote {
+            status: 400,
+            message: e.to_string(),
+        }),
+        other => PyRuntimeError::new_err(other.to_string()),
     }
 }
 
@@ -193,6 +210,59 @@ impl Cluster {
             Some(Err(e)) => Err(forward_err(e)),
             None => Ok(None),
         }
+    }
+
+    /// Serve and store model blobs under `models_dir`, at most
+    /// `bytes_per_sec` in and out (0: no cap).
+    fn configure_blobs(&self, models_dir: PathBuf, bytes_per_sec: u64) -> PyResult<()> {
+        self.running()?.configure_blobs(models_dir, bytes_per_sec);
+        Ok(())
+    }
+
+    /// Fetch blob `digest` from `node_id` into the store, verified, resuming
+    /// a partial; resolves to the blob's path.
+    fn fetch_blob<'py>(
+        &self,
+        py: Python<'py>,
+        node_id: String,
+        digest: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let p = runtime()
+                .spawn(async move { c.fetch_blob(&node_id, &digest).await })
+                .await
+                .map_err(join_err)?
+                .map_err(blob_err)?;
+            Ok(p.to_string_lossy().into_owned())
+        })
+    }
+
+    /// The bytes of manifest `path` (registry/namespace/name/tag) on
+    /// `node_id`, checked against `digest` when given.
+    #[pyo3(signature = (node_id, path, digest=None))]
+    fn fetch_manifest<'py>(
+        &self,
+        py: Python<'py>,
+        node_id: String,
+        path: String,
+        digest: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let b = runtime()
+                .spawn(async move { c.fetch_manifest(&node_id, &path, digest.as_deref()).await })
+                .await
+                .map_err(join_err)?
+                .map_err(blob_err)?;
+            Ok(b)
+        })
+    }
+
+    /// Blob transfers in progress and totals, as JSON (see `blobs::TransferStatus`).
+    fn transfer_status_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.running()?.transfer_status())
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
     /// A forwarded request already waiting, or None: saves a trip through

@@ -91,6 +91,9 @@ class SchedulerSection:
 class ModelsSection:
     default: str = "smollm2:135m"  # "" registers no bundled model (a node that pulls its models)
     replicas: int = 2
+    # Cap on peer-to-peer model transfers, in and out, in megabits per second,
+    # so replication does not starve inference traffic; 0 = unlimited.
+    replication_bandwidth_mbps: int = 0
 
 
 @dataclass
@@ -258,6 +261,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")
     if cfg.engine.max_queue < 0:
         raise ConfigError(f"{where}: engine.max_queue: expected an integer >= 0")
+    if cfg.models.replication_bandwidth_mbps < 0:
+        raise ConfigError(f"{where}: models.replication_bandwidth_mbps: expected an integer >= 0 (0 = unlimited)")
     from .duration import parse_keep_alive
 
     try:

@@ -49,6 +49,12 @@ class PeerUnavailableError(OllamaDistributedError):
     status = 502
 
 
+class DigestMismatchError(OllamaDistributedError):
+    """Bytes from a peer or a registry are not the digest they were asked for."""
+
+    status = 502
+
+
 class EngineError(OllamaDistributedError):
     status = 500
 

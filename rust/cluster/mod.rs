@@ -27,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::blobs::{BlobError, Blobs, TransferStatus};
 use crate::consensus::network::{Network, Rpc, RpcError};
 use crate::consensus::store::FileStore;
 use crate::consensus::{raft_config, raft_id, Command, NodeMeta, RaftNode, MAX_VOTERS};
@@ -173,6 +174,8 @@ pub struct Cluster {
     learned_ip: Mutex<Option<std::net::IpAddr>>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Model blobs and manifests to and from peers.
+    blobs: Blobs,
 }
 
 fn valid_node_id(id: &str) -> bool {
@@ -287,6 +290,7 @@ impl Cluster {
             learned_ip: Mutex::new(None),
             shutdown,
             tasks: Mutex::new(Vec::new()),
+            blobs: Blobs::default(),
         });
         let tasks = vec![
             tokio::spawn(cluster.clone().accept_loop()),
@@ -496,6 +500,40 @@ impl Cluster {
         forward::open(&conn, request).await
     }
 
+    /// Serve and store model blobs under `models_dir` (the store's root),
+    /// moving at most `bytes_per_sec` in and out (0: no cap).
+    pub fn configure_blobs(&self, models_dir: PathBuf, bytes_per_sec: u64) {
+        self.blobs.configure(models_dir, bytes_per_sec);
+    }
+
+    /// Fetch blob `digest` from `peer` into the store (resuming a partial).
+    pub async fn fetch_blob(&self, peer: &str, digest: &str) -> Result<PathBuf, BlobError> {
+        let conn = self
+            .mesh
+            .connection(peer)
+            .ok_or_else(|| BlobError::Unavailable(format!("no connection to node '{peer}'")))?;
+        self.blobs.fetch_blob(&conn, peer, digest).await
+    }
+
+    /// The bytes of manifest `path` on `peer`, checked against `digest`.
+    pub async fn fetch_manifest(
+        &self,
+        peer: &str,
+        path: &str,
+        digest: Option<&str>,
+    ) -> Result<Vec<u8>, BlobError> {
+        let conn = self
+            .mesh
+            .connection(peer)
+            .ok_or_else(|| BlobError::Unavailable(format!("no connection to node '{peer}'")))?;
+        self.blobs.fetch_manifest(&conn, path, digest).await
+    }
+
+    /// Blob transfers in progress and totals.
+    pub fn transfer_status(&self) -> TransferStatus {
+        self.blobs.status()
+    }
+
     /// The next request forwarded to this node; None once stopped.
     pub async fn next_inbound(&self) -> Option<Inbound> {
         let mut stop = self.shutdown.subscribe();
@@ -667,6 +705,14 @@ impl Cluster {
                     i.reply
                         .error(503, "the node's forwarded request queue is full".into());
                 }
+            }
+            Kind::FetchBlob => {
+                let from = peer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_default();
+                self.blobs.serve(&from, &first.payload, send).await;
             }
             Kind::JoinRequest => {
                 let (kind, body) = self.handle_join(&conn, &first.payload).await;

@@ -40,6 +40,12 @@ pub enum Kind {
     Chunk = 12,
     End = 13,
     Error = 14,
+    /// Ask a peer for a blob from an offset, or a manifest (`crate::blobs`).
+    FetchBlob = 15,
+    /// `{"size": total}`, then BlobData… then End or Error.
+    BlobInfo = 16,
+    /// Raw bytes of a blob or manifest.
+    BlobData = 17,
 }
 
 impl Kind {
@@ -61,6 +67,9 @@ impl Kind {
             12 => Chunk,
             13 => End,
             14 => Error,
+            15 => FetchBlob,
+            16 => BlobInfo,
+            17 => BlobData,
             _ => return None,
         })
     }

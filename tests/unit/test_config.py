@@ -21,6 +21,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert (cfg.api.host, cfg.api.port, cfg.web.port, cfg.p2p.port) == ("127.0.0.1", 8080, 8081, 4001)
     assert cfg.engine.kind == "llamacpp" and cfg.engine.max_queue == 512
     assert cfg.api.max_body_bytes == 32 * 1024 * 1024
+    assert (cfg.models.replicas, cfg.models.replication_bandwidth_mbps) == (2, 0)
 
 
 def test_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -63,6 +64,8 @@ def test_precedence_flag_env_file(tmp_path: Path) -> None:
     ("api: {port: 1\n", "invalid YAML at line"),
     ("api: {port: 70000}\n", "api.port: expected a port"),
     ("engine: {kind: openai}\n", "engine.upstream"),
+    ("models: {replication_bandwidth_mbps: -1}\n", "models.replication_bandwidth_mbps: expected an integer >= 0"),
+    ("models: {replication_bandwidth_mbps: fast}\n", "models.replication_bandwidth_mbps: expected an integer"),
 ])
 def test_errors_name_file_key_and_expectation(tmp_path: Path, text: str, needle: str) -> None:
     f = write(tmp_path / "bad.yaml", text)

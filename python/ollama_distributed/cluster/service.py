@@ -110,6 +110,32 @@ class ClusterService:
     def publish_advert(self, advert: dict[str, Any]) -> None:
         self._core.publish_advert(json.dumps(advert, separators=(",", ":")).encode())
 
+    # ---- model blobs between peers ---------------------------------------------
+
+    def configure_blobs(self, models_dir: pathlib.Path, bandwidth_mbps: int = 0) -> None:
+        """Serve and store blobs under the model store's root; cap transfers at
+        `bandwidth_mbps` megabits per second in and out (0: no cap)."""
+        self._core.configure_blobs(str(models_dir), int(bandwidth_mbps) * 125_000)
+
+    async def fetch_blob(self, node_id: str, digest: str) -> pathlib.Path:
+        """Fetch blob `digest` from `node_id` into the store, sha256 verified and
+        renamed into place only when whole; a partial from an earlier attempt is
+        resumed. DigestMismatchError when the peer's bytes are not the digest
+        (the partial is discarded), PeerUnavailableError when the stream broke
+        (the partial is kept), ModelNotFoundError when the peer lacks it."""
+        return pathlib.Path(await self._core.fetch_blob(node_id, digest))
+
+    async def fetch_manifest(self, node_id: str, path: str, digest: str | None = None) -> bytes:
+        """Manifest `registry/namespace/name/tag` from `node_id`, checked against `digest`."""
+        data: bytes = await self._core.fetch_manifest(node_id, path, digest)
+        return data
+
+    def transfers(self) -> dict[str, Any]:
+        """Blob transfers in progress (direction, peer, digest, offset, bytes, total,
+        elapsed_s, bytes_per_sec) and totals since start."""
+        st: dict[str, Any] = json.loads(self._core.transfer_status_json())
+        return st
+
     # ---- forwarding -----------------------------------------------------------
 
     def set_inbound_handler(self, handler: InboundHandler) -> None:
