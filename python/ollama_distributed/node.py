@@ -98,6 +98,7 @@ class Node:
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()
         self.cluster: Any = None  # ClusterService once the cluster core runs
+        self.replicator: Any = None  # cluster.replication.Replicator with the cluster core
         self.p2p_reason = ""
         self._peers: set[str] = set()
         self.started_at = time.time()
@@ -163,7 +164,14 @@ class Node:
             raise ConfigError(f"cannot start the P2P listener on {p2p.host}:{p2p.port}/udp: {e}; "
                               "free the port or set p2p.port (--p2p-port)") from None
         svc.set_inbound_handler(self.dispatcher.handle_inbound)
+        svc.configure_blobs(self.store.root, self.cfg.models.replication_bandwidth_mbps)
         self.cluster = svc
+        if self.engine.uses_store:
+            from .cluster.replication import Replicator
+
+            self.replicator = Replicator(self.store, svc, self.node_id, self.cfg.models.replicas,
+                                         on_change=self.models_changed)
+            self._replication_task = asyncio.create_task(self.replicator.run(), name="replication")
         self.dispatcher.remote = svc
 
     async def _serve(self, app: web.Application, host: str, port: int) -> str:
@@ -184,11 +192,11 @@ class Node:
     async def stop(self) -> None:
         self.ready = False
         self.notifier.stopping()
-        task = getattr(self, "_advert_task", None)
-        if task:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (getattr(self, "_advert_task", None), getattr(self, "_replication_task", None)):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.notifier.stop_watchdog()
         for runner in reversed(self._runners):
             await runner.cleanup()
@@ -263,6 +271,7 @@ class Node:
             "models": d.local_models(), "loaded": [m.name for m in self.engine.loaded()],
             "in_flight": d.scheduler.total_in_flight(), "queue_depth": d.scheduler.queue_depth(),
             "max_queue": self.cfg.engine.max_queue, "engine": self.engine.kind,
+            **(self.replicator.advert_fields() if self.replicator is not None else {}),
         }
 
     def _refresh_local_node(self) -> None:

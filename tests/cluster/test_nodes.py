@@ -6,6 +6,7 @@ a wrong token refused, kill -9 of the leader and of a node mid-request."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -21,6 +22,20 @@ import pytest
 from ..conftest import CLI, MODEL, NodeProc, start_node
 
 pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module", autouse=True)
+def models_stay_where_they_are() -> Iterator[None]:
+    """These tests place models on chosen nodes; replication (test_replication)
+    would copy them elsewhere, so each model keeps its one copy here."""
+    key = "OLLAMA_DISTRIBUTED_MODELS_REPLICAS"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    yield
+    if old is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = old
 
 
 def step(msg: str) -> None:

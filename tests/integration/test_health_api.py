@@ -65,7 +65,8 @@ def test_openapi_describes_every_route(node: NodeProc) -> None:
               "/api/blobs/{digest}", "/", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
               "/v1/models", "/v1/models/{model}", "/health", "/health/live", "/health/ready",
               "/api/distributed/status", "/api/distributed/nodes", "/api/distributed/metrics",
-              "/api/distributed/models", "/metrics", "/api/openapi.json"):
+              "/api/distributed/models", "/api/distributed/replication/status", "/metrics",
+              "/api/openapi.json"):
         assert p in paths, p
     assert spec["openapi"].startswith("3.")  # type: ignore[index]
 

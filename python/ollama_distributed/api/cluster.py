@@ -105,6 +105,15 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"models": await _node(request).cluster_models(), "timestamp": now_iso()})
 
 
+async def replication_status(request: web.Request) -> web.Response:
+    """Blob transfers in progress with bytes and rates, models being replicated, totals."""
+    node = _node(request)
+    if node.replicator is None:
+        return web.json_response({"error": f"replication needs the cluster core and a model store "
+                                  f"({node.p2p_reason or 'engine ' + node.engine.kind})"}, status=409)
+    return web.json_response({**node.replicator.status(), "timestamp": now_iso()})
+
+
 async def prometheus(request: web.Request) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -137,5 +146,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/distributed/nodes", nodes)
     r.add_get("/api/distributed/metrics", metrics)
     r.add_get("/api/distributed/models", models)
+    r.add_get("/api/distributed/replication/status", replication_status)
     r.add_get("/metrics", prometheus)
     r.add_get("/api/distributed/token", token)

@@ -352,6 +352,8 @@ async def delete(request: web.Request) -> web.Response:
     node = _node(request)
     name = names.parse(model).short
     await asyncio.to_thread(node.store.delete, model)
+    if node.replicator is not None:  # every node removes its copy (a tombstone in adverts)
+        node.replicator.record_delete(name)
     await node.engine.unload(name)
     await node.models_changed()
     return web.Response(status=200)

@@ -33,7 +33,8 @@ def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
     op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": ok, "content": content}}}
     for code in errors:
         op["responses"][str(code)] = {"description": {400: "Bad request", 401: "Unauthorized",
-                                      404: "Unknown model", 413: "Body too large",
+                                      404: "Unknown model", 409: "Not running on this node",
+                                      413: "Body too large",
                                       501: "Not available", 502: "Registry unreachable or answered garbage",
                                       503: "Busy: see Retry-After", 507: "No space left"}[code],
                                       "content": {"application/json": {"schema": _ERR}}}
@@ -101,6 +102,9 @@ def spec() -> dict[str, Any]:
         "/api/distributed/nodes": {"get": _op("Cluster nodes with resources", errors=())},
         "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
         "/api/distributed/models": {"get": _op("Models and the nodes holding them", errors=())},
+        "/api/distributed/replication/status": {"get": _op(
+            "Peer-to-peer model replication: blob transfers in progress (direction, peer, digest, offset, "
+            "bytes, total, bytes_per_sec), models being replicated, totals, tombstones", errors=(409,))},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/api/openapi.json": {"get": _op("This document", errors=())},

@@ -1,0 +1,147 @@
+"""Peer-to-peer model replication through real node processes on the mock
+engine: a model created at A is copied to B, and to C when it joins late,
+byte-identical, over QUIC; a peer whose blob is not its digest is caught and
+nothing is left behind; a delete at B removes the model everywhere and
+replication does not bring it back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..conftest import NodeProc, start_node
+from .test_nodes import join_args, post, step, token_of, until
+
+pytestmark = pytest.mark.cluster
+
+# replicas=3, no bundled model (nothing to copy at start), the mock engine.
+ENV = {"OLLAMA_DISTRIBUTED_MODELS_REPLICAS": "3", "OLLAMA_DISTRIBUTED_MODELS_DEFAULT": ""}
+MODEL = "replica-test:latest"
+MANIFEST = Path("manifests/registry.ollama.ai/library/replica-test/latest")
+
+
+def tiny_gguf(size: int) -> bytes:
+    """A valid GGUF header (llama, no tensors) followed by `size` random bytes."""
+    def s(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 2)
+    head += s(b"general.architecture") + struct.pack("<I", 8) + s(b"llama")
+    head += s(b"general.name") + struct.pack("<I", 8) + s(b"replica-test")
+    return head + os.urandom(size)
+
+
+def store(n: NodeProc) -> Path:
+    return n.data_dir / "models"
+
+
+def files_of(n: NodeProc) -> dict[str, bytes]:
+    """The manifest and every blob it names, by relative path."""
+    root = store(n)
+    raw = (root / MANIFEST).read_bytes()
+    m = json.loads(raw)
+    out = {str(MANIFEST): raw}
+    for layer in [m["config"], *m["layers"]]:
+        rel = "blobs/" + layer["digest"].replace(":", "-")
+        out[rel] = (root / rel).read_bytes()
+    return out
+
+
+def replication(n: NodeProc) -> dict[str, Any]:
+    r: dict[str, Any] = n.get("/api/distributed/replication/status")  # type: ignore[assignment]
+    return r
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[dict[str, NodeProc]]:
+    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a", env=ENV)
+    b = start_node(tmp_path, "--engine", "mock", *join_args(a, token_of(a)), data_dir=tmp_path / "b", env=ENV)
+    nodes = {"a": a, "b": b}
+    until("a and b see each other", 20,
+          lambda: all(a.get("/health")["services"]["p2p_peers"] == 1 for a in nodes.values()))  # type: ignore[index]
+    yield nodes
+    for n in nodes.values():
+        n.stop()
+
+
+def test_created_at_a_copied_to_b_and_a_late_joiner_then_deleted_everywhere(
+        pair: dict[str, NodeProc], tmp_path: Path) -> None:
+    a, b = pair["a"], pair["b"]
+    step("upload a 6 MiB GGUF to a and create a model from it with its own system prompt")
+    data = tiny_gguf(6 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 201
+    post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "system": "Be terse.",
+                                 "stream": False})
+    want = files_of(a)
+    assert len(want) == 4  # manifest, config, model, system
+
+    step("b holds a byte-identical copy")
+    took = until("the model on b", 30, lambda: (store(b) / MANIFEST).is_file())
+    assert files_of(b) == want
+    print(f"replicated to b in {took:.2f}s")
+    rb = replication(b)
+    assert rb["totals"]["bytes_in"] >= len(data) and rb["totals"]["completed_in"] >= 3
+    assert rb["models_replicated_total"] == 1 and rb["replicas"] == 3
+    assert replication(a)["totals"]["bytes_out"] >= len(data)
+    assert not [p for p in (store(b) / "tmp").iterdir() if p.name.startswith("p2p-")]
+    until("b lists the model", 10, lambda: MODEL in [m["name"] for m in b.get("/api/tags")["models"]])  # type: ignore[index]
+
+    step("c joins late and receives its copy")
+    c = start_node(tmp_path, "--engine", "mock", *join_args(a, token_of(a)), data_dir=tmp_path / "c", env=ENV)
+    try:
+        until("the model on c", 30, lambda: (store(c) / MANIFEST).is_file())
+        assert files_of(c) == want
+
+        step("delete at b: gone from a, b and c, and not brought back")
+        req = urllib.request.Request(b.url + "/api/delete", data=json.dumps({"model": MODEL}).encode(),
+                                     method="DELETE", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        until("the model gone everywhere", 20,
+              lambda: not any((store(n) / MANIFEST).exists() for n in (a, b, c)))
+        time.sleep(3)  # several replication passes
+        assert not any((store(n) / MANIFEST).exists() for n in (a, b, c))
+        assert replication(a)["models_deleted_total"] == 1
+        assert MODEL in replication(c)["tombstones"]
+    finally:
+        c.stop()
+
+
+def test_a_blob_that_is_not_its_digest_is_refused(pair: dict[str, NodeProc]) -> None:
+    a, b = pair["a"], pair["b"]
+    step("a's disk holds a model whose blob was corrupted (the bytes are not the name)")
+    good = tiny_gguf(1 << 20)
+    hexd = hashlib.sha256(good).hexdigest()
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    (store(a) / "blobs" / f"sha256-{hexd}").write_bytes(bytes(bad))
+    cfg = b"{}"
+    cfg_hex = hashlib.sha256(cfg).hexdigest()
+    (store(a) / "blobs" / f"sha256-{cfg_hex}").write_bytes(cfg)
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                           "digest": f"sha256:{cfg_hex}", "size": len(cfg)},
+                "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{hexd}",
+                            "size": len(good)}]}
+    (store(a) / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
+    (store(a) / MANIFEST).write_bytes(json.dumps(manifest).encode())
+
+    step("b tries to replicate it: the digest mismatch is detected, nothing is left")
+    until("b sees the mismatch", 20, lambda: replication(b)["totals"]["digest_mismatches"] >= 1)
+    st = replication(b)
+    assert "digest mismatch" in (st["last_error"] or ""), st
+    assert not (store(b) / "blobs" / f"sha256-{hexd}").exists()
+    assert not (store(b) / MANIFEST).exists()
+    assert not [p for p in (store(b) / "tmp").iterdir() if p.name.startswith("p2p-")]
