@@ -69,6 +69,7 @@ bench: dev
 	cargo bench --bench scheduler
 	$(PY) bench/scheduler_decision.py
 	$(PY) bench/registry_pull.py
+	$(PY) bench/replication.py
 
 clean:
 	rm -rf target $(VENV) python/ollama_distributed/_core*.so dist

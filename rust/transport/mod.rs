@@ -74,6 +74,12 @@ pub fn transport_config(failure_timeout: Duration) -> Arc<quinn::TransportConfig
     // 256 concurrent forwarded streams per peer plus Raft and adverts.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(256));
+    // Flow-control windows sized for blob transfers (rust/blobs): quinn's
+    // defaults (1.25 MB per stream) cap a loopback copy well below the disk's
+    // speed; these are limits on bytes in flight, not allocations.
+    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.send_window(16 << 20);
     Arc::new(t)
 }
 
