@@ -50,7 +50,8 @@ class Node:
             [*CLI, "start", "--engine", "mock", "--data-dir", str(self.data), "--api-port", str(self.api),
              "--web-port", str(free_port()), "--p2p-port", str(self.p2p), "--log-level", "warning", *args],
             stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"),
-            env={**os.environ, "HOME": str(tmp), **(env or {})})
+            # replicas=1: B keeps the only copy, so every request at A is forwarded
+            env={**os.environ, "HOME": str(tmp), "OLLAMA_DISTRIBUTED_MODELS_REPLICAS": "1", **(env or {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
