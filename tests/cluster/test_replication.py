@@ -2,13 +2,16 @@
 engine: a model created at A is copied to B, and to C when it joins late,
 byte-identical, over QUIC; a peer whose blob is not its digest is caught and
 nothing is left behind; a delete at B removes the model everywhere and
-replication does not bring it back."""
+replication does not bring it back; a source killed with -9 mid-transfer and
+the copy resumes from the other holder; with replicas=2 of 3 a killed
+holder is replaced."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 import struct
 import time
 import urllib.request
@@ -145,3 +148,85 @@ def test_a_blob_that_is_not_its_digest_is_refused(pair: dict[str, NodeProc]) -> 
     assert not (store(b) / "blobs" / f"sha256-{hexd}").exists()
     assert not (store(b) / MANIFEST).exists()
     assert not [p for p in (store(b) / "tmp").iterdir() if p.name.startswith("p2p-")]
+
+
+def test_a_holder_killed_mid_transfer_the_copy_resumes_from_the_other(
+        pair: dict[str, NodeProc], tmp_path: Path) -> None:
+    a, b = pair["a"], pair["b"]
+    step("a 24 MiB model on a and b; c joins with a 32 Mbit/s cap, so its copy takes seconds")
+    data = tiny_gguf(24 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 201
+    post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+    want = files_of(a)
+    until("the model on b", 30, lambda: (store(b) / MANIFEST).is_file())
+    ids = {a.get("/api/distributed/status")["node_id"]: a, b.get("/api/distributed/status")["node_id"]: b}  # type: ignore[index]
+    c = start_node(tmp_path, "--engine", "mock", *join_args(a, token_of(a)), data_dir=tmp_path / "c",
+                   env={**ENV, "OLLAMA_DISTRIBUTED_MODELS_REPLICATION_BANDWIDTH_MBPS": "32"})
+    try:
+        seen: dict[str, Any] = {}
+
+        def big_transfer_under_way() -> bool:
+            for t in replication(c)["transfers"]:
+                # past the 8 MiB flow-control window, the source sends only as c reads
+                if t["direction"] == "in" and t["total"] > (20 << 20) and t["bytes"] > (10 << 20):
+                    seen.update(t)
+                    return True
+            return False
+
+        until("c's copy under way", 30, big_transfer_under_way)
+        source = ids[seen["peer"]]
+        step(f"kill -9 the source ({seen['peer']}) at {seen['bytes']} of {seen['total']} bytes")
+        source.stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        until("the model on c", 60, lambda: (store(c) / MANIFEST).is_file())
+        # the rest (at least the 24 - 18 MiB beyond both windows) at 4 MB/s
+        assert time.monotonic() - t0 > 1.0
+        assert files_of(c) == want
+        st = replication(c)
+        assert st["totals"]["failed_in"] >= 1, st
+        # resumed, not restarted: every blob byte crossed once
+        assert st["totals"]["bytes_in"] == sum(len(v) for k, v in want.items() if k.startswith("blobs/")), st
+    finally:
+        c.stop()
+
+
+def test_replicas_2_of_3_and_the_count_restored_after_kill_9(tmp_path: Path) -> None:
+    env = {**ENV, "OLLAMA_DISTRIBUTED_MODELS_REPLICAS": "2"}
+    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a", env=env)
+    token = token_of(a)
+    b = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "b", env=env)
+    c = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "c", env=env)
+    nodes = [a, b, c]
+    try:
+        until("three nodes connected", 20,
+              lambda: all(n.get("/health")["services"]["p2p_peers"] == 2 for n in nodes))  # type: ignore[index]
+        step("create at a with replicas=2: exactly one of b and c takes a copy")
+        data = tiny_gguf(2 << 20)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 201
+        post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+        want = files_of(a)
+
+        def holders() -> list[NodeProc]:
+            return [n for n in nodes if n.proc.poll() is None and (store(n) / MANIFEST).is_file()]
+
+        until("two copies", 20, lambda: len(holders()) == 2)
+        time.sleep(3)  # several passes: no third copy
+        assert len(holders()) == 2
+        other = next(n for n in holders() if n is not a)
+        spare = next(n for n in (b, c) if n is not other)
+        step("kill -9 the other holder: the spare restores the count")
+        other.stop(signal.SIGKILL)
+        until("the spare's copy", 30, lambda: (store(spare) / MANIFEST).is_file())
+        assert files_of(spare) == want
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.stop()
