@@ -3,8 +3,9 @@ its own, joined by a veth pair. The second joins the first with the token from
 `ollama-distributed cluster token`, and a generate sent to one node is served
 by the other (seen in both nodes' Prometheus counters).
 
-Each host registers the bundled model under its own name (models.default), so
-a request for A's model sent to B can only be served by A, and the other way.
+Each host registers the bundled model under its own name (models.default),
+with models.replicas 1, so a request for A's model sent to B can only be
+served by A, and the other way.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def two_netns() -> Iterator[tuple[str, str]]:
 
 
 def configure(g: Guest, p2p_host: str, model: str, join: str = "", token: str = "") -> None:
-    conf = g.read(CONF) + f"\nmodels:\n  default: {json.dumps(model)}\n"
+    # replicas: 1 keeps each model on its own host, so only forwarding can serve it elsewhere
+    conf = g.read(CONF) + f"\nmodels:\n  default: {json.dumps(model)}\n  replicas: 1\n"
     conf = re.sub(r"(?m)^(p2p:\n(?:  #.*\n)*)  host: .*$", rf"\g<1>  host: {p2p_host}", conf)
     assert f"  host: {p2p_host}" in conf, "packaged config has no p2p.host to set"
     conf = conf.replace("  join: []", f"  join: [{json.dumps(join)}]" if join else "  join: []")
