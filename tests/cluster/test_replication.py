@@ -97,6 +97,9 @@ def test_created_at_a_copied_to_b_and_a_late_joiner_then_deleted_everywhere(
     rb = replication(b)
     assert rb["totals"]["bytes_in"] >= len(data) and rb["totals"]["completed_in"] >= 3
     assert rb["models_replicated_total"] == 1 and rb["replicas"] == 3
+    until("b's catalogue names both holders", 5,
+          lambda: [(m["model"], len(m["holders"]), m["replicas"]) for m in replication(b)["models"]]
+          == [(MODEL, 2, 2)])
     assert replication(a)["totals"]["bytes_out"] >= len(data)
     assert not [p for p in (store(b) / "tmp").iterdir() if p.name.startswith("p2p-")]
     until("b lists the model", 10, lambda: MODEL in [m["name"] for m in b.get("/api/tags")["models"]])  # type: ignore[index]

@@ -50,8 +50,11 @@ logger = logging.getLogger(__name__)
 # A tombstone is kept this long: far beyond any node's absence we expect to
 # heal by replication (a node away longer may bring a deleted model back).
 TOMBSTONE_TTL_S = 30 * 86400.0
-# After a failed fetch of a version, wait this long before trying it again.
+# After a failed fetch of a version, wait this long before trying it again,
+# doubling per failure up to RETRY_MAX_S: a corrupted copy somewhere must not
+# be fetched again and again at full speed.
 RETRY_AFTER_S = 2.0
+RETRY_MAX_S = 60.0
 
 
 def rank(name: str, digest: str, node_ids: list[str]) -> list[str]:
@@ -74,7 +77,8 @@ class Replicator:
         self._tomb_path = store.root / "tombstones.json"
         self.tombstones: dict[str, float] = self._load_tombstones()
         self._digests: dict[Path, tuple[tuple[int, int], str]] = {}
-        self._failed: dict[tuple[str, str], float] = {}
+        self._failed: dict[tuple[str, str], tuple[float, int]] = {}
+        self.catalogue: list[dict[str, Any]] = []
         self.pending: dict[str, dict[str, Any]] = {}
         self.replicated_total = 0
         self.deleted_total = 0
@@ -141,9 +145,14 @@ class Replicator:
                 v = versions.setdefault(name, {})
                 old = v.get(digest)
                 v[digest] = (max(modified, old[0]) if old else modified, path, [*(old[2] if old else []), holder])
-        for name, vs in versions.items():
+        catalogue = []
+        for name, vs in sorted(versions.items()):
             digest, (modified, path, holders) = max(vs.items(), key=lambda kv: (kv[1][0], kv[0]))
-            if self.tombstones.get(name, -1.0) >= modified:
+            deleted = self.tombstones.get(name, -1.0) >= modified
+            catalogue.append({"model": name, "manifest_digest": f"sha256:{digest}", "modified": modified,
+                              "holders": sorted(holders), "replicas": min(self.replicas, len(alive)),
+                              "deleted": deleted})
+            if deleted:
                 if name in mine:
                     changed |= await self._delete_local(name)
                 continue
@@ -156,9 +165,11 @@ class Replicator:
                 if self.node_id not in [n for n in rank(name, digest, alive) if n not in holders][:missing]:
                     continue
             sources = [h for h in rank(name, digest, holders) if h != self.node_id]
-            if not sources or time.time() - self._failed.get((name, digest), 0.0) < RETRY_AFTER_S:
+            failed_at, failures = self._failed.get((name, digest), (0.0, 0))
+            if not sources or time.time() - failed_at < min(RETRY_MAX_S, RETRY_AFTER_S * 2 ** max(0, failures - 1)):
                 continue
             changed |= await self._replicate(name, digest, path, modified, sources)
+        self.catalogue = catalogue
         if changed and self.on_change is not None:
             await self.on_change()
 
@@ -199,9 +210,10 @@ class Replicator:
                     logger.warning("replicating %s from %s failed: %s", name, source, e.message)
                     continue
                 self.replicated_total += 1
+                self._failed.pop((name, digest), None)
                 logger.info("replicated %s (manifest sha256:%s) from %s", name, digest[:12], source)
                 return True
-            self._failed[(name, digest)] = time.time()
+            self._failed[(name, digest)] = (time.time(), self._failed.get((name, digest), (0.0, 0))[1] + 1)
             return False
         finally:
             self.pending.pop(name, None)
@@ -243,6 +255,8 @@ class Replicator:
             "transfers": core["transfers"], "totals": core["totals"],
             "bandwidth_limit_bytes_per_sec": core["bandwidth_limit_bytes_per_sec"],
             "models_in_progress": list(self.pending.values()),
+            # every version the alive nodes advertise: the newest per name, who holds it
+            "models": self.catalogue,
             "models_replicated_total": self.replicated_total, "models_deleted_total": self.deleted_total,
             "tombstones": dict(self.tombstones), "last_error": self.last_error,
         }
