@@ -219,18 +219,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// Fetch blob `digest` from `node_id` into the store, verified, resuming
-    /// a partial; resolves to the blob's path.
+    /// Fetch blob `digest` into the store from `node_ids` (in ranges from
+    /// all at once when it is large, else one after another), verified,
+    /// resuming a partial; resolves to the blob's path.
     fn fetch_blob<'py>(
         &self,
         py: Python<'py>,
-        node_id: String,
+        node_ids: Vec<String>,
         digest: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         let c = self.running()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let p = runtime()
-                .spawn(async move { c.fetch_blob(&node_id, &digest).await })
+                .spawn(async move { c.fetch_blob_from(&node_ids, &digest).await })
                 .await
                 .map_err(join_err)?
                 .map_err(blob_err)?;

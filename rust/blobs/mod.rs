@@ -34,6 +34,9 @@ use crate::transport::{write_frame, FrameReader, Kind, TransportError};
 pub const DATA_FRAME: usize = 256 * 1024;
 /// A manifest larger than this is not a manifest.
 pub const MAX_MANIFEST: u64 = 1 << 20;
+/// A blob at least this large is fetched in ranges from every holder at
+/// once; a smaller one is not worth the extra streams.
+pub const MULTI_SOURCE_MIN: u64 = 16 << 20;
 /// How long the first answer (BlobInfo or Error) may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The bandwidth cap lets this much through at once after an idle spell.
@@ -110,6 +113,9 @@ struct FetchRequest {
     digest: Option<String>,
     #[serde(default)]
     offset: u64,
+    /// Bytes from `offset` (a range for a fetch from several peers); None: to the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    length: Option<u64>,
     #[serde(default)]
     manifest: Option<String>,
 }
@@ -206,7 +212,7 @@ pub struct TransferTotals {
 #[derive(Debug, Default)]
 pub struct Blobs {
     root: Mutex<Option<PathBuf>>,
-    pub pacer: Pacer,
+    pub pacer: Arc<Pacer>,
     next_id: AtomicU64,
     live: Mutex<BTreeMap<u64, Live>>,
     totals: Mutex<TransferTotals>,
@@ -410,7 +416,11 @@ impl Blobs {
             .map_err(unavailable)?;
         file.seek(SeekFrom::Start(offset))?;
         let mut buf = vec![0u8; DATA_FRAME];
-        let mut left = size - offset;
+        let end = match req.length {
+            Some(l) => offset.saturating_add(l).min(size),
+            None => size,
+        };
+        let mut left = end - offset;
         while left > 0 {
             let want = (left as usize).min(DATA_FRAME);
             let n = file.read(&mut buf[..want])?;
@@ -505,6 +515,7 @@ impl Blobs {
         let req = serde_json::to_vec(&FetchRequest {
             digest: Some(format!("sha256:{hex}")),
             offset,
+            length: None,
             manifest: None,
         })
         .unwrap_or_default();
@@ -570,17 +581,184 @@ impl Blobs {
         }
         file.sync_all()?;
         drop(file);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(partial, std::fs::Permissions::from_mode(0o644));
+        publish(partial, dest)?;
+        drop(guard);
+        Ok(())
+    }
+
+    /// Fetch blob `digest` from every source at once, one range each, when
+    /// there are several and the blob is large; else (or with a partial to
+    /// resume) from the sources one after another. Ranges land at their
+    /// offsets in the partial; a range whose source fails is fetched again
+    /// from another. The whole file is hashed before it becomes visible; on a
+    /// mismatch each source is tried alone, so a bad copy is skipped.
+    pub async fn fetch_blob_multi(
+        &self,
+        sources: &[(String, quinn::Connection)],
+        digest: &str,
+    ) -> Result<PathBuf, BlobError> {
+        let hex = parse_digest(digest)?;
+        let root = self.root()?;
+        let dest = root.join("blobs").join(format!("sha256-{hex}"));
+        if dest.is_file() {
+            return Ok(dest);
         }
-        std::fs::rename(partial, dest)?;
-        if let Some(dir) = dest.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
+        let partial = root.join("tmp").join(format!("p2p-sha256-{hex}.partial"));
+        let mut last = BlobError::Unavailable("no source holds the blob".into());
+        if sources.len() >= 2 && !partial.exists() {
+            match self.probe_size(&sources[0].1, &hex).await {
+                Ok(size) if size >= MULTI_SOURCE_MIN => {
+                    std::fs::create_dir_all(root.join("tmp"))?;
+                    std::fs::create_dir_all(root.join("blobs"))?;
+                    let res = self
+                        .fetch_ranges(sources, &hex, size, &partial, &dest)
+                        .await;
+                    let mut t = self.totals();
+                    match &res {
+                        Ok(()) => t.completed_in += 1,
+                        Err(e) => {
+                            t.failed_in += 1;
+                            if matches!(e, BlobError::DigestMismatch { .. }) {
+                                t.digest_mismatches += 1;
+                            }
+                            t.last_error = Some(format!("sha256:{hex} from several peers: {e}"));
+                        }
+                    }
+                    match res {
+                        // which source lied is unknown: each one alone, verified
+                        Err(e @ BlobError::DigestMismatch { .. }) => last = e,
+                        other => return other.map(|_| dest),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => last = e,
             }
         }
+        for (peer, conn) in sources {
+            match self.fetch_blob(conn, peer, &hex).await {
+                Ok(p) => return Ok(p),
+                Err(e @ (BlobError::BadDigest(_) | BlobError::NoStore | BlobError::Busy(_))) => {
+                    return Err(e)
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn probe_size(&self, conn: &quinn::Connection, hex: &str) -> Result<u64, BlobError> {
+        let req = serde_json::to_vec(&FetchRequest {
+            digest: Some(format!("sha256:{hex}")),
+            offset: 0,
+            length: Some(0),
+            manifest: None,
+        })
+        .unwrap_or_default();
+        let mut reader = open(conn, &req).await?;
+        read_info(&mut reader).await
+    }
+
+    async fn fetch_ranges(
+        &self,
+        sources: &[(String, quinn::Connection)],
+        hex: &str,
+        size: u64,
+        partial: &Path,
+        dest: &Path,
+    ) -> Result<(), BlobError> {
+        let names: Vec<&str> = sources.iter().map(|(p, _)| p.as_str()).collect();
+        let guard = self.begin("in", &names.join("+"), hex, 0)?;
+        guard.total.store(size, Ordering::Relaxed);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(partial)?;
+        file.set_len(size)?;
+        let file = Arc::new(file);
+        let n = sources.len() as u64;
+        // ranges aligned to whole data frames
+        let step = size.div_ceil(n).div_ceil(DATA_FRAME as u64) * DATA_FRAME as u64;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (_, conn)) in sources.iter().enumerate() {
+            let start = (i as u64 * step).min(size);
+            let end = (start + step).min(size);
+            if start < end {
+                tasks.spawn(fetch_range(
+                    conn.clone(),
+                    hex.to_owned(),
+                    start,
+                    end,
+                    file.clone(),
+                    guard.bytes.clone(),
+                    self.pacer.clone(),
+                ));
+            }
+        }
+        let mut failed = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err((from, end, e))) => failed.push((from, end, e)),
+                Err(e) => failed.push((0, size, BlobError::Io(e.to_string()))),
+            }
+        }
+        // what a failed source left undone, from the others in turn
+        for (from, end, mut err) in failed {
+            let mut done = false;
+            for (peer, conn) in sources {
+                match fetch_range(
+                    conn.clone(),
+                    hex.to_owned(),
+                    from,
+                    end,
+                    file.clone(),
+                    guard.bytes.clone(),
+                    self.pacer.clone(),
+                )
+                .await
+                {
+                    Ok(()) => {
+                        done = true;
+                        break;
+                    }
+                    Err((_, _, e)) => {
+                        tracing::debug!("range {from}..{end} of sha256:{hex} from '{peer}': {e}");
+                        err = e;
+                    }
+                }
+            }
+            if !done {
+                drop(file);
+                let _ = std::fs::remove_file(partial);
+                return Err(err);
+            }
+        }
+        self.totals().bytes_in += guard.bytes.load(Ordering::Relaxed);
+        let mut hasher = Sha256::new();
+        let mut reader = std::fs::File::open(partial)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let k = reader.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            hasher.update(&buf[..k]);
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != hex {
+            drop(file);
+            let _ = std::fs::remove_file(partial);
+            tracing::warn!("blob sha256:{hex} from {names:?} has sha256:{actual}; discarded");
+            return Err(BlobError::DigestMismatch {
+                expected: hex.to_owned(),
+                actual,
+            });
+        }
+        file.sync_all()?;
+        drop(file);
+        publish(partial, dest)?;
         drop(guard);
         Ok(())
     }
@@ -598,6 +776,7 @@ impl Blobs {
         let req = serde_json::to_vec(&FetchRequest {
             digest: None,
             offset: 0,
+            length: None,
             manifest: Some(path.to_owned()),
         })
         .unwrap_or_default();
@@ -635,6 +814,72 @@ impl Blobs {
         }
         Ok(out)
     }
+}
+
+/// Make a verified, fsynced partial the visible blob.
+fn publish(partial: &Path, dest: &Path) -> Result<(), BlobError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(partial, std::fs::Permissions::from_mode(0o644));
+    }
+    std::fs::rename(partial, dest)?;
+    if let Some(dir) = dest.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Bytes `start..end` of blob `hex` from `conn`, written at their offsets in
+/// `file`. On failure: how far it got, the end, and why.
+async fn fetch_range(
+    conn: quinn::Connection,
+    hex: String,
+    start: u64,
+    end: u64,
+    file: Arc<std::fs::File>,
+    bytes: Arc<AtomicU64>,
+    pacer: Arc<Pacer>,
+) -> Result<(), (u64, u64, BlobError)> {
+    use std::os::unix::fs::FileExt;
+    let mut pos = start;
+    let res = async {
+        let req = serde_json::to_vec(&FetchRequest {
+            digest: Some(format!("sha256:{hex}")),
+            offset: start,
+            length: Some(end - start),
+            manifest: None,
+        })
+        .unwrap_or_default();
+        let mut reader = open(&conn, &req).await?;
+        if read_info(&mut reader).await? < end {
+            return Err(BlobError::Unavailable("the peer's blob is shorter".into()));
+        }
+        loop {
+            let f = reader.next().await.map_err(unavailable)?.ok_or_else(|| {
+                BlobError::Unavailable("the peer closed the stream mid-range".into())
+            })?;
+            match f.kind {
+                Kind::BlobData if pos + f.payload.len() as u64 <= end => {
+                    pacer.take(f.payload.len()).await;
+                    file.write_all_at(&f.payload, pos)?;
+                    pos += f.payload.len() as u64;
+                    bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+                }
+                Kind::End if pos == end => return Ok(()),
+                Kind::Error => return Err(remote_error(&f.payload)),
+                other => {
+                    return Err(BlobError::Unavailable(format!(
+                        "unexpected {other:?} frame in a range"
+                    )))
+                }
+            }
+        }
+    }
+    .await;
+    res.map_err(|e| (pos, end, e))
 }
 
 async fn open(conn: &quinn::Connection, request: &[u8]) -> Result<FrameReader, BlobError> {

@@ -515,6 +515,25 @@ impl Cluster {
         self.blobs.fetch_blob(&conn, peer, digest).await
     }
 
+    /// Fetch blob `digest` from every connected one of `peers` at once (in
+    /// ranges, when it is large), else from one after another.
+    pub async fn fetch_blob_from(
+        &self,
+        peers: &[String],
+        digest: &str,
+    ) -> Result<PathBuf, BlobError> {
+        let sources: Vec<(String, quinn::Connection)> = peers
+            .iter()
+            .filter_map(|p| self.mesh.connection(p).map(|c| (p.clone(), c)))
+            .collect();
+        if sources.is_empty() {
+            return Err(BlobError::Unavailable(format!(
+                "no connection to any of {peers:?}"
+            )));
+        }
+        self.blobs.fetch_blob_multi(&sources, digest).await
+    }
+
     /// The bytes of manifest `path` on `peer`, checked against `digest`.
     pub async fn fetch_manifest(
         &self,

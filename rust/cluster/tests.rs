@@ -638,3 +638,68 @@ async fn blobs_travel_verified_resume_and_refuse_a_wrong_digest() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_blob_comes_in_ranges_from_every_holder() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three(dir.path()).await;
+    let roots: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| dir.path().join(format!("store-{n}")))
+        .collect();
+    for (n, r) in nodes.iter().zip(&roots) {
+        n.configure_blobs(r.clone(), 0);
+    }
+    let data: Vec<u8> = (0..20 * 1024 * 1024u32)
+        .map(|i| (i * 13 + i / 509) as u8)
+        .collect();
+    let hex = hex::encode(sha2::Sha256::digest(&data));
+    put_blob(&roots[0], &hex, &data);
+    put_blob(&roots[2], &hex, &data);
+    let peers = vec!["a".to_string(), "c".to_string()];
+
+    eprintln!("=== 20 MiB from a and c at once: half from each");
+    let got = nodes[1].fetch_blob_from(&peers, &hex).await.unwrap();
+    assert_eq!(std::fs::read(&got).unwrap(), data);
+    let (out_a, out_c) = (
+        nodes[0].transfer_status().totals.bytes_out,
+        nodes[2].transfer_status().totals.bytes_out,
+    );
+    assert_eq!(out_a + out_c, data.len() as u64);
+    assert!(out_a >= 8 << 20 && out_c >= 8 << 20, "{out_a} {out_c}");
+    assert_eq!(
+        nodes[1].transfer_status().totals.bytes_in,
+        data.len() as u64
+    );
+
+    eprintln!("=== a source without the blob: its range comes from the other");
+    std::fs::remove_file(got).unwrap();
+    std::fs::remove_file(roots[0].join("blobs").join(format!("sha256-{hex}"))).unwrap();
+    let got = nodes[1].fetch_blob_from(&peers, &hex).await.unwrap();
+    assert_eq!(std::fs::read(&got).unwrap(), data);
+
+    eprintln!("=== c's bytes are wrong: detected, then fetched whole from a alone");
+    std::fs::remove_file(&got).unwrap();
+    let mut bad = data.clone();
+    bad[19 << 20] ^= 1;
+    put_blob(&roots[0], &hex, &data);
+    put_blob(&roots[2], &hex, &bad);
+    let got = nodes[1].fetch_blob_from(&peers, &hex).await.unwrap();
+    assert_eq!(std::fs::read(&got).unwrap(), data);
+    assert_eq!(nodes[1].transfer_status().totals.digest_mismatches, 1);
+
+    eprintln!("=== only wrong bytes anywhere: refused, nothing visible");
+    std::fs::remove_file(&got).unwrap();
+    put_blob(&roots[0], &hex, &bad);
+    let e = nodes[1].fetch_blob_from(&peers, &hex).await.unwrap_err();
+    assert!(matches!(e, BlobError::DigestMismatch { .. }), "{e}");
+    assert!(!got.exists());
+    assert!(!roots[1]
+        .join("tmp")
+        .join(format!("p2p-sha256-{hex}.partial"))
+        .exists());
+    for n in &nodes {
+        n.stop().await;
+    }
+}

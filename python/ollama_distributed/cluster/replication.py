@@ -13,11 +13,11 @@ needed:
   rendezvous hashing of (name, manifest digest, node id) ranks the alive
   nodes without it, and the first ones make up the count (so a holder that
   dies is replaced, and `replicas: 1` moves nothing). A node holding an older
-  version always updates it. A chosen node fetches the manifest and the blobs it lacks
-  from a holder (trying the next holder when one fails or sends bytes that
-  are not their digest), then writes the manifest byte-identical, last, so a
-  model is never visible half there. Extra copies (a holder that comes
-  back) are kept, never removed.
+  version always updates it. A chosen node fetches the manifest and the
+  blobs it lacks from a holder (a large blob in ranges from every holder at
+  once; the next holder when one fails or sends bytes that are not their
+  digest), then writes the manifest byte-identical, last, so a model is never
+  visible half there. Extra copies (a holder that comes back) are kept.
 - A delete records a tombstone (persisted in `models/tombstones.json`) that
   travels in adverts, so every node removes its copy and nothing brings it
   back by replication; creating the name again later wins over the tombstone.
@@ -204,7 +204,8 @@ class Replicator:
         try:
             for source in sources:
                 try:
-                    await self._fetch_model(name, digest, path, modified, source)
+                    await self._fetch_model(name, digest, path, modified, source,
+                                            [s for s in sources if s != source])
                 except OllamaDistributedError as e:
                     self.last_error = f"{name} from {source}: {e.message}"
                     logger.warning("replicating %s from %s failed: %s", name, source, e.message)
@@ -218,7 +219,8 @@ class Replicator:
         finally:
             self.pending.pop(name, None)
 
-    async def _fetch_model(self, name: str, digest: str, path: str, modified: float, source: str) -> None:
+    async def _fetch_model(self, name: str, digest: str, path: str, modified: float, source: str,
+                           others: list[str]) -> None:
         raw = await self.cluster.fetch_manifest(source, path, digest)
         try:
             manifest = json.loads(raw)
@@ -231,7 +233,7 @@ class Replicator:
             raise OllamaDistributedError(f"manifest path {path!r} does not name {name}")
         for hex_digest in blobs:
             if not self.store.has_blob(hex_digest):
-                await self.cluster.fetch_blob(source, f"sha256:{hex_digest}")
+                await self.cluster.fetch_blob([source, *others], f"sha256:{hex_digest}")
         await asyncio.to_thread(atomic_write, target, raw)
         # The copy carries the version's time, so every holder advertises the same.
         os.utime(target, (modified, modified))

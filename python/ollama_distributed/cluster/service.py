@@ -117,13 +117,15 @@ class ClusterService:
         `bandwidth_mbps` megabits per second in and out (0: no cap)."""
         self._core.configure_blobs(str(models_dir), int(bandwidth_mbps) * 125_000)
 
-    async def fetch_blob(self, node_id: str, digest: str) -> pathlib.Path:
-        """Fetch blob `digest` from `node_id` into the store, sha256 verified and
-        renamed into place only when whole; a partial from an earlier attempt is
-        resumed. DigestMismatchError when the peer's bytes are not the digest
+    async def fetch_blob(self, node_ids: str | list[str], digest: str) -> pathlib.Path:
+        """Fetch blob `digest` into the store from `node_ids`: in ranges from all
+        of them at once when it is 16 MiB or more, else one after another; sha256
+        verified and renamed into place only when whole; a partial from an
+        earlier attempt is resumed. DigestMismatchError when the peer's bytes are not the digest
         (the partial is discarded), PeerUnavailableError when the stream broke
         (the partial is kept), ModelNotFoundError when the peer lacks it."""
-        return pathlib.Path(await self._core.fetch_blob(node_id, digest))
+        peers = [node_ids] if isinstance(node_ids, str) else list(node_ids)
+        return pathlib.Path(await self._core.fetch_blob(peers, digest))
 
     async def fetch_manifest(self, node_id: str, path: str, digest: str | None = None) -> bytes:
         """Manifest `registry/namespace/name/tag` from `node_id`, checked against `digest`."""
