@@ -59,6 +59,38 @@ class ClusterCounters(Collector):
                                   value=float(s.get("peers_down_total", 0)))
 
 
+class ReplicationCounters(Collector):
+    """Peer-to-peer model transfers (`cluster/replication.py`, `rust/blobs`),
+    read from the replicator's status at scrape time like ClusterCounters."""
+
+    def __init__(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        s = self._status()
+        if not s:
+            return
+        t = s.get("totals", {})
+        p = "ollama_distributed_replication"
+        moved = CounterMetricFamily(f"{p}_bytes", "Blob bytes moved between peers, by direction.",
+                                    labels=["direction"])
+        moved.add_metric(["in"], float(t.get("bytes_in", 0)))
+        moved.add_metric(["out"], float(t.get("bytes_out", 0)))
+        yield moved
+        blobs = CounterMetricFamily(f"{p}_blobs", "Blob transfers finished, by direction and outcome.",
+                                    labels=["direction", "outcome"])
+        blobs.add_metric(["in", "ok"], float(t.get("completed_in", 0)))
+        blobs.add_metric(["in", "failed"], float(t.get("failed_in", 0)))
+        blobs.add_metric(["out", "ok"], float(t.get("completed_out", 0)))
+        yield blobs
+        yield CounterMetricFamily(f"{p}_digest_mismatches", "Blobs from a peer that were not their digest.",
+                                  value=float(t.get("digest_mismatches", 0)))
+        yield CounterMetricFamily(f"{p}_models", "Models copied here from a peer.",
+                                  value=float(s.get("models_replicated_total", 0)))
+        yield CounterMetricFamily(f"{p}_deletes", "Models removed here because they were deleted elsewhere.",
+                                  value=float(s.get("models_deleted_total", 0)))
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -93,6 +125,9 @@ class Metrics:
 
     def bind_cluster(self, status: Callable[[], dict[str, Any] | None]) -> None:
         self.registry.register(ClusterCounters(status))
+
+    def bind_replication(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self.registry.register(ReplicationCounters(status))
 
     def bind(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float],
              models_loaded: Callable[[], float]) -> None:

@@ -94,6 +94,8 @@ class Node:
         self.metrics = Metrics()
         self.metrics.bind_cluster(
             lambda: self.cluster.status() if getattr(self, "cluster", None) is not None else None)
+        self.metrics.bind_replication(
+            lambda: self.replicator.status() if getattr(self, "replicator", None) is not None else None)
         self.engine: Engine = make_engine(cfg, lambda: self.dispatcher)
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()

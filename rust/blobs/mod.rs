@@ -203,6 +203,8 @@ pub struct TransferTotals {
     pub completed_out: u64,
     pub failed_in: u64,
     pub digest_mismatches: u64,
+    /// Ranges of a multi-source fetch fetched again after their source failed.
+    pub ranges_refetched: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub last_error: Option<String>,
@@ -706,6 +708,7 @@ impl Blobs {
         }
         // what a failed source left undone, from the others in turn
         for (from, end, mut err) in failed {
+            self.totals().ranges_refetched += 1;
             let mut done = false;
             for (peer, conn) in sources {
                 match fetch_range(
