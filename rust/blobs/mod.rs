@@ -11,7 +11,9 @@
 //! from its length (its bytes are hashed first). The sha256 of the whole file
 //! must equal the digest before it is fsynced and renamed into
 //! `blobs/sha256-<hex>`, so nothing unverified is ever visible; a mismatch
-//! deletes the partial and is a [`BlobError::DigestMismatch`].
+//! deletes the partial and is a [`BlobError::DigestMismatch`]. A local I/O
+//! error (a full disk) deletes it too, freeing the space. A fetch in ranges
+//! from several peers writes `.ranges` instead, never resumed.
 //!
 //! File I/O is std's, on the runtime's threads: writes of [`DATA_FRAME`]
 //! bytes into the page cache, which take microseconds.
@@ -466,6 +468,11 @@ impl Blobs {
         std::fs::create_dir_all(root.join("blobs"))?;
         let partial = tmp_dir.join(format!("p2p-sha256-{hex}.partial"));
         let res = self.fetch_into(conn, peer, &hex, &partial, &dest).await;
+        if let Err(BlobError::Io(_)) = &res {
+            // a local failure (a full disk…): free the space rather than keep
+            // a partial to resume
+            let _ = std::fs::remove_file(&partial);
+        }
         let mut t = self.totals();
         match &res {
             Ok(_) => t.completed_in += 1,
@@ -612,9 +619,12 @@ impl Blobs {
                 Ok(size) if size >= MULTI_SOURCE_MIN => {
                     std::fs::create_dir_all(root.join("tmp"))?;
                     std::fs::create_dir_all(root.join("blobs"))?;
-                    let res = self
-                        .fetch_ranges(sources, &hex, size, &partial, &dest)
-                        .await;
+                    // its own name: a file with holes must never be resumed
+                    let ranges = root.join("tmp").join(format!("p2p-sha256-{hex}.ranges"));
+                    let res = self.fetch_ranges(sources, &hex, size, &ranges, &dest).await;
+                    if res.is_err() {
+                        let _ = std::fs::remove_file(&ranges);
+                    }
                     let mut t = self.totals();
                     match &res {
                         Ok(()) => t.completed_in += 1,

@@ -185,14 +185,16 @@ def test_a_holder_killed_mid_transfer_the_copy_resumes_from_the_other(
 
         until("c's copy under way", 30, big_transfer_under_way)
         assert seen["bytes"] < (24 << 20), seen
-        victim = seen["peer"].split("+")[0]  # a range from each holder at once
+        victim = seen["peer"].split("+")[0]  # "x+y": a range from each holder at once
         source = ids[victim]
         step(f"kill -9 one source ({victim}) at {seen['bytes']} of {seen['total']} bytes")
         source.stop(signal.SIGKILL)
         until("the model on c", 60, lambda: (store(c) / MANIFEST).is_file())
         assert files_of(c) == want
         st = replication(c)
-        assert st["totals"]["ranges_refetched"] == 1, st
+        # its range refetched from the other; or, when c was connected to one
+        # holder only as it began, the single-source partial resumed from the other
+        assert st["totals"]["ranges_refetched"] + st["totals"]["failed_in"] == 1, st["totals"]
         # resumed, not restarted: every blob byte crossed once
         assert st["totals"]["bytes_in"] == sum(len(v) for k, v in want.items() if k.startswith("blobs/")), st
     finally:
