@@ -260,6 +260,30 @@ impl Cluster {
         })
     }
 
+    /// Commit a tombstone for `model` (deleted at `deleted_at_ms`, unix ms) in
+    /// the Raft state, through the leader.
+    fn put_tombstone<'py>(
+        &self,
+        py: Python<'py>,
+        model: String,
+        deleted_at_ms: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            runtime()
+                .spawn(async move { c.put_tombstone(&model, deleted_at_ms).await })
+                .await
+                .map_err(join_err)?
+                .map_err(cluster_err)
+        })
+    }
+
+    /// Deleted models in the Raft state as JSON: name -> unix ms.
+    fn tombstones_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.running()?.tombstones())
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
     /// Blob transfers in progress and totals, as JSON (see `blobs::TransferStatus`).
     fn transfer_status_json(&self) -> PyResult<String> {
         serde_json::to_string(&self.running()?.transfer_status())

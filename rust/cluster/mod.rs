@@ -548,6 +548,50 @@ impl Cluster {
         self.blobs.fetch_manifest(&conn, path, digest).await
     }
 
+    /// Commit a tombstone for `model` in the Raft state, through the leader.
+    pub async fn put_tombstone(&self, model: &str, deleted_at_ms: u64) -> Result<(), ClusterError> {
+        if model.is_empty() || model.len() > 512 {
+            return Err(ClusterError::Config("invalid model name".into()));
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let cmd = Command::Tombstone {
+            model: model.to_owned(),
+            deleted_at_ms,
+        };
+        match m.current_leader {
+            Some(l) if l == raft_id(&self.cfg.node_id) => self
+                .raft
+                .client_write(cmd)
+                .await
+                .map(|_| ())
+                .map_err(|e| ClusterError::Raft(e.to_string())),
+            Some(l) => {
+                let leader = m
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.name.clone())
+                    .ok_or_else(|| ClusterError::Raft("leader has no metadata".into()))?;
+                let conn = self.mesh.connection(&leader).ok_or_else(|| {
+                    ClusterError::Raft(format!("no connection to the leader '{leader}'"))
+                })?;
+                let body = serde_json::to_vec(&cmd).unwrap_or_default();
+                let f = transport::call(&conn, Kind::Tombstone, &body, CONTROL_TIMEOUT).await?;
+                let res: Result<(), String> = serde_json::from_slice(&f.payload)
+                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
+                res.map_err(ClusterError::Raft)
+            }
+            None => Err(ClusterError::Raft(
+                "no leader: the cluster has no quorum".into(),
+            )),
+        }
+    }
+
+    /// Deleted models in the Raft state: name -> unix ms.
+    pub fn tombstones(&self) -> BTreeMap<String, u64> {
+        self.store.tombstones()
+    }
+
     /// Blob transfers in progress and totals.
     pub fn transfer_status(&self) -> TransferStatus {
         self.blobs.status()
@@ -724,6 +768,28 @@ impl Cluster {
                     i.reply
                         .error(503, "the node's forwarded request queue is full".into());
                 }
+            }
+            Kind::Tombstone => {
+                // only a leader commits; a follower's own put_tombstone goes
+                // straight to the leader, so this never loops
+                let res: Result<(), String> =
+                    match serde_json::from_slice::<Command>(&first.payload) {
+                        Ok(Command::Tombstone {
+                            model,
+                            deleted_at_ms,
+                        }) if self.status().role == "leader" => self
+                            .put_tombstone(&model, deleted_at_ms)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Ok(Command::Tombstone { .. }) => Err("not the leader".into()),
+                        _ => Err("malformed tombstone".into()),
+                    };
+                reply(
+                    send,
+                    Kind::TombstoneResponse,
+                    serde_json::to_vec(&res).unwrap_or_default(),
+                )
+                .await;
             }
             Kind::FetchBlob => {
                 let from = peer

@@ -703,3 +703,38 @@ async fn a_large_blob_comes_in_ranges_from_every_holder() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_from_any_node_reaches_every_node_through_raft() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three(dir.path()).await;
+    let follower = nodes
+        .iter()
+        .find(|n| n.status().role != "leader")
+        .unwrap()
+        .clone();
+    follower.put_tombstone("m:latest", 1000).await.unwrap();
+    let all = nodes.clone();
+    wait_for("the tombstone everywhere", Duration::from_secs(5), || {
+        all.iter()
+            .all(|n| n.tombstones().get("m:latest") == Some(&1000))
+    })
+    .await;
+    // an older delete does not move it back; a newer one moves it on
+    nodes[0].put_tombstone("m:latest", 500).await.unwrap();
+    nodes[1].put_tombstone("m:latest", 2000).await.unwrap();
+    let all = nodes.clone();
+    wait_for(
+        "the later delete everywhere",
+        Duration::from_secs(5),
+        || {
+            all.iter()
+                .all(|n| n.tombstones().get("m:latest") == Some(&2000))
+        },
+    )
+    .await;
+    assert!(nodes[2].put_tombstone("", 1).await.is_err());
+    for n in &nodes {
+        n.stop().await;
+    }
+}

@@ -31,6 +31,9 @@ pub struct StateMachine {
     pub last_membership: StoredMembership<NodeId, NodeMeta>,
     /// Metadata updates by name, on top of what the membership holds.
     pub nodes: BTreeMap<String, NodeMeta>,
+    /// Deleted models: name -> when (unix ms), the latest delete kept.
+    #[serde(default)]
+    pub tombstones: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +101,11 @@ impl FileStore {
     pub fn has_state(&self) -> bool {
         let g = self.lock();
         g.p.vote.is_some() || !g.p.log.is_empty() || g.p.sm.last_applied.is_some()
+    }
+
+    /// Deleted models and when (unix ms).
+    pub fn tombstones(&self) -> BTreeMap<String, u64> {
+        self.lock().p.sm.tombstones.clone()
     }
 
     /// Every node the replicated state knows: membership nodes, updated by
@@ -240,6 +248,13 @@ impl RaftStorage<TypeConfig> for FileStore {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(Command::SetNode(meta)) => {
                     g.p.sm.nodes.insert(meta.name.clone(), meta.clone());
+                }
+                EntryPayload::Normal(Command::Tombstone {
+                    model,
+                    deleted_at_ms,
+                }) => {
+                    let at = g.p.sm.tombstones.entry(model.clone()).or_insert(0);
+                    *at = (*at).max(*deleted_at_ms);
                 }
                 EntryPayload::Membership(m) => {
                     g.p.sm.last_membership = StoredMembership::new(Some(e.log_id), m.clone());

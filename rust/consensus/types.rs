@@ -27,6 +27,9 @@ impl fmt::Display for NodeMeta {
 pub enum Command {
     /// Insert or update a node's metadata (its addresses changed).
     SetNode(NodeMeta),
+    /// A model deleted at `deleted_at_ms` (unix ms): every node removes its
+    /// copy, and replication does not bring back a version older than this.
+    Tombstone { model: String, deleted_at_ms: u64 },
 }
 
 openraft::declare_raft_types!(

@@ -46,6 +46,10 @@ pub enum Kind {
     BlobInfo = 16,
     /// Raw bytes of a blob or manifest.
     BlobData = 17,
+    /// Ask the leader to commit a model tombstone (`{"model", "deleted_at_ms"}`).
+    Tombstone = 18,
+    /// `Ok`/`Err` of a Tombstone, as JSON.
+    TombstoneResponse = 19,
 }
 
 impl Kind {
@@ -70,6 +74,8 @@ impl Kind {
             15 => FetchBlob,
             16 => BlobInfo,
             17 => BlobData,
+            18 => Tombstone,
+            19 => TombstoneResponse,
             _ => return None,
         })
     }

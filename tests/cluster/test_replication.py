@@ -123,6 +123,7 @@ def test_created_at_a_copied_to_b_and_a_late_joiner_then_deleted_everywhere(
         assert not any((store(n) / MANIFEST).exists() for n in (a, b, c))
         assert replication(a)["models_deleted_total"] == 1
         assert MODEL in replication(c)["tombstones"]
+        assert all(MODEL in replication(n)["cluster_tombstones"] for n in (a, b, c))  # in the Raft state
     finally:
         c.stop()
 

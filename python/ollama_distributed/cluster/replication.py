@@ -19,12 +19,15 @@ needed:
   digest), then writes the manifest byte-identical, last, so a model is never
   visible half there. Extra copies (a holder that comes back) are kept.
 - A delete records a tombstone (persisted in `models/tombstones.json`) that
-  travels in adverts, so every node removes its copy and nothing brings it
-  back by replication; creating the name again later wins over the tombstone.
+  travels in adverts and is committed in the Raft state, so every node
+  removes its copy, even one that was away while every node that saw the
+  delete is down, and nothing brings it back by replication; creating the
+  name again later wins over the tombstone.
 
 Clocks are assumed roughly in step (`troubleshoot` checks skew): versions and
 tombstones are ordered by wall-clock time. The fuller design of issue 6 keeps
-this catalogue in the Raft state instead; see ARCHITECTURE.md.
+the whole catalogue in the Raft state, decided by the leader; see
+ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Replicator:
         self._digests: dict[Path, tuple[tuple[int, int], str]] = {}
         self._failed: dict[tuple[str, str], tuple[float, int]] = {}
         self.catalogue: list[dict[str, Any]] = []
+        self._committing: set[asyncio.Task[None]] = set()
         self.pending: dict[str, dict[str, Any]] = {}
         self.replicated_total = 0
         self.deleted_total = 0
@@ -119,9 +123,27 @@ class Replicator:
         return {"manifests": self.local_manifests(), "tombstones": dict(self.tombstones)}
 
     def record_delete(self, raw_name: str) -> None:
-        """A model deleted here by a user: remember it so it goes everywhere."""
-        self.tombstones[names.parse(raw_name).short] = time.time()
+        """A model deleted here by a user: remember it so it goes everywhere,
+        in adverts at once and in the Raft state (which outlives every node
+        that saw the delete) as soon as the leader commits it."""
+        name, at = names.parse(raw_name).short, time.time()
+        self.tombstones[name] = at
         self._save_tombstones()
+        if hasattr(self.cluster, "put_tombstone"):
+            task = asyncio.get_running_loop().create_task(self._commit_tombstone(name, at))
+            self._committing.add(task)
+            task.add_done_callback(self._committing.discard)
+
+    async def _commit_tombstone(self, name: str, at: float) -> None:
+        for attempt in range(30):  # a leader election takes about 3 s
+            try:
+                await self.cluster.put_tombstone(name, at)
+                return
+            except RuntimeError as e:
+                if attempt == 29:
+                    logger.warning("the delete of %s is not in the cluster state (%s); adverts still carry it",
+                                   name, e)
+                await asyncio.sleep(1.0)
 
     # ---- one pass ---------------------------------------------------------------
 
@@ -176,6 +198,10 @@ class Replicator:
     def _merge_tombstones(self, adverts: dict[str, dict[str, Any]]) -> None:
         now = time.time()
         merged = dict(self.tombstones)
+        if hasattr(self.cluster, "tombstones"):
+            for name, at in self.cluster.tombstones().items():
+                if at > merged.get(name, -1.0):
+                    merged[name] = at
         for a in adverts.values():
             t = a.get("tombstones")
             if not isinstance(t, dict):
@@ -261,4 +287,6 @@ class Replicator:
             "models": self.catalogue,
             "models_replicated_total": self.replicated_total, "models_deleted_total": self.deleted_total,
             "tombstones": dict(self.tombstones), "last_error": self.last_error,
+            # committed through Raft: the record that outlives every node
+            "cluster_tombstones": self.cluster.tombstones() if hasattr(self.cluster, "tombstones") else {},
         }

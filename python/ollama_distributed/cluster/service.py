@@ -132,6 +132,16 @@ class ClusterService:
         data: bytes = await self._core.fetch_manifest(node_id, path, digest)
         return data
 
+    async def put_tombstone(self, model: str, deleted_at: float) -> None:
+        """Commit "`model` was deleted at `deleted_at` (unix s)" in the Raft state.
+        RuntimeError without a quorum."""
+        await self._core.put_tombstone(model, int(deleted_at * 1000))
+
+    def tombstones(self) -> dict[str, float]:
+        """Deleted models in the Raft state: name -> unix seconds."""
+        raw: dict[str, int] = json.loads(self._core.tombstones_json())
+        return {k: v / 1000 for k, v in raw.items()}
+
     def transfers(self) -> dict[str, Any]:
         """Blob transfers in progress (direction, peer, digest, offset, bytes, total,
         elapsed_s, bytes_per_sec) and totals since start."""
