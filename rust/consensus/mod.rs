@@ -7,7 +7,8 @@
 //!   trait so tests can run Raft over an in-memory network.
 //!
 //! The replicated state is the member list (at most [`MAX_VOTERS`] voters, the
-//! rest learners) with each node's metadata (name, P2P and API addresses).
+//! rest learners) with each node's metadata (name, P2P and API addresses),
+//! and model tombstones (`Command::Tombstone`) so a delete reaches every node.
 
 pub mod network;
 pub mod store;
