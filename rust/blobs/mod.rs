@@ -579,18 +579,7 @@ impl Blobs {
             )));
         }
         let actual = hex::encode(hasher.finalize());
-        if actual != hex {
-            drop(file);
-            let _ = std::fs::remove_file(partial);
-            tracing::warn!("blob sha256:{hex} from '{peer}' has sha256:{actual}; discarded");
-            return Err(BlobError::DigestMismatch {
-                expected: hex.to_owned(),
-                actual,
-            });
-        }
-        file.sync_all()?;
-        drop(file);
-        publish(partial, dest)?;
+        verify_and_publish(&file, partial, dest, hex, actual, &format!("'{peer}'"))?;
         drop(guard);
         Ok(())
     }
@@ -760,18 +749,7 @@ impl Blobs {
             hasher.update(&buf[..k]);
         }
         let actual = hex::encode(hasher.finalize());
-        if actual != hex {
-            drop(file);
-            let _ = std::fs::remove_file(partial);
-            tracing::warn!("blob sha256:{hex} from {names:?} has sha256:{actual}; discarded");
-            return Err(BlobError::DigestMismatch {
-                expected: hex.to_owned(),
-                actual,
-            });
-        }
-        file.sync_all()?;
-        drop(file);
-        publish(partial, dest)?;
+        verify_and_publish(&file, partial, dest, hex, actual, &format!("{names:?}"))?;
         drop(guard);
         Ok(())
     }
@@ -827,6 +805,28 @@ impl Blobs {
         }
         Ok(out)
     }
+}
+
+/// Check a finished partial against its digest and make it the visible blob;
+/// a mismatch deletes it (the space comes back) and names where it came from.
+fn verify_and_publish(
+    file: &std::fs::File,
+    partial: &Path,
+    dest: &Path,
+    hex: &str,
+    actual: String,
+    source: &str,
+) -> Result<(), BlobError> {
+    if actual != hex {
+        let _ = std::fs::remove_file(partial);
+        tracing::warn!("blob sha256:{hex} from {source} has sha256:{actual}; discarded");
+        return Err(BlobError::DigestMismatch {
+            expected: hex.to_owned(),
+            actual,
+        });
+    }
+    file.sync_all()?;
+    publish(partial, dest)
 }
 
 /// Make a verified, fsynced partial the visible blob.
