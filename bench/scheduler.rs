@@ -18,13 +18,17 @@ fn main() {
         let models: Vec<String> = (0..MODELS_PER_NODE)
             .map(|k| format!("model-{}:7b", (n + k * 2) % MODEL_POOL))
             .collect();
-        let loaded = models.iter().take(2).cloned().collect();
+        let loaded: Vec<String> = models.iter().take(2).cloned().collect();
+        // a third of the nodes have both loaded models busy: loading another evicts one
+        let busy = loaded.iter().take(n % 3).cloned().collect();
         router.update(NodeState {
             id: format!("node-{n}"),
             alive: n % 17 != 5,
             advert_at_ms: 1_000,
             models,
             loaded,
+            busy,
+            max_loaded: 2,
             in_flight: (n * 7 % 5) as u32,
             queue_depth: (n % 3) as u32,
             max_queue: 8,

@@ -19,7 +19,8 @@ def main() -> None:
     s = _core.Scheduler("node-0", 4, 16)
     for n in range(NODES):
         models = [f"model-{(n + k * 2) % MODEL_POOL}:7b" for k in range(MODELS_PER_NODE)]
-        s.update_node(f"node-{n}", n % 17 != 5, 1_000, models, models[:2], n * 7 % 5, n % 3, 8)
+        s.update_node(f"node-{n}", n % 17 != 5, 1_000, models, models[:2], n * 7 % 5, n % 3, 8,
+                      max_loaded_models=2, busy=models[: n % 3])
     names = [f"model-{m}:7b" for m in range(MODEL_POOL)]
     for i in range(5_000):
         s.route(names[i % MODEL_POOL], 2_000)

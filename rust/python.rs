@@ -88,9 +88,13 @@ impl Scheduler {
         self.slots.forget(model)
     }
 
-    /// Replace what the router knows of one node.
+    /// Replace what the router knows of one node. `max_loaded_models` is its
+    /// engine's bound on loaded models (0: not known) and `busy` its loaded
+    /// models with requests running; together they tell whether it can load
+    /// a model without evicting a busy one.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (id, alive, advert_at_ms, models, loaded, in_flight, queue_depth, max_queue))]
+    #[pyo3(signature = (id, alive, advert_at_ms, models, loaded, in_flight, queue_depth, max_queue,
+                        max_loaded_models=0, busy=Vec::new()))]
     fn update_node(
         &mut self,
         id: String,
@@ -101,6 +105,8 @@ impl Scheduler {
         in_flight: u32,
         queue_depth: u32,
         max_queue: u32,
+        max_loaded_models: u32,
+        busy: Vec<String>,
     ) {
         self.router.update(NodeState {
             id,
@@ -108,6 +114,8 @@ impl Scheduler {
             advert_at_ms,
             models,
             loaded,
+            busy,
+            max_loaded: max_loaded_models,
             in_flight,
             queue_depth,
             max_queue,

@@ -267,12 +267,16 @@ class Node:
 
     def advert(self) -> dict[str, Any]:
         d = self.dispatcher
+        loaded = [m.name for m in self.engine.loaded()]
         return {
             "id": self.node_id, "name": self.name, "version": __version__,
             "api_address": self.api_url, "resources": self.resources(),
-            "models": d.local_models(), "loaded": [m.name for m in self.engine.loaded()],
+            "models": d.local_models(), "loaded": loaded,
             "in_flight": d.scheduler.total_in_flight(), "queue_depth": d.scheduler.queue_depth(),
             "max_queue": self.cfg.engine.max_queue, "engine": self.engine.kind,
+            # whether a model can load here without evicting one a request is running on
+            "max_loaded_models": self.cfg.engine.max_loaded_models,
+            "busy": [m for m in loaded if not d.is_idle(m)],
             **(self.replicator.advert_fields() if self.replicator is not None else {}),
         }
 
@@ -280,7 +284,8 @@ class Node:
         a = self.advert()
         self.dispatcher.scheduler.update_node(self.node_id, True, int(time.time() * 1000), a["models"],
                                               a["loaded"], a["in_flight"], a["queue_depth"],
-                                              a["max_queue"])
+                                              a["max_queue"], max_loaded_models=a["max_loaded_models"],
+                                              busy=a["busy"])
         if self.cluster is not None:
             self.cluster.publish_advert(a)
             self._sync_peers()
@@ -297,7 +302,9 @@ class Node:
             sched.update_node(n["id"], bool(n.get("alive")), int((n.get("advert_at") or 0) * 1000),
                               list(adv.get("models", [])), list(adv.get("loaded", [])),
                               int(adv.get("in_flight", 0)), int(adv.get("queue_depth", 0)),
-                              int(adv.get("max_queue", 0)))
+                              int(adv.get("max_queue", 0)),
+                              max_loaded_models=int(adv.get("max_loaded_models", 0)),
+                              busy=list(adv.get("busy", [])))
         for gone in self._peers - seen:
             sched.remove_node(gone)
         self._peers = seen

@@ -13,6 +13,13 @@ pub struct NodeState {
     pub models: Vec<String>,
     /// Models loaded in its engine right now.
     pub loaded: Vec<String>,
+    /// Loaded models with requests running on them: unloading one would hurt
+    /// a client, so a node whose loaded models are all busy (and at
+    /// `max_loaded`) is a poor place to load another model.
+    pub busy: Vec<String>,
+    /// The engine's bound on loaded models (`engine.max_loaded_models`);
+    /// 0 when the node did not say, taken as "room to load".
+    pub max_loaded: u32,
     /// Requests running on the node.
     pub in_flight: u32,
     /// Requests waiting for a slot on the node.
@@ -24,6 +31,14 @@ pub struct NodeState {
 impl NodeState {
     fn has_loaded(&self, model: &str) -> bool {
         self.loaded.iter().any(|m| m == model)
+    }
+    /// `model` is loaded, or loading it needs no eviction of a busy model: the
+    /// engine has a free model slot, or one of its loaded models is idle.
+    fn can_load_without_evicting_busy(&self, model: &str) -> bool {
+        self.has_loaded(model)
+            || self.max_loaded == 0
+            || self.loaded.len() < self.max_loaded as usize
+            || self.loaded.iter().any(|m| !self.busy.contains(m))
     }
     fn saturated(&self) -> bool {
         self.queue_depth >= self.max_queue
@@ -50,7 +65,10 @@ pub trait Policy: Send + Sync {
     ) -> Vec<&'a NodeState>;
 }
 
-/// Bounded load, then loaded-first, then fewest in flight, then local on a tie.
+/// Bounded load, then loaded-first; when a node must load the model, one that
+/// can without evicting a busy model (a free model slot, or an idle loaded
+/// model) before one that would have to; then fewest in flight (and queued),
+/// then local on a tie.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LeastLoaded;
 
@@ -73,6 +91,7 @@ impl Policy for LeastLoaded {
             (
                 (c.in_flight as f64) > bound,
                 !c.has_loaded(model),
+                !c.can_load_without_evicting_busy(model),
                 c.in_flight + c.queue_depth,
                 c.id != local,
             )
@@ -227,7 +246,15 @@ mod tests {
             in_flight,
             queue_depth: 0,
             max_queue: 8,
+            ..NodeState::default()
         }
+    }
+
+    /// `n` with its engine's bound on loaded models and its busy models.
+    fn engine(mut n: NodeState, max_loaded: u32, busy: &[&str]) -> NodeState {
+        n.max_loaded = max_loaded;
+        n.busy = busy.iter().map(|s| s.to_string()).collect();
+        n
     }
 
     fn router(nodes: Vec<NodeState>) -> Router {
@@ -256,6 +283,81 @@ mod tests {
         ]);
         assert_eq!(r.route("m", 1_000).unwrap(), vec!["c", "b", "a"]);
         let r = router(vec![node("a", &["m"], &[], 0), node("b", &["m"], &[], 0)]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn a_node_with_an_idle_loaded_model_beats_one_full_of_busy_models() {
+        // m is loaded nowhere; a (local, 1 in flight) would have to unload its
+        // busy x, b (2 in flight) can unload its idle z
+        let r = router(vec![
+            engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
+            engine(node("b", &["m"], &["y", "z"], 2), 2, &["y"]),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["b", "a"]);
+    }
+
+    #[test]
+    fn a_node_with_a_free_model_slot_beats_one_full_of_busy_models() {
+        let r = router(vec![
+            engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
+            engine(node("b", &["m"], &["y"], 2), 2, &["y"]),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["b", "a"]);
+        // with the slot taken by another busy model, b is as full as a: fewest
+        // in flight decides again
+        let r = router(vec![
+            engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
+            engine(node("b", &["m"], &["y", "w"], 2), 2, &["y", "w"]),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn among_nodes_that_can_load_fewest_in_flight_then_local() {
+        // b can unload its idle y, a has a free slot, c must unload its busy w
+        let r = router(vec![
+            engine(node("a", &["m"], &["x"], 2), 2, &["x"]),
+            engine(node("b", &["m"], &["y"], 1), 1, &[]),
+            engine(node("c", &["m"], &["w"], 1), 1, &["w"]),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["b", "a", "c"]);
+        let r = router(vec![
+            engine(node("b", &["m"], &[], 0), 1, &[]),
+            engine(node("a", &["m"], &["x"], 0), 2, &[]),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn loaded_still_beats_room_to_load() {
+        // a holds m loaded and every model of it is busy; b has free slots
+        let r = router(vec![
+            engine(node("a", &["m"], &["m", "x"], 2), 2, &["m", "x"]),
+            engine(node("b", &["m"], &[], 0), 3, &[]),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn bounded_load_overrides_room_to_load() {
+        // mean in flight is 4, bound 6: b has a free slot but 9 in flight;
+        // c can unload its idle z, a must unload its busy x
+        let r = router(vec![
+            engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
+            engine(node("b", &["m"], &[], 9), 2, &[]),
+            engine(node("c", &["m"], &["y", "z"], 2), 2, &["y"]),
+        ]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["c", "a", "b"]);
+    }
+
+    #[test]
+    fn a_node_that_did_not_advertise_its_bound_is_not_passed_over() {
+        // an advert without max_loaded (0): no guess that it must evict
+        let r = router(vec![
+            engine(node("a", &["m"], &["x"], 1), 0, &["x"]),
+            engine(node("b", &["m"], &[], 2), 2, &[]),
+        ]);
         assert_eq!(r.route("m", 1_000).unwrap(), vec!["a", "b"]);
     }
 
