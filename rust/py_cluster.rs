@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 
 use crate::blobs::BlobError;
 use crate::cluster::{self, ClusterConfig, ClusterError};
+use crate::consensus::Command;
 use crate::forward::{self, ForwardError};
 use crate::python::runtime;
 use crate::transport::tls::TlsMaterial;
@@ -276,6 +277,31 @@ impl Cluster {
                 .map_err(join_err)?
                 .map_err(cluster_err)
         })
+    }
+
+    /// Compare-and-set on the model catalogue through the leader: when every
+    /// `expect` key holds its value (None: absent), apply the puts (None:
+    /// remove). Resolves to False when an expectation no longer held.
+    fn propose_catalog<'py>(
+        &self,
+        py: Python<'py>,
+        expect: Vec<(String, Option<String>)>,
+        puts: Vec<(String, Option<String>)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            runtime()
+                .spawn(async move { c.propose(Command::Catalog { expect, puts }).await })
+                .await
+                .map_err(join_err)?
+                .map_err(cluster_err)
+        })
+    }
+
+    /// The model catalogue as JSON: key -> JSON text of its value.
+    fn catalog_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.running()?.catalog())
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
     /// Deleted models in the Raft state as JSON: name -> unix ms.

@@ -35,6 +35,9 @@ class NodeSection:
     id: str = ""  # empty: generated once and kept in the data dir
     name: str = ""  # empty: the host name
     data_dir: str = ""  # empty: $STATE_DIRECTORY, else ~/.ollama-distributed
+    # Free-form labels (gpu: "a100", zone: "rack1"); a model's placement policy
+    # can require some (POST /api/distributed/placement).
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +150,8 @@ def _describe(tp: Any) -> str:
         return "a string"
     if typing.get_origin(tp) is list:
         return "a list of strings"
+    if typing.get_origin(tp) is dict:
+        return "a mapping of names to strings (key=value,... in an environment variable)"
     return str(tp)
 
 
@@ -177,6 +182,11 @@ def _coerce(value: Any, tp: Any, where: str, key: str, from_text: bool) -> Any:
                 raise bad() from None
         if typing.get_origin(tp) is list:
             return [v.strip() for v in value.split(",") if v.strip()]
+        if typing.get_origin(tp) is dict:
+            pairs = [p.strip() for p in value.split(",") if p.strip()]
+            if not all("=" in p and p.split("=", 1)[0].strip() for p in pairs):
+                raise bad()
+            return {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in pairs)}
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -202,6 +212,14 @@ def _coerce(value: Any, tp: Any, where: str, key: str, from_text: bool) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad()
         return list(value)
+    if typing.get_origin(tp) is dict:
+        if value is None:
+            return {}
+        scalar = (str, int, float, bool)
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, scalar)
+                                                  for k, v in value.items()):
+            raise bad()
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
     raise bad()
 
 

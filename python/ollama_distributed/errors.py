@@ -65,6 +65,13 @@ class NotAvailableError(OllamaDistributedError):
     status = 501
 
 
+class ConflictError(OllamaDistributedError):
+    """The request does not fit the cluster's state (a migration to a node that
+    cannot hold the model, a catalogue that kept changing): 409."""
+
+    status = 409
+
+
 class ConfigError(OllamaDistributedError):
     status = 500
 

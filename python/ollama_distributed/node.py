@@ -172,7 +172,9 @@ class Node:
             from .cluster.replication import Replicator
 
             self.replicator = Replicator(self.store, svc, self.node_id, self.cfg.models.replicas,
-                                         on_change=self.models_changed)
+                                         on_change=self.models_changed, keep=self.cfg.models.default,
+                                         in_use=lambda m: not self.dispatcher.is_idle(m),
+                                         on_removed=self.engine.unload)
             self._replication_task = asyncio.create_task(self.replicator.run(), name="replication")
         self.dispatcher.remote = svc
 
@@ -274,6 +276,7 @@ class Node:
             "models": d.local_models(), "loaded": loaded,
             "in_flight": d.scheduler.total_in_flight(), "queue_depth": d.scheduler.queue_depth(),
             "max_queue": self.cfg.engine.max_queue, "engine": self.engine.kind,
+            "labels": dict(self.cfg.node.labels),
             # whether a model can load here without evicting one a request is running on
             "max_loaded_models": self.cfg.engine.max_loaded_models,
             "busy": [m for m in loaded if not d.is_idle(m)],
@@ -409,6 +412,18 @@ class Node:
             for m in by_name.values():
                 if not m["nodes"]:
                     m["nodes"] = [self.node_id]
+        if self.replicator is not None:
+            # the catalogue in the Raft state: the version kept and its placement
+            for e in self.replicator.catalogue_entries_list():
+                m = by_name.get(e["model"])
+                if m is None:
+                    continue
+                m.update({"manifest_digest": f"sha256:{e.get('digest')}", "replicas": e.get("replicas"),
+                          "assigned": e.get("assigned", []), "holders": e.get("holders", []),
+                          "node_labels": e.get("node_labels", {}), "unplaced": e.get("unplaced", 0),
+                          "why_not": e.get("why_not", {})})
+                if not m["size"]:
+                    m["size"] = int(e.get("size") or 0)
         return sorted(by_name.values(), key=lambda m: m["name"])
 
     def services(self) -> dict[str, Any]:

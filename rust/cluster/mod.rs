@@ -550,41 +550,72 @@ impl Cluster {
 
     /// Commit a tombstone for `model` in the Raft state, through the leader.
     pub async fn put_tombstone(&self, model: &str, deleted_at_ms: u64) -> Result<(), ClusterError> {
-        if model.is_empty() || model.len() > 512 {
-            return Err(ClusterError::Config("invalid model name".into()));
-        }
-        let m = self.raft.metrics().borrow().clone();
-        let cmd = Command::Tombstone {
+        self.propose(Command::Tombstone {
             model: model.to_owned(),
             deleted_at_ms,
-        };
-        match m.current_leader {
-            Some(l) if l == raft_id(&self.cfg.node_id) => self
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Commit `cmd` (a tombstone or a catalogue change) through the leader;
+    /// the state machine's answer (false: a catalogue compare-and-set lost).
+    pub async fn propose(&self, cmd: Command) -> Result<bool, ClusterError> {
+        cmd.check().map_err(ClusterError::Config)?;
+        match self.leader_connection(false)? {
+            None => self
                 .raft
                 .client_write(cmd)
                 .await
-                .map(|_| ())
+                .map(|r| r.data)
                 .map_err(|e| ClusterError::Raft(e.to_string())),
-            Some(l) => {
-                let leader = m
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.name.clone())
-                    .ok_or_else(|| ClusterError::Raft("leader has no metadata".into()))?;
-                let conn = self.mesh.connection(&leader).ok_or_else(|| {
-                    ClusterError::Raft(format!("no connection to the leader '{leader}'"))
-                })?;
+            Some(conn) => {
                 let body = serde_json::to_vec(&cmd).unwrap_or_default();
-                let f = transport::call(&conn, Kind::Tombstone, &body, CONTROL_TIMEOUT).await?;
-                let res: Result<(), String> = serde_json::from_slice(&f.payload)
-                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
-                res.map_err(ClusterError::Raft)
+                call_for(&conn, Kind::Propose, &body).await
             }
-            None => Err(ClusterError::Raft(
-                "no leader: the cluster has no quorum".into(),
-            )),
         }
+    }
+
+    /// The model catalogue as this node's state machine has applied it.
+    pub fn catalog(&self) -> BTreeMap<String, String> {
+        self.store.catalog()
+    }
+
+    /// None when this node leads; else a connection to the leader (or, with
+    /// `via_any_peer`, to any connected peer, which passes the call on).
+    fn leader_connection(
+        &self,
+        via_any_peer: bool,
+    ) -> Result<Option<quinn::Connection>, ClusterError> {
+        let m = self.raft.metrics().borrow().clone();
+        let Some(l) = m.current_leader else {
+            return Err(ClusterError::Raft(
+                "no leader: the cluster has no quorum".into(),
+            ));
+        };
+        if l == raft_id(&self.cfg.node_id) {
+            return Ok(None);
+        }
+        let leader = m
+            .membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.name.clone())
+            .ok_or_else(|| ClusterError::Raft("leader has no metadata".into()))?;
+        self.mesh
+            .connection(&leader)
+            .or_else(|| {
+                via_any_peer
+                    .then(|| {
+                        self.mesh
+                            .connected()
+                            .first()
+                            .and_then(|p| self.mesh.connection(p))
+                    })
+                    .flatten()
+            })
+            .map(Some)
+            .ok_or_else(|| ClusterError::Raft(format!("no connection to the leader '{leader}'")))
     }
 
     /// Deleted models in the Raft state: name -> unix ms.
@@ -769,24 +800,23 @@ impl Cluster {
                         .error(503, "the node's forwarded request queue is full".into());
                 }
             }
-            Kind::Tombstone => {
-                // only a leader commits; a follower's own put_tombstone goes
+            Kind::Propose => {
+                // only a leader commits; a follower's own propose goes
                 // straight to the leader, so this never loops
-                let res: Result<(), String> =
+                let res: Result<bool, String> =
                     match serde_json::from_slice::<Command>(&first.payload) {
-                        Ok(Command::Tombstone {
-                            model,
-                            deleted_at_ms,
-                        }) if self.status().role == "leader" => self
-                            .put_tombstone(&model, deleted_at_ms)
-                            .await
-                            .map_err(|e| e.to_string()),
-                        Ok(Command::Tombstone { .. }) => Err("not the leader".into()),
-                        _ => Err("malformed tombstone".into()),
+                        Ok(cmd) if !cmd.proposable() => {
+                            Err("command not accepted from a peer".into())
+                        }
+                        Ok(cmd) if self.status().role == "leader" => {
+                            self.propose(cmd).await.map_err(|e| e.to_string())
+                        }
+                        Ok(_) => Err("not the leader".into()),
+                        Err(e) => Err(format!("malformed command: {e}")),
                     };
                 reply(
                     send,
-                    Kind::TombstoneResponse,
+                    Kind::ProposeResponse,
                     serde_json::to_vec(&res).unwrap_or_default(),
                 )
                 .await;
@@ -875,39 +905,12 @@ impl Cluster {
 
     /// Add or update a node in the Raft membership, through the leader.
     async fn add_member(&self, meta: NodeMeta) -> Result<(), ClusterError> {
-        let m = self.raft.metrics().borrow().clone();
-        let me = raft_id(&self.cfg.node_id);
-        match m.current_leader {
-            Some(l) if l == me => self.leader_add(meta).await,
-            Some(l) => {
-                let leader = m
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.name.clone())
-                    .ok_or_else(|| ClusterError::Raft("leader has no metadata".into()))?;
-                // Through the leader, or any peer that can reach it.
-                let conn = self
-                    .mesh
-                    .connection(&leader)
-                    .or_else(|| {
-                        self.mesh
-                            .connected()
-                            .first()
-                            .and_then(|p| self.mesh.connection(p))
-                    })
-                    .ok_or_else(|| {
-                        ClusterError::Raft(format!("no connection to the leader '{leader}'"))
-                    })?;
+        match self.leader_connection(true)? {
+            None => self.leader_add(meta).await,
+            Some(conn) => {
                 let body = serde_json::to_vec(&meta).unwrap_or_default();
-                let f = transport::call(&conn, Kind::AddMember, &body, CONTROL_TIMEOUT).await?;
-                let res: Result<(), String> = serde_json::from_slice(&f.payload)
-                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
-                res.map_err(ClusterError::Raft)
+                call_for(&conn, Kind::AddMember, &body).await
             }
-            None => Err(ClusterError::Raft(
-                "no leader: the cluster has no quorum".into(),
-            )),
         }
     }
 
@@ -1057,6 +1060,18 @@ impl Cluster {
 
 /// Make a learner a voter once it has caught up, while voters are fewer than
 /// [`MAX_VOTERS`]. Gives up after a minute or when this node loses leadership.
+/// Call `kind` on a peer that answers with a JSON `Result<T, String>`.
+async fn call_for<T: serde::de::DeserializeOwned>(
+    conn: &quinn::Connection,
+    kind: Kind,
+    body: &[u8],
+) -> Result<T, ClusterError> {
+    let f = transport::call(conn, kind, body, CONTROL_TIMEOUT).await?;
+    let res: Result<T, String> =
+        serde_json::from_slice(&f.payload).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    res.map_err(ClusterError::Raft)
+}
+
 async fn promote(raft: RaftNode, nid: u64) {
     for _ in 0..240 {
         tokio::time::sleep(Duration::from_millis(250)).await;

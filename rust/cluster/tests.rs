@@ -734,6 +734,33 @@ async fn a_tombstone_from_any_node_reaches_every_node_through_raft() {
     )
     .await;
     assert!(nodes[2].put_tombstone("", 1).await.is_err());
+
+    // The catalogue: compare-and-set from a follower, seen everywhere; a
+    // write whose expectation is stale changes nothing and says so.
+    let put = |expect: Option<&str>, v: Option<&str>| Command::Catalog {
+        expect: vec![("model/m".into(), expect.map(String::from))],
+        puts: vec![("model/m".into(), v.map(String::from))],
+    };
+    assert!(follower.propose(put(None, Some("1"))).await.unwrap());
+    assert!(!follower.propose(put(None, Some("2"))).await.unwrap());
+    assert!(nodes[0].propose(put(Some("1"), Some("3"))).await.unwrap());
+    let all = nodes.clone();
+    wait_for("the catalogue everywhere", Duration::from_secs(5), || {
+        all.iter()
+            .all(|n| n.catalog().get("model/m").map(String::as_str) == Some("3"))
+    })
+    .await;
+    assert!(follower.propose(put(Some("3"), None)).await.unwrap());
+    let all = nodes.clone();
+    wait_for("the removal everywhere", Duration::from_secs(5), || {
+        all.iter().all(|n| n.catalog().is_empty())
+    })
+    .await;
+    let huge = Command::Catalog {
+        expect: vec![],
+        puts: vec![("k".into(), Some("x".repeat(5 << 20)))],
+    };
+    assert!(follower.propose(huge).await.is_err());
     for n in &nodes {
         n.stop().await;
     }

@@ -34,6 +34,10 @@ pub struct StateMachine {
     /// Deleted models: name -> when (unix ms), the latest delete kept.
     #[serde(default)]
     pub tombstones: BTreeMap<String, u64>,
+    /// The model catalogue: key -> JSON text. Python owns the schema
+    /// (`cluster/placement.py`); Raft orders the writes (`Command::Catalog`).
+    #[serde(default)]
+    pub catalog: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +110,11 @@ impl FileStore {
     /// Deleted models and when (unix ms).
     pub fn tombstones(&self) -> BTreeMap<String, u64> {
         self.lock().p.sm.tombstones.clone()
+    }
+
+    /// The model catalogue (key -> JSON text).
+    pub fn catalog(&self) -> BTreeMap<String, String> {
+        self.lock().p.sm.catalog.clone()
     }
 
     /// Every node the replicated state knows: membership nodes, updated by
@@ -239,13 +248,26 @@ impl RaftStorage<TypeConfig> for FileStore {
     async fn apply_to_state_machine(
         &mut self,
         entries: &[Entry<TypeConfig>],
-    ) -> Result<Vec<()>, SError> {
+    ) -> Result<Vec<bool>, SError> {
         let mut g = self.lock();
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             g.p.sm.last_applied = Some(e.log_id);
+            let mut applied = true;
             match &e.payload {
                 EntryPayload::Blank => {}
+                EntryPayload::Normal(Command::Catalog { expect, puts }) => {
+                    let cat = &mut g.p.sm.catalog;
+                    applied = expect.iter().all(|(k, v)| cat.get(k) == v.as_ref());
+                    if applied {
+                        for (k, v) in puts {
+                            match v {
+                                Some(v) => cat.insert(k.clone(), v.clone()),
+                                None => cat.remove(k),
+                            };
+                        }
+                    }
+                }
                 EntryPayload::Normal(Command::SetNode(meta)) => {
                     g.p.sm.nodes.insert(meta.name.clone(), meta.clone());
                 }
@@ -260,7 +282,7 @@ impl RaftStorage<TypeConfig> for FileStore {
                     g.p.sm.last_membership = StoredMembership::new(Some(e.log_id), m.clone());
                 }
             }
-            out.push(());
+            out.push(applied);
         }
         g.save().map_err(io)?;
         Ok(out)

@@ -30,13 +30,60 @@ pub enum Command {
     /// A model deleted at `deleted_at_ms` (unix ms): every node removes its
     /// copy, and replication does not bring back a version older than this.
     Tombstone { model: String, deleted_at_ms: u64 },
+    /// Compare-and-set on the model catalogue (`StateMachine::catalog`): when
+    /// every `expect` key holds the given value (None: absent), apply every
+    /// put (None: remove) and answer true; otherwise change nothing and answer
+    /// false, so a read-modify-write from any node never loses another's update.
+    Catalog {
+        expect: Vec<(String, Option<String>)>,
+        puts: Vec<(String, Option<String>)>,
+    },
+}
+
+impl Command {
+    /// Whether a follower may ask the leader to commit this command
+    /// (`SetNode` goes through the join path only).
+    pub fn proposable(&self) -> bool {
+        matches!(self, Command::Tombstone { .. } | Command::Catalog { .. })
+    }
+
+    /// Refuse what no honest node sends: huge names, keys or values.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Command::Tombstone { model, .. } if model.is_empty() || model.len() > 512 => {
+                Err("invalid model name".into())
+            }
+            Command::Catalog { expect, puts } => {
+                if expect.len() + puts.len() > 4096 {
+                    return Err("too many catalogue keys in one command".into());
+                }
+                let bytes: usize = expect
+                    .iter()
+                    .chain(puts)
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
+                    .sum();
+                if bytes > 4 << 20 {
+                    return Err("catalogue command over 4 MiB".into());
+                }
+                if expect
+                    .iter()
+                    .chain(puts)
+                    .any(|(k, _)| k.is_empty() || k.len() > 600)
+                {
+                    return Err("invalid catalogue key".into());
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 openraft::declare_raft_types!(
     /// Raft types of the cluster state.
     pub TypeConfig:
         D = Command,
-        R = (),
+        R = bool,
         NodeId = u64,
         Node = NodeMeta,
         SnapshotData = Cursor<Vec<u8>>,

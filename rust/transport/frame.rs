@@ -46,10 +46,11 @@ pub enum Kind {
     BlobInfo = 16,
     /// Raw bytes of a blob or manifest.
     BlobData = 17,
-    /// Ask the leader to commit a model tombstone (`{"model", "deleted_at_ms"}`).
-    Tombstone = 18,
-    /// `Ok`/`Err` of a Tombstone, as JSON.
-    TombstoneResponse = 19,
+    /// Ask the leader to commit a `consensus::Command` (a tombstone or a
+    /// catalogue change), as JSON.
+    Propose = 18,
+    /// `Ok(answer)`/`Err` of a Propose, as JSON.
+    ProposeResponse = 19,
 }
 
 impl Kind {
@@ -74,8 +75,8 @@ impl Kind {
             15 => FetchBlob,
             16 => BlobInfo,
             17 => BlobData,
-            18 => Tombstone,
-            19 => TombstoneResponse,
+            18 => Propose,
+            19 => ProposeResponse,
             _ => return None,
         })
     }

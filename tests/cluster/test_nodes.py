@@ -253,6 +253,8 @@ def test_kill9_the_serving_node_before_its_first_token(tmp_path: Path) -> None:
     slow = {"OLLAMA_DISTRIBUTED_ENGINE_MOCK_TTFT_MS": "2500"}
     nodes = start_trio(tmp_path, "--engine", "mock", envs={"b": slow, "c": slow})
     try:
+        # two copies wanted (models.replicas is 1 here), so neither is dropped
+        post(nodes["a"].url + "/api/distributed/placement", {"model": "remote-only", "replicas": 2})
         for k in ("b", "c"):
             post(nodes[k].url + "/api/copy", {"source": MODEL, "destination": "remote-only"})
         until("a lists remote-only", 10, lambda: "remote-only:latest" in [

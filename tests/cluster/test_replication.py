@@ -4,7 +4,8 @@ byte-identical, over QUIC; a peer whose blob is not its digest is caught and
 nothing is left behind; a delete at B removes the model everywhere and
 replication does not bring it back; a source killed with -9 mid-transfer and
 the copy resumes from the other holder; with replicas=2 of 3 a killed
-holder is replaced."""
+holder is replaced; a placement policy with node labels, a migration and a
+rebalance move copies where they are asked to, and extra ones are dropped."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import signal
 import struct
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,8 +100,10 @@ def test_created_at_a_copied_to_b_and_a_late_joiner_then_deleted_everywhere(
     assert rb["totals"]["bytes_in"] >= len(data) and rb["totals"]["completed_in"] >= 3
     assert rb["models_replicated_total"] == 1 and rb["replicas"] == 3
     until("b's catalogue names both holders", 5,
-          lambda: [(m["model"], len(m["holders"]), m["replicas"]) for m in replication(b)["models"]]
-          == [(MODEL, 2, 2)])
+          lambda: [(m["model"], len(m["holders"]), len(m["assigned"]), m["replicas"], m["unplaced"])
+                   for m in replication(b)["models"]] == [(MODEL, 2, 2, 3, 1)])
+    listed = {m["name"]: m for m in b.get("/api/distributed/models")["models"]}[MODEL]  # type: ignore[index]
+    assert listed["replicas"] == 3 and len(listed["holders"]) == 2 and listed["manifest_digest"].startswith("sha256:")
     assert replication(a)["totals"]["bytes_out"] >= len(data)
     assert metric(b, "ollama_distributed_replication_bytes_total", direction="in") == rb["totals"]["bytes_in"]
     assert metric(b, "ollama_distributed_replication_blobs_total", direction="in", outcome="ok") == 3
@@ -234,6 +238,94 @@ def test_replicas_2_of_3_and_the_count_restored_after_kill_9(tmp_path: Path) -> 
         other.stop(signal.SIGKILL)
         until("the spare's copy", 30, lambda: (store(spare) / MANIFEST).is_file())
         assert files_of(spare) == want
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.stop()
+
+
+def node_id(n: NodeProc) -> str:
+    return str(n.get("/api/distributed/status")["node_id"])  # type: ignore[index]
+
+
+def call(n: NodeProc, path: str, body: Any, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(n.url + path, data=raw if raw is not None else json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_labels_migrate_and_rebalance_move_the_copies(tmp_path: Path) -> None:
+    env = {**ENV, "OLLAMA_DISTRIBUTED_MODELS_REPLICAS": "1"}
+    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a", env=env)
+    token = token_of(a)
+    b = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "b", env=env)
+    c = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "c",
+                   env={**env, "OLLAMA_DISTRIBUTED_NODE_LABELS": "gpu=yes,zone=r1"})
+    nodes = [a, b, c]
+    try:
+        until("three nodes connected", 20,
+              lambda: all(n.get("/health")["services"]["p2p_peers"] == 2 for n in nodes))  # type: ignore[index]
+        ids = {node_id(n): n for n in nodes}
+        ia, ib, ic = node_id(a), node_id(b), node_id(c)
+
+        def holders() -> set[str]:
+            return {i for i, n in ids.items() if (store(n) / MANIFEST).is_file()}
+
+        def entry(n: NodeProc) -> dict[str, Any]:
+            found: dict[str, Any] = next((m for m in replication(n)["models"] if m["model"] == MODEL), {})
+            return found
+
+        step("create at a with replicas=1: a keeps the only copy")
+        data = tiny_gguf(3 << 20)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 201
+        post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+        want = files_of(a)
+        until("the catalogue at b", 10, lambda: entry(b).get("assigned") == [ia] and entry(b).get("holders") == [ia])
+        time.sleep(2)
+        assert holders() == {ia}
+
+        step("a policy wanting gpu=yes (asked at b): the copy moves to c, a drops its own")
+        status, out = call(b, "/api/distributed/placement", {"model": MODEL, "node_labels": {"gpu": "yes"}})
+        assert status == 200 and out["node_labels"] == {"gpu": "yes"}, out
+        until("the copy on c only", 30, lambda: holders() == {ic})
+        assert files_of(c) == want
+        assert entry(a)["assigned"] == [ic] and entry(a)["node_labels"] == {"gpu": "yes"}
+
+        step("migrate to b: refused while the policy wants a label b lacks")
+        status, out = call(a, "/api/distributed/migrate", {"model": MODEL, "from": ic, "to": ib})
+        assert status == 409 and "gpu=yes" in out["error"], out
+        for bad, code in [({"model": "nope", "from": ic, "to": ib}, 404),
+                          ({"model": "../../etc/passwd", "from": ic, "to": ib}, 400),
+                          ({"model": MODEL, "from": ic}, 400),
+                          ({"model": MODEL, "from": ic, "to": "no-such-node"}, 409),
+                          ({"model": MODEL, "from": ia, "to": ib}, 409)]:
+            status, out = call(a, "/api/distributed/migrate", bad)
+            assert status == code and out["error"], (bad, status, out)
+        assert call(a, "/api/distributed/migrate", None, raw=b"{not json")[0] == 400
+        assert call(a, "/api/distributed/placement", {"model": MODEL, "replicas": 0})[0] == 400
+
+        step("the policy lifted, migrate c -> b: b fetches, then c drops its copy")
+        assert call(b, "/api/distributed/placement", {"model": MODEL, "node_labels": {}})[0] == 200
+        status, out = call(a, "/api/distributed/migrate", {"model": MODEL, "from": ic, "to": ib})
+        assert status == 202 and out["assigned"] == [ib], out
+        until("the copy on b only", 30, lambda: holders() == {ib})
+        assert files_of(b) == want
+
+        step("replicas 3 by policy: every node holds it; rebalance has nothing to move")
+        assert call(c, "/api/distributed/placement", {"model": MODEL, "replicas": 3})[0] == 200
+        until("three copies", 30, lambda: holders() == {ia, ib, ic})
+        status, out = call(c, "/api/distributed/rebalance", {"dry_run": True})
+        assert status == 200 and out["moves"] == [] and not out["committed"], out
+        status, out = call(c, "/api/distributed/rebalance", {"model": "nope"})
+        assert status == 404, out
     finally:
         for n in nodes:
             if n.proc.poll() is None:

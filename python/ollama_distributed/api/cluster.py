@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from .. import __version__
-from .common import now_iso
+from ..errors import BadRequestError, ConflictError
+from ..models import names
+from .common import field, now_iso, read_json
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -114,6 +116,54 @@ async def replication_status(request: web.Request) -> web.Response:
     return web.json_response({**node.replicator.status(), "timestamp": now_iso()})
 
 
+def _replicator(request: web.Request) -> Any:
+    node = _node(request)
+    if node.replicator is None:
+        raise ConflictError(f"placement needs the cluster core and a model store "
+                            f"({node.p2p_reason or 'engine ' + node.engine.kind})")
+    return node.replicator
+
+
+def _model(body: dict[str, Any]) -> str:
+    return names.parse(field(body, "model", str, required=True)).short
+
+
+async def rebalance(request: web.Request) -> web.Response:
+    """Place every model (or `model`) anew, spread by bytes over the nodes that
+    can hold it; copies move, then extra ones are dropped. `dry_run` only shows."""
+    body = await read_json(request) if request.can_read_body else {}
+    model = _model(body) if body.get("model") is not None else None
+    result = await _replicator(request).rebalance(model, field(body, "dry_run", bool, False))
+    return web.json_response({**result, "timestamp": now_iso()})
+
+
+async def migrate(request: web.Request) -> web.Response:
+    """Move `model`'s copy from node `from` to node `to`: `to` fetches it, then
+    `from` drops its own. 202: the move is committed; replication/status shows it."""
+    body = await read_json(request)
+    model = _model(body)
+    source = field(body, "from", str, required=True)
+    target = field(body, "to", str, required=True)
+    result = await _replicator(request).migrate(model, source, target)
+    return web.json_response({**result, "status": "scheduled", "timestamp": now_iso()}, status=202)
+
+
+async def placement_policy(request: web.Request) -> web.Response:
+    """What one model wants: `replicas` (1..64, null: models.replicas) and
+    `node_labels` (every one must match a node's node.labels)."""
+    body = await read_json(request)
+    model = _model(body)
+    replicas = field(body, "replicas", int)
+    if replicas is not None and not 1 <= replicas <= 64:
+        raise BadRequestError("replicas must be between 1 and 64")
+    labels = field(body, "node_labels", dict, {})
+    if not all(isinstance(k, str) and k and isinstance(v, str) and len(k) + len(v) < 256
+               for k, v in labels.items()) or len(labels) > 32:
+        raise BadRequestError("node_labels must map at most 32 names to strings")
+    result = await _replicator(request).set_policy(model, replicas, labels)
+    return web.json_response({**result, "timestamp": now_iso()})
+
+
 async def prometheus(request: web.Request) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -147,5 +197,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/distributed/metrics", metrics)
     r.add_get("/api/distributed/models", models)
     r.add_get("/api/distributed/replication/status", replication_status)
+    r.add_post("/api/distributed/rebalance", rebalance)
+    r.add_post("/api/distributed/migrate", migrate)
+    r.add_post("/api/distributed/placement", placement_policy)
     r.add_get("/metrics", prometheus)
     r.add_get("/api/distributed/token", token)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..engines.base import InferenceRequest
-from ..errors import BadRequestError, NotAvailableError
+from ..errors import BadRequestError, ModelNotFoundError, NotAvailableError
 from ..models import catalog, gguf_info, names, registry
 from ..models.fsutil import storage_error
 from ..models.store import ModelRecord
@@ -341,6 +341,8 @@ async def copy(request: web.Request) -> web.Response:
     source = field(body, "source", str, required=True)
     destination = field(body, "destination", str, required=True)
     node = _node(request)
+    if node.replicator is not None and not await asyncio.to_thread(node.store.exists, source):
+        await node.replicator.fetch_now(names.parse(source).short)  # held elsewhere: copy it here first
     await asyncio.to_thread(node.store.copy, source, destination)
     await node.models_changed()
     return web.Response(status=200)
@@ -351,8 +353,13 @@ async def delete(request: web.Request) -> web.Response:
     model = body.get("model") or body.get("name")
     node = _node(request)
     name = names.parse(model).short
-    await asyncio.to_thread(node.store.delete, model)
-    if node.replicator is not None:  # every node removes its copy (a tombstone in adverts)
+    try:
+        await asyncio.to_thread(node.store.delete, model)
+    except ModelNotFoundError:
+        # not here: a delete is cluster-wide, so one held elsewhere goes too
+        if node.replicator is None or not node.replicator.known(name):
+            raise
+    if node.replicator is not None:  # every node removes its copy (a tombstone in adverts and Raft)
         node.replicator.record_delete(name)
     await node.engine.unload(name)
     await node.models_changed()

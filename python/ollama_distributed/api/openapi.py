@@ -25,6 +25,12 @@ def _body(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
         "type": "object", "properties": props, "required": required}}}}
 
 
+def _accepted(op: dict[str, Any]) -> dict[str, Any]:
+    """An operation that answers 202 instead of 200."""
+    op["responses"] = {("202" if k == "200" else k): v for k, v in op["responses"].items()}
+    return op
+
+
 def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
         stream: str | None = None, errors: tuple[int, ...] = (400, 404, 503)) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": _OBJ}}
@@ -33,7 +39,8 @@ def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
     op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": ok, "content": content}}}
     for code in errors:
         op["responses"][str(code)] = {"description": {400: "Bad request", 401: "Unauthorized",
-                                      404: "Unknown model", 409: "Not running on this node",
+                                      404: "Unknown model",
+                                      409: "Conflicts with the cluster's state, or not running on this node",
                                       413: "Body too large",
                                       501: "Not available", 502: "Registry unreachable or answered garbage",
                                       503: "Busy: see Retry-After", 507: "No space left"}[code],
@@ -105,6 +112,19 @@ def spec() -> dict[str, Any]:
         "/api/distributed/replication/status": {"get": _op(
             "Peer-to-peer model replication: blob transfers in progress (direction, peer, digest, offset, "
             "bytes, total, bytes_per_sec), models being replicated, totals, tombstones", errors=(409,))},
+        "/api/distributed/rebalance": {"post": _op(
+            "Place every model (or one) anew, spread by bytes over the nodes that can hold it; returns "
+            "the moves", _body({"model": {"type": "string"}, "dry_run": {"type": "boolean"}}, []),
+            errors=(400, 404, 409))},
+        "/api/distributed/migrate": {"post": _accepted(_op(
+            "Move a model's copy from one node to another (202: committed; the copy then moves)",
+            _body({"model": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"}},
+                  ["model", "from", "to"]), ok="Accepted", errors=(400, 404, 409)))},
+        "/api/distributed/placement": {"post": _op(
+            "A model's placement policy: replicas and the node labels it needs",
+            _body({"model": {"type": "string"}, "replicas": {"type": ["integer", "null"]},
+                   "node_labels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                  ["model"]), errors=(400, 409))},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/api/openapi.json": {"get": _op("This document", errors=())},

@@ -1,23 +1,26 @@
-"""Model replication between nodes: `models.replicas` copies of every model
-across the alive nodes, moved peer to peer over QUIC (`rust/blobs`).
-
-Each node decides for itself, from the same inputs, so no coordinator is
-needed:
+"""Model replication between nodes: every node follows the placement the
+cluster's catalogue records (`cluster/placement.py`), and copies move peer to
+peer over QUIC (`rust/blobs`).
 
 - Every advert carries the node's manifests (`name -> {digest, path,
-  modified}`, the digest being the sha256 of the manifest file) and its
-  tombstones (`name -> deleted_at`).
-- For each name the newest version wins (the largest `modified`, then the
-  digest). A tombstone newer than every live version deletes the model.
-- While fewer than `replicas` alive nodes hold the winning version,
-  rendezvous hashing of (name, manifest digest, node id) ranks the alive
-  nodes without it, and the first ones make up the count (so a holder that
-  dies is replaced, and `replicas: 1` moves nothing). A node holding an older
-  version always updates it. A chosen node fetches the manifest and the
-  blobs it lacks from a holder (a large blob in ranges from every holder at
-  once; the next holder when one fails or sends bytes that are not their
-  digest), then writes the manifest byte-identical, last, so a model is never
-  visible half there. Extra copies (a holder that comes back) are kept.
+  modified, size}`, the digest being the sha256 of the manifest file), its
+  tombstones (`name -> deleted_at`), labels and resources.
+- The leader turns the adverts into the catalogue in the Raft state: per
+  model the version kept (the newest `modified`, then the digest), its size,
+  the replica count wanted (`models.replicas`, or the model's policy), the
+  nodes assigned to hold it (memory fit, free disk, labels, spread by bytes,
+  sticky while a node can keep it) and the nodes holding it now. A dead node
+  loses its assignments after `placement.DOWN_GRACE_S`, so the count is
+  restored on the others.
+- Each node follows its assignments: an assigned node without the version
+  (or with an older one) fetches the manifest and the blobs it lacks from
+  the holders (a large blob in ranges from every holder at once; the next
+  holder when one fails or sends bytes that are not their digest), then
+  writes the manifest byte-identical, last, so a model is never visible half
+  there. A holder that is not assigned drops its copy once the catalogue
+  lists it among the holders (the placement saw it and chose others), every
+  assigned node holds the version and no request runs on it here (the
+  bundled default model stays on every node).
 - A delete records a tombstone (persisted in `models/tombstones.json`) that
   travels in adverts and is committed in the Raft state, so every node
   removes its copy, even one that was away while every node that saw the
@@ -25,9 +28,7 @@ needed:
   name again later wins over the tombstone.
 
 Clocks are assumed roughly in step (`troubleshoot` checks skew): versions and
-tombstones are ordered by wall-clock time. The fuller design of issue 6 keeps
-the whole catalogue in the Raft state, decided by the leader; see
-ARCHITECTURE.md.
+tombstones are ordered by wall-clock time.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import OllamaDistributedError
+from ..errors import ConflictError, ModelNotFoundError, OllamaDistributedError, PeerUnavailableError
 from ..models import names
 from ..models.fsutil import atomic_write
 from ..models.store import Store
+from . import placement
+from .placement import rank
 
 logger = logging.getLogger(__name__)
 
@@ -60,26 +63,28 @@ RETRY_AFTER_S = 2.0
 RETRY_MAX_S = 60.0
 
 
-def rank(name: str, digest: str, node_ids: list[str]) -> list[str]:
-    """Rendezvous (highest random weight) order of `node_ids` for one version."""
-    def weight(n: str) -> bytes:
-        return hashlib.sha256(f"{name}\n{digest}\n{n}".encode()).digest()
-    return sorted(node_ids, key=weight, reverse=True)
-
-
 class Replicator:
     """One node's side of replication; `tick()` is one pass, `run()` loops."""
 
     def __init__(self, store: Store, cluster: Any, node_id: str, replicas: int,
-                 on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_change: Callable[[], Awaitable[None]] | None = None, *,
+                 keep: str = "", in_use: Callable[[str], bool] | None = None,
+                 on_removed: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.cluster = cluster
         self.node_id = node_id
         self.replicas = max(1, replicas)
         self.on_change = on_change
+        self.keep = names.parse(keep).short if keep else ""  # the bundled model: never dropped
+        self.in_use = in_use or (lambda _name: False)
+        self.on_removed = on_removed
+        self.trimmed_total = 0
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.settle_s = placement.SETTLE_S
+        self._first_seen: dict[tuple[str, str], float] = {}  # (name, digest) -> when the leader first saw it
         self._tomb_path = store.root / "tombstones.json"
         self.tombstones: dict[str, float] = self._load_tombstones()
-        self._digests: dict[Path, tuple[tuple[int, int], str]] = {}
+        self._digests: dict[Path, tuple[tuple[int, int], str, int]] = {}
         self._failed: dict[tuple[str, str], tuple[float, int]] = {}
         self.catalogue: list[dict[str, Any]] = []
         self._committing: set[asyncio.Task[None]] = set()
@@ -101,7 +106,7 @@ class Replicator:
         atomic_write(self._tomb_path, json.dumps(self.tombstones, sort_keys=True).encode())
 
     def local_manifests(self) -> dict[str, dict[str, Any]]:
-        """name -> {digest (sha256 of the manifest file), path, modified}."""
+        """name -> {digest (sha256 of the manifest file), path, modified, size (of its layers)}."""
         out: dict[str, dict[str, Any]] = {}
         for name in self.store.names():
             path = self.store.manifest_path(name)
@@ -110,12 +115,13 @@ class Replicator:
                 key = (st.st_mtime_ns, st.st_size)
                 cached = self._digests.get(path)
                 if cached is None or cached[0] != key:
-                    cached = (key, hashlib.sha256(path.read_bytes()).hexdigest())
+                    raw = path.read_bytes()
+                    cached = (key, hashlib.sha256(raw).hexdigest(), _layers_size(raw))
                     self._digests[path] = cached
             except OSError:
                 continue
             out[name.short] = {"digest": cached[1], "path": "/".join(name.path_parts()),
-                               "modified": st.st_mtime}
+                               "modified": st.st_mtime, "size": cached[2]}
         return out
 
     def advert_fields(self) -> dict[str, Any]:
@@ -147,53 +153,192 @@ class Replicator:
 
     # ---- one pass ---------------------------------------------------------------
 
+    def node_infos(self, raw_nodes: list[dict[str, Any]], mine: dict[str, dict[str, Any]],
+                   now: float) -> list[placement.NodeInfo]:
+        """Placement's view of every known node; this node's manifests fresh from disk."""
+        out = []
+        for n in raw_nodes:
+            info = placement.NodeInfo.from_node(n, now)
+            if n.get("local") or n["id"] == self.node_id:
+                info.alive, info.down_for, info.manifests, info.stores = True, 0.0, mine, True
+            out.append(info)
+        if not any(i.id == self.node_id for i in out):
+            out.append(placement.NodeInfo(id=self.node_id, manifests=mine))
+        return out
+
+    def catalogue_entries_list(self) -> list[dict[str, Any]]:
+        """The `model/*` entries of the catalogue in the Raft state, with their names."""
+        cat = placement.loads(self.cluster.catalog())
+        return [{"model": k[len(placement.MODEL):], **v} for k, v in sorted(cat.items())
+                if k.startswith(placement.MODEL)]
+
+    async def commit(self, raw: dict[str, str], changes: dict[str, dict[str, Any] | None]) -> bool:
+        """Compare-and-set `changes` against `raw` (what they were computed from)."""
+        if not changes:
+            return True
+        expect = [(k, raw.get(k)) for k in changes]
+        puts = [(k, None if v is None else placement.dumps(v)) for k, v in changes.items()]
+        ok: bool = await self.cluster.propose_catalog(expect, puts)
+        return ok
+
+    def _is_leader(self) -> bool:
+        try:
+            return str(self.cluster.status().get("role")) == "leader"
+        except Exception:
+            return False
+
     async def tick(self) -> None:
-        nodes = [n for n in self.cluster.nodes() if n.get("alive")]
-        adverts = {n["id"]: (n.get("advert") or {}) for n in nodes if not n.get("local")}
+        now = time.time()
+        raw_nodes = self.cluster.nodes()
+        adverts = {n["id"]: (n.get("advert") or {}) for n in raw_nodes
+                   if n.get("alive") and not n.get("local") and n["id"] != self.node_id}
         mine = self.local_manifests()
         self._merge_tombstones(adverts)
-        changed = False
-        alive = sorted({self.node_id, *adverts})
-        # name -> digest -> (modified, path, holders)
-        versions: dict[str, dict[str, tuple[float, str, list[str]]]] = {}
-        for holder, manifests in [(self.node_id, mine), *((k, a.get("manifests") or {}) for k, a in adverts.items())]:
-            if not isinstance(manifests, dict):
-                continue
-            for name, m in manifests.items():
+        infos = self.node_infos(raw_nodes, mine, now)
+        raw = self.cluster.catalog()
+        if self._is_leader():
+            for n in infos:
+                if n.alive:
+                    for name, m in n.manifests.items():
+                        if isinstance(m, dict):
+                            self._first_seen.setdefault((str(name), str(m.get("digest"))), now)
+            young = {k for k, t in self._first_seen.items() if now - t < self.settle_s}
+            changes = placement.plan(placement.loads(raw), infos, self.tombstones, self.replicas, young=young)
+            if changes:
                 try:
-                    digest, path, modified = str(m["digest"]), str(m["path"]), float(m["modified"])
-                except (KeyError, TypeError, ValueError):
-                    continue
-                v = versions.setdefault(name, {})
-                old = v.get(digest)
-                v[digest] = (max(modified, old[0]) if old else modified, path, [*(old[2] if old else []), holder])
-        catalogue = []
-        for name, vs in sorted(versions.items()):
-            digest, (modified, path, holders) = max(vs.items(), key=lambda kv: (kv[1][0], kv[0]))
-            deleted = self.tombstones.get(name, -1.0) >= modified
-            catalogue.append({"model": name, "manifest_digest": f"sha256:{digest}", "modified": modified,
-                              "holders": sorted(holders), "replicas": min(self.replicas, len(alive)),
-                              "deleted": deleted})
-            if deleted:
-                if name in mine:
-                    changed |= await self._delete_local(name)
+                    await self.commit(raw, changes)
+                except RuntimeError as e:  # lost the lead or the quorum: the next pass retries
+                    logger.debug("placement not committed: %s", e)
+                raw = self.cluster.catalog()
+        self.catalogue = [{"model": k[len(placement.MODEL):], **v} for k, v in sorted(placement.loads(raw).items())
+                          if k.startswith(placement.MODEL)]
+        changed = False
+        for name, m in mine.items():
+            if self.tombstones.get(name, -1.0) >= float(m["modified"]):
+                changed |= await self._delete_local(name, "deleted elsewhere in the cluster")
+        # who holds which manifest digest now, among the alive nodes
+        holding: dict[tuple[str, str], list[str]] = {}
+        for nid, a in [(self.node_id, {"manifests": mine}), *adverts.items()]:
+            ms = a.get("manifests")
+            if isinstance(ms, dict):
+                for name, m in ms.items():
+                    if isinstance(m, dict):
+                        holding.setdefault((str(name), str(m.get("digest"))), []).append(nid)
+        for e in self.catalogue:
+            name, digest = e["model"], str(e.get("digest"))
+            assigned = [str(a) for a in e.get("assigned") or []]
+            local = mine.get(name)
+            if local is not None and self.tombstones.get(name, -1.0) >= float(local["modified"]):
                 continue
-            if name in mine and mine[name]["digest"] == digest:
+            holders = holding.get((name, digest), [])
+            if local is not None and local["digest"] == digest:
+                # dropped only once the placement has seen this copy and still
+                # chose others, and every one of them holds the version
+                if (self.node_id not in assigned and self.node_id in (e.get("holders") or [])
+                        and name != self.keep and assigned and all(a in holders for a in assigned)
+                        and not self.in_use(name)):
+                    changed |= await self._delete_local(
+                        name, f"placed on {', '.join(assigned)} (replicas {e.get('replicas')}, holders "
+                              f"{', '.join(e.get('holders') or [])})")
+                    self.trimmed_total += 1
                 continue
-            if name not in mine:  # a node with an older version always updates it
-                missing = self.replicas - len(holders)
-                if missing <= 0:
-                    continue
-                if self.node_id not in [n for n in rank(name, digest, alive) if n not in holders][:missing]:
-                    continue
+            if local is not None and float(local["modified"]) >= float(e.get("modified") or 0):
+                continue  # ours is newer: the catalogue follows once the leader sees it
+            if local is None and self.node_id not in assigned:
+                continue
             sources = [h for h in rank(name, digest, holders) if h != self.node_id]
             failed_at, failures = self._failed.get((name, digest), (0.0, 0))
-            if not sources or time.time() - failed_at < min(RETRY_MAX_S, RETRY_AFTER_S * 2 ** max(0, failures - 1)):
+            if not sources or now - failed_at < min(RETRY_MAX_S, RETRY_AFTER_S * 2 ** max(0, failures - 1)):
                 continue
-            changed |= await self._replicate(name, digest, path, modified, sources)
-        self.catalogue = catalogue
+            changed |= await self._replicate(name, digest, str(e.get("path")), float(e.get("modified") or 0),
+                                             sources)
         if changed and self.on_change is not None:
             await self.on_change()
+
+    def known(self, name: str) -> bool:
+        """Whether the cluster has `name`: in the catalogue, or advertised by an alive peer."""
+        if placement.MODEL + name in self.cluster.catalog():
+            return True
+        return any(name in ((n.get("advert") or {}).get("manifests") or {})
+                   for n in self.cluster.nodes() if n.get("alive"))
+
+    async def fetch_now(self, name: str) -> None:
+        """Copy `name` here from a node that holds it (for a copy or a show at a
+        node without it); ModelNotFoundError when no alive node has it."""
+        adverts = [(n["id"], (n.get("advert") or {}).get("manifests") or {}) for n in self.cluster.nodes()
+                   if n.get("alive") and not n.get("local") and n["id"] != self.node_id]
+        best: tuple[float, str, str] | None = None
+        holders: list[str] = []
+        for nid, ms in adverts:
+            m = ms.get(name) if isinstance(ms, dict) else None
+            if not isinstance(m, dict):
+                continue
+            key = (float(m.get("modified") or 0), str(m.get("digest")), str(m.get("path")))
+            if best is None or key[:2] > best[:2]:
+                best, holders = key, [nid]
+            elif key[:2] == best[:2]:
+                holders.append(nid)
+        if best is None or self.tombstones.get(name, -1.0) >= best[0]:
+            raise ModelNotFoundError(name)
+        modified, digest, path = best
+        self._failed.pop((name, digest), None)
+        if not await self._replicate(name, digest, path, modified, rank(name, digest, holders)):
+            raise PeerUnavailableError(f"could not copy {name} from {', '.join(holders)}: {self.last_error}")
+        if self.on_change is not None:
+            await self.on_change()
+
+    # ---- explicit placement: rebalance, migrate, policy ------------------------------
+
+    def _view(self) -> tuple[dict[str, str], list[placement.NodeInfo]]:
+        now = time.time()
+        return self.cluster.catalog(), self.node_infos(self.cluster.nodes(), self.local_manifests(), now)
+
+    async def rebalance(self, model: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """Place every model (or `model`) anew, spread by bytes; returns the moves."""
+        for _ in range(5):
+            raw, infos = self._view()
+            cat = placement.loads(raw)
+            if model is not None and placement.MODEL + model not in cat:
+                raise ModelNotFoundError(f"model '{model}' not found in the cluster catalogue")
+            changes = placement.plan(cat, infos, self.tombstones, self.replicas, fresh=True, only=model)
+            moves = []
+            for k, v in sorted(changes.items()):
+                before = set((cat.get(k) or {}).get("assigned") or [])
+                after = set((v or {}).get("assigned") or [])
+                if before != after:
+                    moves.append({"model": k[len(placement.MODEL):], "add": sorted(after - before),
+                                  "remove": sorted(before - after), "assigned": sorted(after)})
+            if dry_run or await self.commit(raw, changes):
+                return {"moves": moves, "committed": not dry_run and bool(changes)}
+        raise ConflictError("the catalogue kept changing during the rebalance; try again")
+
+    async def migrate(self, model: str, source: str, target: str) -> dict[str, Any]:
+        """Give `source`'s assignment of `model` to `target`; the copy moves, then
+        `source` drops its own."""
+        for _ in range(5):
+            raw, infos = self._view()
+            key = placement.MODEL + model
+            cat = placement.loads(raw)
+            entry = cat.get(key)
+            if entry is None:
+                raise ModelNotFoundError(f"model '{model}' not found in the cluster catalogue")
+            try:
+                new = placement.migrate(entry, infos, source, target, cat.get(placement.POLICY + model))
+            except ValueError as e:
+                raise ConflictError(str(e)) from None
+            if await self.commit(raw, {key: new}):
+                return {"model": model, "from": source, "to": target, "assigned": new["assigned"]}
+        raise ConflictError("the catalogue kept changing during the migration; try again")
+
+    async def set_policy(self, model: str, replicas: int | None, node_labels: dict[str, str]) -> dict[str, Any]:
+        """Record what `model` wants (replicas, node labels); placement applies it."""
+        key = placement.POLICY + model
+        value = {"replicas": replicas, "node_labels": node_labels}
+        for _ in range(5):
+            raw = self.cluster.catalog()
+            if await self.commit(raw, {key: value}):
+                return {"model": model, **value}
+        raise ConflictError("the catalogue kept changing; try again")
 
     def _merge_tombstones(self, adverts: dict[str, dict[str, Any]]) -> None:
         now = time.time()
@@ -215,16 +360,28 @@ class Replicator:
             self.tombstones = merged
             self._save_tombstones()
 
-    async def _delete_local(self, name: str) -> bool:
+    async def _delete_local(self, name: str, why: str) -> bool:
         try:
             await asyncio.to_thread(self.store.delete, name)
         except OllamaDistributedError:
             return False
         self.deleted_total += 1
-        logger.info("removed %s: deleted elsewhere in the cluster", name)
+        logger.info("removed %s: %s", name, why)
+        if self.on_removed is not None:
+            await self.on_removed(name)
         return True
 
     async def _replicate(self, name: str, digest: str, path: str, modified: float, sources: list[str]) -> bool:
+        # one fetch per model at a time: a copy asked for by a user and the pass
+        # that replicates the same model share the work
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if (m := self.local_manifests().get(name)) is not None and m["digest"] == digest:
+                return True
+            return await self._replicate_locked(name, digest, path, modified, sources)
+
+    async def _replicate_locked(self, name: str, digest: str, path: str, modified: float,
+                                sources: list[str]) -> bool:
         self.pending[name] = {"model": name, "digest": f"sha256:{digest}", "sources": sources,
                               "started": time.time()}
         try:
@@ -283,10 +440,20 @@ class Replicator:
             "transfers": core["transfers"], "totals": core["totals"],
             "bandwidth_limit_bytes_per_sec": core["bandwidth_limit_bytes_per_sec"],
             "models_in_progress": list(self.pending.values()),
-            # every version the alive nodes advertise: the newest per name, who holds it
+            # the catalogue in the Raft state: version kept, replicas, assigned and holding nodes
             "models": self.catalogue,
             "models_replicated_total": self.replicated_total, "models_deleted_total": self.deleted_total,
+            "models_trimmed_total": self.trimmed_total,
             "tombstones": dict(self.tombstones), "last_error": self.last_error,
             # committed through Raft: the record that outlives every node
             "cluster_tombstones": self.cluster.tombstones() if hasattr(self.cluster, "tombstones") else {},
         }
+
+
+def _layers_size(raw: bytes) -> int:
+    """The bytes a manifest's config and layers take; 0 for one that does not parse."""
+    try:
+        m = json.loads(raw)
+        return sum(int(x.get("size") or 0) for x in [m.get("config") or {}, *(m.get("layers") or [])])
+    except (ValueError, TypeError, AttributeError):
+        return 0

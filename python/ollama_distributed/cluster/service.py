@@ -137,6 +137,18 @@ class ClusterService:
         RuntimeError without a quorum."""
         await self._core.put_tombstone(model, int(deleted_at * 1000))
 
+    async def propose_catalog(self, expect: list[tuple[str, str | None]],
+                              puts: list[tuple[str, str | None]]) -> bool:
+        """Compare-and-set on the catalogue in the Raft state, through the leader:
+        False when a key no longer holds what `expect` says. RuntimeError without a quorum."""
+        ok: bool = await self._core.propose_catalog(expect, puts)
+        return ok
+
+    def catalog(self) -> dict[str, str]:
+        """The catalogue in the Raft state: key -> JSON text."""
+        raw: dict[str, str] = json.loads(self._core.catalog_json())
+        return raw
+
     def tombstones(self) -> dict[str, float]:
         """Deleted models in the Raft state: name -> unix seconds."""
         raw: dict[str, int] = json.loads(self._core.tombstones_json())
