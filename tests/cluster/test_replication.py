@@ -319,6 +319,24 @@ def test_labels_migrate_and_rebalance_move_the_copies(tmp_path: Path) -> None:
         until("the copy on b only", 30, lambda: holders() == {ib})
         assert files_of(b) == want
 
+        step("copy at a, which does not hold it: a fetches it first; delete at c, which holds neither")
+        post(a.url + "/api/copy", {"source": MODEL, "destination": "copied-here"})
+        copied = Path("manifests/registry.ollama.ai/library/copied-here/latest")
+        assert (store(a) / copied).is_file() and (store(a) / MANIFEST).is_file()
+        req = urllib.request.Request(c.url + "/api/delete", data=json.dumps({"model": "copied-here"}).encode(),
+                                     method="DELETE", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        until("the copy gone from a", 20, lambda: not (store(a) / copied).exists())
+        req = urllib.request.Request(c.url + "/api/delete", data=json.dumps({"model": "never-was"}).encode(),
+                                     method="DELETE", headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("a delete of a model nobody has answered 200")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+        until("a's extra copy of the model dropped", 20, lambda: holders() == {ib})
+
         step("replicas 3 by policy: every node holds it; rebalance has nothing to move")
         assert call(c, "/api/distributed/placement", {"model": MODEL, "replicas": 3})[0] == 200
         until("three copies", 30, lambda: holders() == {ia, ib, ic})
