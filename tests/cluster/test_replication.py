@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import NodeProc, start_node
+from ..conftest import CLI, NodeProc, start_node
 from .test_nodes import join_args, metric, post, step, token_of, until
 
 pytestmark = pytest.mark.cluster
@@ -338,10 +339,19 @@ def test_labels_migrate_and_rebalance_move_the_copies(tmp_path: Path) -> None:
         until("a's extra copy of the model dropped", 20, lambda: holders() == {ib})
 
         step("replicas 3 by policy: every node holds it; rebalance has nothing to move")
-        assert call(c, "/api/distributed/placement", {"model": MODEL, "replicas": 3})[0] == 200
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, "cluster", *args, "--api", c.url], capture_output=True, text=True,
+                                  timeout=60)
+
+        r = cli("place", MODEL, "--replicas", "3")
+        assert r.returncode == 0 and "3 copies on any node" in r.stdout, r
         until("three copies", 30, lambda: holders() == {ia, ib, ic})
-        status, out = call(c, "/api/distributed/rebalance", {"dry_run": True})
-        assert status == 200 and out["moves"] == [] and not out["committed"], out
+        r = cli("rebalance", "--dry-run", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["moves"] == [], r
+        r = cli("migrate", MODEL, ia, "no-such-node")
+        assert r.returncode == 1 and "unknown node" in r.stderr, r
+        r = cli("place", MODEL, "--label", "novalue")
+        assert r.returncode == 2 and "KEY=VALUE" in r.stderr, r
         status, out = call(c, "/api/distributed/rebalance", {"model": "nope"})
         assert status == 404, out
     finally:

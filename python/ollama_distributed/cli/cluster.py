@@ -1,4 +1,5 @@
-"""`cluster token`: the token another node needs to join this cluster."""
+"""`cluster token`: the token another node needs to join this cluster.
+`cluster rebalance|migrate|place`: where the cluster keeps its models."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .options import api_option
 
 @click.group()
 def cluster() -> None:
-    """Cluster membership."""
+    """Cluster membership and model placement."""
 
 
 @cluster.command("token")
@@ -37,3 +38,69 @@ def token(data_dir: Path | None, api: str, as_json: bool) -> None:
         print_json({"token": value})
     else:
         click.echo(value)
+
+
+@cluster.command("rebalance")
+@click.option("--model", help="Only this model (default: every model).")
+@click.option("--dry-run", is_flag=True, help="Show the moves without making them.")
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def rebalance(model: str | None, dry_run: bool, api: str, as_json: bool) -> None:
+    """Place models anew, spread by size over the nodes that can hold them.
+    Copies move over QUIC; extra ones are dropped once the new ones are there
+    (`GET /api/distributed/replication/status` shows the transfers)."""
+    body: dict[str, object] = {"dry_run": dry_run}
+    if model:
+        body["model"] = model
+    out = Client(api).post("/api/distributed/rebalance", body)
+    if as_json:
+        print_json(out)
+        return
+    if not out["moves"]:
+        click.echo("Nothing to move: every model is where it should be.")
+        return
+    for m in out["moves"]:
+        parts = [f"+{n}" for n in m["add"]] + [f"-{n}" for n in m["remove"]]
+        click.echo(f"{m['model']}: {' '.join(parts)} -> on {', '.join(m['assigned']) or 'no node'}")
+    click.echo("(dry run: nothing changed)" if dry_run else "Committed; copies are moving.")
+
+
+@cluster.command("migrate")
+@click.argument("model")
+@click.argument("source", metavar="FROM")
+@click.argument("target", metavar="TO")
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def migrate(model: str, source: str, target: str, api: str, as_json: bool) -> None:
+    """Move MODEL's copy from node FROM to node TO (node ids as `nodes` shows
+    them). TO fetches it, then FROM drops its own."""
+    out = Client(api).post("/api/distributed/migrate", {"model": model, "from": source, "to": target})
+    if as_json:
+        print_json(out)
+    else:
+        click.echo(f"{out['model']}: moving from {source} to {target}; now placed on {', '.join(out['assigned'])}")
+
+
+@cluster.command("place")
+@click.argument("model")
+@click.option("--replicas", type=click.IntRange(1, 64), help="Copies to keep (default: models.replicas).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Keep it only on nodes with this label (node.labels); repeatable.")
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def place(model: str, replicas: int | None, labels: tuple[str, ...], api: str, as_json: bool) -> None:
+    """Set MODEL's placement policy: how many copies, and which node labels
+    they need. Without options it goes back to the defaults."""
+    wanted: dict[str, str] = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
+        wanted[key.strip()] = value.strip()
+    out = Client(api).post("/api/distributed/placement",
+                           {"model": model, "replicas": replicas, "node_labels": wanted})
+    if as_json:
+        print_json(out)
+    else:
+        where = ", ".join(f"{k}={v}" for k, v in wanted.items()) or "any node"
+        click.echo(f"{out['model']}: {replicas or 'models.replicas'} copies on {where}")
