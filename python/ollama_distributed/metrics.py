@@ -15,7 +15,7 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -66,7 +66,7 @@ class ReplicationCounters(Collector):
     def __init__(self, status: Callable[[], dict[str, Any] | None]) -> None:
         self._status = status
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         s = self._status()
         if not s:
             return
@@ -89,6 +89,10 @@ class ReplicationCounters(Collector):
                                   value=float(s.get("models_replicated_total", 0)))
         yield CounterMetricFamily(f"{p}_deletes", "Models removed here because they were deleted elsewhere.",
                                   value=float(s.get("models_deleted_total", 0)))
+        yield CounterMetricFamily(f"{p}_trims", "Extra copies dropped here once the placed ones were there.",
+                                  value=float(s.get("models_trimmed_total", 0)))
+        yield GaugeMetricFamily(f"{p}_copies_unplaced", "Copies the placement wants but no node can hold "
+                                "(memory, disk, labels, too few nodes).", value=float(s.get("copies_unplaced", 0)))
 
 
 class Metrics:

@@ -73,10 +73,10 @@ def metric(n: NodeProc, name: str, **labels: str) -> float:
         text = r.read().decode()
     total = 0.0
     for line in text.splitlines():
-        m = re.match(rf"^{name}\{{(.*)\}} ([0-9.e+-]+)$", line)
+        m = re.match(rf"^{name}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
         if not m:
             continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(2))
     return total

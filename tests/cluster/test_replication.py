@@ -299,6 +299,9 @@ def test_labels_migrate_and_rebalance_move_the_copies(tmp_path: Path) -> None:
         until("the copy on c only", 30, lambda: holders() == {ic})
         assert files_of(c) == want
         assert entry(a)["assigned"] == [ic] and entry(a)["node_labels"] == {"gpu": "yes"}
+        assert metric(a, "ollama_distributed_replication_trims_total") == 1
+        assert metric(a, "ollama_distributed_replication_deletes_total") == 0
+        assert metric(a, "ollama_distributed_replication_copies_unplaced") == 0
 
         step("migrate to b: refused while the policy wants a label b lacks")
         status, out = call(a, "/api/distributed/migrate", {"model": MODEL, "from": ic, "to": ib})

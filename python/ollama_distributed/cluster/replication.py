@@ -239,8 +239,7 @@ class Replicator:
                         and not self.in_use(name)):
                     changed |= await self._delete_local(
                         name, f"placed on {', '.join(assigned)} (replicas {e.get('replicas')}, holders "
-                              f"{', '.join(e.get('holders') or [])})")
-                    self.trimmed_total += 1
+                              f"{', '.join(e.get('holders') or [])})", trimmed=True)
                 continue
             if local is not None and float(local["modified"]) >= float(e.get("modified") or 0):
                 continue  # ours is newer: the catalogue follows once the leader sees it
@@ -360,12 +359,15 @@ class Replicator:
             self.tombstones = merged
             self._save_tombstones()
 
-    async def _delete_local(self, name: str, why: str) -> bool:
+    async def _delete_local(self, name: str, why: str, trimmed: bool = False) -> bool:
         try:
             await asyncio.to_thread(self.store.delete, name)
         except OllamaDistributedError:
             return False
-        self.deleted_total += 1
+        if trimmed:
+            self.trimmed_total += 1
+        else:
+            self.deleted_total += 1
         logger.info("removed %s: %s", name, why)
         if self.on_removed is not None:
             await self.on_removed(name)
@@ -444,6 +446,7 @@ class Replicator:
             "models": self.catalogue,
             "models_replicated_total": self.replicated_total, "models_deleted_total": self.deleted_total,
             "models_trimmed_total": self.trimmed_total,
+            "copies_unplaced": sum(int(e.get("unplaced") or 0) for e in self.catalogue),
             "tombstones": dict(self.tombstones), "last_error": self.last_error,
             # committed through Raft: the record that outlives every node
             "cluster_tombstones": self.cluster.tombstones() if hasattr(self.cluster, "tombstones") else {},
