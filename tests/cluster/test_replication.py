@@ -1,7 +1,7 @@
 """Peer-to-peer model replication through real node processes on the mock
 engine: a model created at A is copied to B, and to C when it joins late,
 byte-identical, over QUIC; a peer whose blob is not its digest is caught and
-nothing is left behind; a delete at B removes the model everywhere and
+nothing is left behind, and with a good holder too the blob comes from it; a delete at B removes the model everywhere and
 replication does not bring it back; a source killed with -9 mid-transfer and
 the copy resumes from the other holder; with replicas=2 of 3 a killed
 holder is replaced; a placement policy with node labels, a migration and a
@@ -357,6 +357,45 @@ def test_labels_migrate_and_rebalance_move_the_copies(tmp_path: Path) -> None:
         assert r.returncode == 2 and "KEY=VALUE" in r.stderr, r
         status, out = call(c, "/api/distributed/rebalance", {"model": "nope"})
         assert status == 404, out
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.stop()
+
+
+def test_a_corrupt_holder_is_caught_and_the_blob_comes_from_the_good_one(tmp_path: Path) -> None:
+    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a", env=ENV)
+    token = token_of(a)
+    c = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "c", env=ENV)
+    nodes = [a, c]
+    try:
+        until("a and c connected", 20,
+              lambda: all(n.get("/health")["services"]["p2p_peers"] == 1 for n in nodes))  # type: ignore[index]
+        step("a 24 MiB model created at c and copied to a; then a's copy of the big blob rots on disk")
+        data = tiny_gguf(24 << 20)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        req = urllib.request.Request(c.url + f"/api/blobs/{digest}", data=data, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 201
+        post(c.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+        want = files_of(c)
+        until("a's copy", 30, lambda: (store(a) / MANIFEST).is_file())
+        rotten = store(a) / "blobs" / digest.replace(":", "-")
+        with open(rotten, "r+b") as f:
+            f.seek(5 << 20)
+            byte = f.read(1)
+            f.seek(5 << 20)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+        step("b joins: ranges from a and c, the whole fails its digest, each holder alone: c's is good")
+        b = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "b", env=ENV)
+        nodes.append(b)
+        until("b's copy", 60, lambda: (store(b) / MANIFEST).is_file())
+        assert files_of(b) == want
+        st = replication(b)
+        assert st["totals"]["digest_mismatches"] >= 1, st["totals"]
+        assert not [p for p in (store(b) / "tmp").iterdir() if p.name.startswith("p2p-")]
     finally:
         for n in nodes:
             if n.proc.poll() is None:
