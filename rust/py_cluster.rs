@@ -24,6 +24,8 @@ use crate::transport::tls::TlsMaterial;
 
 pyo3::import_exception!(ollama_distributed.errors, PeerUnavailableError);
 pyo3::import_exception!(ollama_distributed.errors, DigestMismatchError);
+// 507, as the registry pull's full disk: the store could not write.
+pyo3::import_exception!(ollama_distributed.models.fsutil, StorageError);
 
 fn cluster_err(e: ClusterError) -> PyErr {
     match e {
@@ -58,6 +60,8 @@ fn blob_err(e: BlobError) -> PyErr {
             status: 400,
             message: e.to_string(),
         }),
+        BlobError::NoSpace(m) => StorageError::new_err(m),
+        BlobError::Io(m) => StorageError::new_err(format!("cannot write to the data dir: {m}")),
         other => PyRuntimeError::new_err(other.to_string()),
     }
 }

@@ -11,9 +11,11 @@
 //! from its length (its bytes are hashed first). The sha256 of the whole file
 //! must equal the digest before it is fsynced and renamed into
 //! `blobs/sha256-<hex>`, so nothing unverified is ever visible; a mismatch
-//! deletes the partial and is a [`BlobError::DigestMismatch`]. A local I/O
-//! error (a full disk) deletes it too, freeing the space. A fetch in ranges
-//! from several peers writes `.ranges` instead, never resumed.
+//! deletes the partial and is a [`BlobError::DigestMismatch`]. A full disk
+//! (ENOSPC, or EDQUOT: a quota) or another local I/O error deletes it too,
+//! freeing the space, and ends the fetch at once (another peer would not
+//! help): [`BlobError::NoSpace`] names the data dir. A fetch in ranges from
+//! several peers writes `.ranges` instead, never resumed.
 //!
 //! File I/O is std's, on the runtime's threads: writes of [`DATA_FRAME`]
 //! bytes into the page cache, which take microseconds.
@@ -62,13 +64,58 @@ pub enum BlobError {
     NoStore,
     #[error("i/o: {0}")]
     Io(String),
+    /// The store's file system is full (ENOSPC) or over a quota (EDQUOT).
+    /// The message names the data dir once the fetch knows it.
+    #[error("{0}")]
+    NoSpace(String),
     #[error("sha256:{0} is already being fetched")]
     Busy(String),
 }
 
 impl From<std::io::Error> for BlobError {
     fn from(e: std::io::Error) -> Self {
-        BlobError::Io(e.to_string())
+        if is_no_space(&e) {
+            BlobError::NoSpace(format!("no space left on the data dir ({e})"))
+        } else {
+            BlobError::Io(e.to_string())
+        }
+    }
+}
+
+/// ENOSPC, or EDQUOT (a quota): nothing more fits in the store.
+fn is_no_space(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    #[cfg(target_os = "linux")]
+    const EDQUOT: i32 = 122;
+    #[cfg(not(target_os = "linux"))]
+    const EDQUOT: i32 = 69;
+    matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
+impl BlobError {
+    /// A full disk, said with the data dir and the blob, and what to do.
+    fn in_store(self, root: &Path, hex: &str) -> Self {
+        match self {
+            BlobError::NoSpace(m) => {
+                let why = m
+                    .strip_prefix("no space left on the data dir (")
+                    .and_then(|r| r.strip_suffix(')'))
+                    .unwrap_or(&m);
+                BlobError::NoSpace(format!(
+                    "no space left on the data dir {} for blob sha256:{}… ({why}); the partial \
+                     file was removed; free some space there or move the data dir to a larger disk",
+                    root.display(),
+                    &hex[..hex.len().min(12)],
+                ))
+            }
+            other => other,
+        }
+    }
+
+    /// A failure of this node's disk, not of the peer: removes the partial,
+    /// and no other peer would do better.
+    fn is_local(&self) -> bool {
+        matches!(self, BlobError::Io(_) | BlobError::NoSpace(_))
     }
 }
 
@@ -464,14 +511,22 @@ impl Blobs {
             return Ok(dest);
         }
         let tmp_dir = root.join("tmp");
-        std::fs::create_dir_all(&tmp_dir)?;
-        std::fs::create_dir_all(root.join("blobs"))?;
         let partial = tmp_dir.join(format!("p2p-sha256-{hex}.partial"));
-        let res = self.fetch_into(conn, peer, &hex, &partial, &dest).await;
-        if let Err(BlobError::Io(_)) = &res {
+        let res = async {
+            std::fs::create_dir_all(&tmp_dir)?;
+            std::fs::create_dir_all(root.join("blobs"))?;
+            self.fetch_into(conn, peer, &hex, &partial, &dest).await
+        }
+        .await
+        .map_err(|e| e.in_store(&root, &hex));
+        match &res {
             // a local failure (a full disk…): free the space rather than keep
-            // a partial to resume
-            let _ = std::fs::remove_file(&partial);
+            // a partial to resume; a broken stream keeps it
+            Err(e) if e.is_local() => {
+                let _ = std::fs::remove_file(&partial);
+                tracing::warn!("blob sha256:{hex} from '{peer}': {e}");
+            }
+            _ => {}
         }
         let mut t = self.totals();
         match &res {
@@ -606,13 +661,20 @@ impl Blobs {
         if sources.len() >= 2 && !partial.exists() {
             match self.probe_size(&sources[0].1, &hex).await {
                 Ok(size) if size >= MULTI_SOURCE_MIN => {
-                    std::fs::create_dir_all(root.join("tmp"))?;
-                    std::fs::create_dir_all(root.join("blobs"))?;
                     // its own name: a file with holes must never be resumed
                     let ranges = root.join("tmp").join(format!("p2p-sha256-{hex}.ranges"));
-                    let res = self.fetch_ranges(sources, &hex, size, &ranges, &dest).await;
-                    if res.is_err() {
+                    let res = async {
+                        std::fs::create_dir_all(root.join("tmp"))?;
+                        std::fs::create_dir_all(root.join("blobs"))?;
+                        self.fetch_ranges(sources, &hex, size, &ranges, &dest).await
+                    }
+                    .await
+                    .map_err(|e| e.in_store(&root, &hex));
+                    if let Err(e) = &res {
                         let _ = std::fs::remove_file(&ranges);
+                        if e.is_local() {
+                            tracing::warn!("blob sha256:{hex} from several peers: {e}");
+                        }
                     }
                     let mut t = self.totals();
                     match &res {
@@ -638,9 +700,13 @@ impl Blobs {
         for (peer, conn) in sources {
             match self.fetch_blob(conn, peer, &hex).await {
                 Ok(p) => return Ok(p),
-                Err(e @ (BlobError::BadDigest(_) | BlobError::NoStore | BlobError::Busy(_))) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (BlobError::BadDigest(_)
+                    | BlobError::NoStore
+                    | BlobError::Busy(_)
+                    | BlobError::NoSpace(_)
+                    | BlobError::Io(_)),
+                ) => return Err(e),
                 Err(e) => last = e,
             }
         }
@@ -702,10 +768,16 @@ impl Blobs {
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err((from, end, e))) => failed.push((from, end, e)),
-                Err(e) => failed.push((0, size, BlobError::Io(e.to_string()))),
+                Err(e) => failed.push((0, size, unavailable(format!("a range task failed: {e}")))),
             }
         }
-        // what a failed source left undone, from the others in turn
+        // what a failed source left undone, from the others in turn; a
+        // failure of this node's disk is not the source's, and ends it all
+        if let Some(i) = failed.iter().position(|(_, _, e)| e.is_local()) {
+            drop(file);
+            let _ = std::fs::remove_file(partial);
+            return Err(failed.swap_remove(i).2);
+        }
         for (from, end, mut err) in failed {
             self.totals().ranges_refetched += 1;
             let mut done = false;
@@ -724,6 +796,11 @@ impl Blobs {
                     Ok(()) => {
                         done = true;
                         break;
+                    }
+                    Err((_, _, e)) if e.is_local() => {
+                        drop(file);
+                        let _ = std::fs::remove_file(partial);
+                        return Err(e);
                     }
                     Err((_, _, e)) => {
                         tracing::debug!("range {from}..{end} of sha256:{hex} from '{peer}': {e}");
@@ -934,8 +1011,39 @@ fn remote_error(payload: &[u8]) -> BlobError {
 }
 
 #[cfg(test)]
+mod transfer_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_told_apart_and_named() {
+        for errno in [28, if cfg!(target_os = "linux") { 122 } else { 69 }] {
+            let e = BlobError::from(std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, BlobError::NoSpace(_)), "{errno}: {e}");
+            assert!(e.is_local());
+            let e = e.in_store(Path::new("/data/models"), &"ab".repeat(32));
+            let m = e.to_string();
+            assert!(
+                m.starts_with(
+                    "no space left on the data dir /data/models for blob sha256:abababababab… ("
+                ) && m.contains(&format!(
+                    "(os error {errno})); the partial file was removed"
+                )) && m.ends_with("free some space there or move the data dir to a larger disk"),
+                "{m}"
+            );
+        }
+        let e = BlobError::from(std::io::Error::from_raw_os_error(13)); // EACCES
+        assert!(matches!(e, BlobError::Io(_)) && e.is_local(), "{e}");
+        assert_eq!(e.clone().in_store(Path::new("/x"), "ab"), e);
+        assert!(!BlobError::Unavailable("cut".into()).is_local());
+        assert!(!BlobError::DigestMismatch {
+            expected: "a".into(),
+            actual: "b".into()
+        }
+        .is_local());
+    }
 
     #[test]
     fn digests_and_paths_are_checked() {

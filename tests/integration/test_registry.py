@@ -1,7 +1,8 @@
 """Registry pull and push with Ollama's protocol, against a real distribution v2
 registry (Debian's docker-registry) started here on a free 127.0.0.1 port, and
 against tiny aiohttp registries that misbehave on purpose (garbage, a wrong
-digest, a token realm, a connection cut mid-layer)."""
+digest, a token realm, a connection cut mid-layer, a layer corrupted once on
+the way)."""
 
 from __future__ import annotations
 
@@ -250,10 +251,12 @@ class ProxyState:
     released: threading.Event = field(default_factory=threading.Event)
     ranges: list[str] = field(default_factory=list)
     blob_bytes: int = 0
+    corrupt: str = ""  # a digest prefix: the next GET of that blob gets one byte flipped
+    no_cache: list[str] = field(default_factory=list)  # Range of each blob GET sent with Cache-Control: no-cache
 
 
 def cutting_proxy(upstream: str, state: ProxyState) -> Server:
-    """Forwards to the registry; cuts or stalls blob downloads as `state` says."""
+    """Forwards to the registry; cuts, stalls or corrupts blob downloads as `state` says."""
 
     async def forward(request: web.Request) -> web.StreamResponse:
         session = request.app[SESSION]
@@ -263,6 +266,11 @@ def cutting_proxy(upstream: str, state: ProxyState) -> Server:
         blob = request.method == "GET" and "/blobs/sha256:" in request.path
         if blob:
             state.ranges.append(request.headers.get("Range", ""))
+            if request.headers.get("Cache-Control") == "no-cache":
+                state.no_cache.append(request.headers.get("Range", ""))
+        flip = blob and bool(state.corrupt) and f"/blobs/{state.corrupt}" in request.path
+        if flip:
+            state.corrupt = ""
         async with session.request(request.method, f"http://{upstream}{request.path_qs}", headers=headers,
                                    data=body or None, allow_redirects=False) as up:
             keep = {k: v for k, v in up.headers.items()
@@ -281,6 +289,8 @@ def cutting_proxy(upstream: str, state: ProxyState) -> Server:
                 if blob and state.stall_after and sent >= state.stall_after:
                     while not state.released.is_set():
                         await asyncio.sleep(0.05)
+                if flip:  # a bad copy, as a broken mirror or CDN node might serve
+                    chunk, flip = bytes([chunk[0] ^ 0xFF]) + chunk[1:], False
                 await resp.write(chunk)
                 sent += len(chunk)
                 if blob:
@@ -488,12 +498,17 @@ class FakeRegistry:
     token: str | None = None
     token_requests: list[dict[str, str]] = field(default_factory=list)
     garbage: bool = False
+    bad_once: dict[str, bytes] = field(default_factory=dict)  # digest -> bytes its next GET serves instead
+    blob_gets: list[tuple[str, str]] = field(default_factory=list)  # (digest, Cache-Control) of each GET
 
-    def add(self, repo_tag: str, layer_bytes: bytes, served: bytes | None = None) -> None:
+    def add(self, repo_tag: str, layer_bytes: bytes, served: bytes | None = None,
+            served_once: bytes | None = None) -> None:
         config = json.dumps({"model_format": "gguf"}).encode()
         layer = blob_ref("application/vnd.ollama.image.model", layer_bytes)
         cfg = blob_ref("application/vnd.docker.container.image.v1+json", config)
         self.blobs[layer["digest"]] = served if served is not None else layer_bytes
+        if served_once is not None:
+            self.bad_once[layer["digest"]] = served_once
         self.blobs[cfg["digest"]] = config
         self.manifests[repo_tag] = json.dumps({
             "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
@@ -545,6 +560,9 @@ class FakeRegistry:
                 return await upload(request, parts)
             if len(parts) == 6 and parts[4] == "blobs" and parts[5] in self.blobs:
                 data = self.blobs[parts[5]]
+                if request.method == "GET":
+                    self.blob_gets.append((parts[5], request.headers.get("Cache-Control", "")))
+                    data = self.bad_once.pop(parts[5], data)
                 rng = request.headers.get("Range", "")
                 if rng.startswith("bytes="):
                     a, _, b = rng[6:].partition("-")
@@ -651,10 +669,28 @@ def test_a_layer_whose_bytes_do_not_match_its_digest_is_refused(node: NodeProc, 
             == "success"
         assert f"{server.host}/library/good:q4_k_m" in tags(fresh)
 
-        print("=== wrong bytes for a layer: refused, nothing visible, nothing left behind")
+        print("=== wrong bytes once (a bad mirror): discarded, fetched again past the caches, pulled")
+        fake.add("flaky:1", good[::3], served_once=claimed[: len(good[::3])])
+        digest = "sha256:" + hashlib.sha256(good[::3]).hexdigest()
+        fake.blob_gets.clear()
+        events = [e.model_dump(exclude_none=True)
+                  for e in client.pull(f"{server.host}/library/flaky:1", insecure=True, stream=True)]
+        s = statuses(events)
+        assert s[-3:] == ["verifying sha256 digest", "writing manifest", "success"], s
+        assert f"digest mismatch for layer {digest[7:19]}; pulling it again" in s, s
+        assert s.count("verifying sha256 digest") == 2, s
+        assert [c for d, c in fake.blob_gets if d == digest] == ["", "no-cache"], fake.blob_gets
+        assert store_files(fresh)["sha256-" + digest[7:]] == good[::3]
+        assert f"{server.host}/library/flaky:1" in tags(fresh) and tmp_files(fresh) == []
+        assert "fetching it once more" in fresh.log()
+
+        print("=== wrong bytes for a layer every time: refused, nothing visible, nothing left behind")
+        bad_digest = "sha256:" + hashlib.sha256(claimed).hexdigest()
+        fake.blob_gets.clear()
         with pytest.raises(ollama.ResponseError) as e:
             list(client.pull(f"{server.host}/library/bad:1", insecure=True, stream=True))
-        assert "digest mismatch" in str(e.value)
+        assert "digest mismatch" in str(e.value) and "fetched a second time too" in str(e.value), e.value
+        assert [c for d, c in fake.blob_gets if d == bad_digest] == ["", "no-cache"], fake.blob_gets
         assert f"{server.host}/library/bad:1" not in tags(fresh)
         assert "sha256-" + hashlib.sha256(bad).hexdigest() not in store_files(fresh)
         assert tmp_files(fresh) == []
@@ -664,6 +700,36 @@ def test_a_layer_whose_bytes_do_not_match_its_digest_is_refused(node: NodeProc, 
     finally:
         fresh.stop()
         server.close()
+
+
+def test_a_layer_corrupted_on_the_way_is_fetched_again_and_the_model_works(
+        node: NodeProc, registry: RegistryProc, tmp_path: Path) -> None:
+    """The real registry behind a proxy that flips one byte of the model layer
+    once, as a broken mirror or CDN node would: the pull finds the mismatch,
+    fetches the layer again (asking caches to revalidate), and the model runs."""
+    repo = pushed(node, registry, "corrupted-once:1")
+    state = ProxyState(corrupt="sha256:" + GGUF_PREFIX[7:])
+    proxy = cutting_proxy(registry.host, state)
+    fresh = no_default_node(tmp_path / "puller")
+    name = f"{proxy.host}/library/{repo}"
+    client = ollama.Client(host=fresh.url)
+    try:
+        events = [e.model_dump(exclude_none=True) for e in client.pull(name, insecure=True, stream=True)]
+        s = statuses(events)
+        assert s[-3:] == ["verifying sha256 digest", "writing manifest", "success"], s
+        assert "digest mismatch for layer b179c9523d0e; pulling it again" in s, s
+        assert not state.corrupt  # the byte was flipped
+        big = [r for r in state.ranges if r and not r.endswith("-275")]  # the model layer's parts
+        assert len(big) == 8 and sorted(state.no_cache) == sorted(big[4:]), (state.ranges, state.no_cache)
+        assert 2 * 98362432 <= state.blob_bytes < 2 * 98362432 + (1 << 20), state.blob_bytes
+        gguf = next(k for k in store_files(fresh) if k.startswith(GGUF_PREFIX))
+        assert hashlib.sha256(store_files(fresh)[gguf]).hexdigest() == gguf[7:]
+        assert name in tags(fresh) and tmp_files(fresh) == []
+        out = client.generate(model=name, prompt="Say hi", options={"num_predict": 4, "seed": 1})
+        assert (out.response or "").strip() and out.done
+    finally:
+        fresh.stop()
+        proxy.close()
 
 
 # ---- a full disk ---------------------------------------------------------------------------------

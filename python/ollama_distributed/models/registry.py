@@ -7,10 +7,15 @@ Pull: the manifest first, then each layer into `<store>/tmp/pull-<hex>.partial`
 with several `Range` requests in parallel. Progress of each part is kept in
 `pull-<hex>.json` beside it, so an interrupted pull (client gone, node killed,
 connection cut) resumes where it stopped. Nothing is visible in the store until
-its sha256 is verified; the manifest is written last. The statuses streamed
+its sha256 is verified; the manifest is written last. A layer whose bytes are
+not its digest (a mirror or CDN in front of the registry served a bad copy) is
+discarded and fetched once more, with `Cache-Control: no-cache`, before the
+pull fails with a 502. The statuses streamed
 are Ollama's: "pulling manifest", "pulling <12 hex>" with digest/total/completed,
 "verifying sha256 digest", "writing manifest", "removing unused layers" (when
-the pull replaced a model and left layers nothing uses), "success".
+the pull replaced a model and left layers nothing uses), "success"; a layer
+fetched again adds "digest mismatch for layer <12 hex>; pulling it again",
+its progress from 0, and a second "verifying sha256 digest".
 
 Push: "retrieving manifest", then for each blob "pushing <12 hex>" (HEAD to skip
 blobs the registry has, POST for an upload session, one monolithic PUT for small
@@ -44,7 +49,7 @@ from typing import Any
 import aiohttp
 import yarl
 
-from ..errors import BadRequestError, ModelNotFoundError, OllamaDistributedError
+from ..errors import BadRequestError, DigestMismatchError, ModelNotFoundError, OllamaDistributedError
 from . import names
 from .fsutil import StorageError, atomic_write, storage_error
 from .store import MANIFEST_MEDIA, Store, sha256_file
@@ -380,13 +385,14 @@ def _progress(hex_digest: str, total: int, completed: int, verb: str = "pulling"
             "total": total, "completed": completed}
 
 
-async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, short: str) -> None:
+async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, short: str,
+                         extra: dict[str, str]) -> None:
     last: BaseException | None = None
     failures = 0  # in a row without progress: a flaky link that keeps moving never gives up
     while part.done < part.size:
         start, end = part.offset + part.done, part.offset + part.size - 1
         try:
-            resp = await reg.request("GET", url, headers={"Range": f"bytes={start}-{end}"})
+            resp = await reg.request("GET", url, headers={"Range": f"bytes={start}-{end}", **extra})
             async with resp:
                 if resp.status == 404:
                     raise RegistryError(f"registry {reg.host} does not have layer sha256:{short}… "
@@ -427,13 +433,17 @@ async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, sho
             await asyncio.sleep(min(0.25 * 2 ** (failures - 1), 4.0))
 
 
-async def _download(reg: Registry, name: names.ModelName, partial: _Partial) -> AsyncIterator[dict[str, Any]]:
-    """Fill `partial` with parallel Range requests, yielding progress; kept on any exit."""
+async def _download(reg: Registry, name: names.ModelName, partial: _Partial,
+                    again: bool = False) -> AsyncIterator[dict[str, Any]]:
+    """Fill `partial` with parallel Range requests, yielding progress; kept on any
+    exit but a full disk. `again`: the layer came wrong once; ask every cache on
+    the way to revalidate."""
     fd = partial.open()
     try:
         url = reg.url(f"{_repo(name)}/blobs/sha256:{partial.hex}")
         short = partial.hex[:12]
-        tasks = [asyncio.create_task(_download_part(reg, url, fd, p, short))
+        extra = {"Cache-Control": "no-cache", "Pragma": "no-cache"} if again else {}
+        tasks = [asyncio.create_task(_download_part(reg, url, fd, p, short, extra))
                  for p in partial.parts if p.done < p.size]
         try:
             saved = time.monotonic()
@@ -473,7 +483,18 @@ def _fsync(path: Path) -> None:
         raise storage_error(e, f"layer {path.name}") from e
 
 
-async def _verify_and_commit(store: Store, partial: _Partial, host: str) -> None:
+async def _fetch_layer(reg: Registry, name: names.ModelName, partial: _Partial,
+                       again: bool = False) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async for event in _download(reg, name, partial, again):
+            yield event
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise RegistryError(f"registry {name.host}: {_reason(e)}") from None
+
+
+async def _verify_and_commit(store: Store, partial: _Partial, host: str, again: bool = False) -> None:
+    """Make a downloaded layer visible once its sha256 is right; on a mismatch
+    the partial is removed and DigestMismatchError (a 502) says so."""
     if not partial.data.is_file() or partial.data.stat().st_size != partial.size:
         partial.discard()
         raise RegistryError(f"layer sha256:{partial.hex[:12]}… from {host} is incomplete; pull again")
@@ -483,8 +504,9 @@ async def _verify_and_commit(store: Store, partial: _Partial, host: str) -> None
                                      asyncio.to_thread(_fsync, partial.data))
     if actual != partial.hex:
         partial.discard()
-        raise RegistryError(f"digest mismatch for layer sha256:{partial.hex} from {host}: its bytes "
-                            f"hash to sha256:{actual}; nothing was kept")
+        raise DigestMismatchError(
+            f"digest mismatch for layer sha256:{partial.hex} from {host}: its bytes hash to sha256:{actual}"
+            f"{', fetched a second time too' if again else ''}; nothing was kept")
     await asyncio.to_thread(store.commit_upload, partial.data, partial.hex, actual)
     with contextlib.suppress(OSError):
         partial.state.unlink()
@@ -532,15 +554,22 @@ async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
                     yield _progress(hex_digest, size, size)
                     continue
                 partial = _Partial(store, hex_digest, size)
-                try:
-                    async for event in _download(reg, name, partial):
-                        yield event
-                except (TimeoutError, aiohttp.ClientError) as e:
-                    raise RegistryError(f"registry {name.host}: {_reason(e)}") from None
+                async for event in _fetch_layer(reg, name, partial):
+                    yield event
                 fetched.append(partial)
             yield {"status": "verifying sha256 digest"}
             for partial in fetched:
-                await _verify_and_commit(store, partial, name.host)
+                try:
+                    await _verify_and_commit(store, partial, name.host)
+                except DigestMismatchError as e:
+                    # The partial is gone. A mirror or CDN may have served a bad
+                    # copy: fetch the layer once more before giving up.
+                    logger.warning("%s; fetching it once more", e.message)
+                    yield {"status": f"digest mismatch for layer {partial.hex[:12]}; pulling it again"}
+                    async for event in _fetch_layer(reg, name, partial, again=True):
+                        yield event
+                    yield {"status": "verifying sha256 digest"}
+                    await _verify_and_commit(store, partial, name.host, again=True)
         yield {"status": "writing manifest"}
         replaced = await asyncio.to_thread(_layers_of, store, name)
         await asyncio.to_thread(atomic_write, store.manifest_path(name), raw)
