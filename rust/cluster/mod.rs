@@ -392,7 +392,8 @@ impl Cluster {
             }
             (_, None) => true,
             (_, Some(l)) => !self.lock_membership().is_alive(l),
-        };
+        } || self.store.save_failing()
+            || m.state == ServerState::Shutdown;
         let mut members = voters.clone();
         members.extend(learners.iter().cloned());
         let c = &self.counters;

@@ -1,6 +1,7 @@
 //! Raft storage in one file: vote, log, committed id, state machine and last
 //! snapshot together, written to `data_dir/raft/state.json` by temp file,
-//! fsync and rename on every change. A crash leaves the previous state or the
+//! fsync and rename on every change (retried until it succeeds, see
+//! `FileStore::persist`). A crash leaves the previous state or the
 //! new one, never a mix, so log and state are always consistent. The state is
 //! small (members and metadata, log compacted by snapshots), so rewriting it
 //! whole is cheap.
@@ -10,6 +11,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogState, RaftLogReader, RaftSnapshotBuilder, RaftStorage, Snapshot};
@@ -74,6 +76,7 @@ impl Inner {
 #[derive(Clone)]
 pub struct FileStore {
     inner: Arc<Mutex<Inner>>,
+    failing: Arc<AtomicBool>,
 }
 
 fn io<E: std::fmt::Display>(e: E) -> SError {
@@ -94,7 +97,47 @@ impl FileStore {
         };
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner { path, p })),
+            failing: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Write the state to disk, waiting as long as it takes: a full or
+    /// failing disk stalls this node's consensus (it must not vote or ack
+    /// what it has not stored) instead of shutting Raft down for good, and it
+    /// carries on once the write succeeds. `save_failing()` says so meanwhile.
+    async fn persist(&self) -> Result<(), SError> {
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            let res = self.lock().save();
+            match res {
+                Ok(()) => {
+                    if self.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("the raft state is saved again");
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    if !self.failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(
+                            "cannot save the raft state: {e}; this node's consensus waits until it \
+                             can (free space on the data dir)"
+                        );
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Whether the last write of the state failed (and is being retried).
+    pub fn save_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Change the state under the lock (released before any await).
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.lock())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -148,23 +191,27 @@ impl RaftLogReader<TypeConfig> for FileStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for FileStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SError> {
-        let mut g = self.lock();
-        let data = serde_json::to_vec(&g.p.sm).map_err(io)?;
-        g.p.snapshot_seq += 1;
-        let snapshot_id = match g.p.sm.last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, g.p.snapshot_seq),
-            None => format!("--{}", g.p.snapshot_seq),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: g.p.sm.last_applied,
-            last_membership: g.p.sm.last_membership.clone(),
-            snapshot_id,
-        };
-        g.p.snapshot = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        });
-        g.save().map_err(io)?;
+        let (meta, data) = self
+            .with(|g| -> Result<_, serde_json::Error> {
+                let data = serde_json::to_vec(&g.p.sm)?;
+                g.p.snapshot_seq += 1;
+                let snapshot_id = match g.p.sm.last_applied {
+                    Some(l) => format!("{}-{}-{}", l.leader_id, l.index, g.p.snapshot_seq),
+                    None => format!("--{}", g.p.snapshot_seq),
+                };
+                let meta = SnapshotMeta {
+                    last_log_id: g.p.sm.last_applied,
+                    last_membership: g.p.sm.last_membership.clone(),
+                    snapshot_id,
+                };
+                g.p.snapshot = Some(StoredSnapshot {
+                    meta: meta.clone(),
+                    data: data.clone(),
+                });
+                Ok((meta, data))
+            })
+            .map_err(io)?;
+        self.persist().await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -177,9 +224,10 @@ impl RaftStorage<TypeConfig> for FileStore {
     type SnapshotBuilder = Self;
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SError> {
-        let mut g = self.lock();
-        g.p.vote = Some(*vote);
-        g.save().map_err(io)
+        self.with(|g| {
+            g.p.vote = Some(*vote);
+        });
+        self.persist().await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SError> {
@@ -187,9 +235,10 @@ impl RaftStorage<TypeConfig> for FileStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
-        let mut g = self.lock();
-        g.p.committed = committed;
-        g.save().map_err(io)
+        self.with(|g| {
+            g.p.committed = committed;
+        });
+        self.persist().await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
@@ -218,24 +267,27 @@ impl RaftStorage<TypeConfig> for FileStore {
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
     {
-        let mut g = self.lock();
-        for e in entries {
-            g.p.log.insert(e.log_id.index, e);
-        }
-        g.save().map_err(io)
+        self.with(|g| {
+            for e in entries {
+                g.p.log.insert(e.log_id.index, e);
+            }
+        });
+        self.persist().await
     }
 
     async fn delete_conflict_logs_since(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
-        let mut g = self.lock();
-        g.p.log.retain(|&i, _| i < log_id.index);
-        g.save().map_err(io)
+        self.with(|g| {
+            g.p.log.retain(|&i, _| i < log_id.index);
+        });
+        self.persist().await
     }
 
     async fn purge_logs_upto(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
-        let mut g = self.lock();
-        g.p.log.retain(|&i, _| i > log_id.index);
-        g.p.last_purged = Some(log_id);
-        g.save().map_err(io)
+        self.with(|g| {
+            g.p.log.retain(|&i, _| i > log_id.index);
+            g.p.last_purged = Some(log_id);
+        });
+        self.persist().await
     }
 
     async fn last_applied_state(
@@ -249,42 +301,44 @@ impl RaftStorage<TypeConfig> for FileStore {
         &mut self,
         entries: &[Entry<TypeConfig>],
     ) -> Result<Vec<bool>, SError> {
-        let mut g = self.lock();
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            g.p.sm.last_applied = Some(e.log_id);
-            let mut applied = true;
-            match &e.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(Command::Catalog { expect, puts }) => {
-                    let cat = &mut g.p.sm.catalog;
-                    applied = expect.iter().all(|(k, v)| cat.get(k) == v.as_ref());
-                    if applied {
-                        for (k, v) in puts {
-                            match v {
-                                Some(v) => cat.insert(k.clone(), v.clone()),
-                                None => cat.remove(k),
-                            };
+        let out = self.with(|g| {
+            let mut out = Vec::with_capacity(entries.len());
+            for e in entries {
+                g.p.sm.last_applied = Some(e.log_id);
+                let mut applied = true;
+                match &e.payload {
+                    EntryPayload::Blank => {}
+                    EntryPayload::Normal(Command::Catalog { expect, puts }) => {
+                        let cat = &mut g.p.sm.catalog;
+                        applied = expect.iter().all(|(k, v)| cat.get(k) == v.as_ref());
+                        if applied {
+                            for (k, v) in puts {
+                                match v {
+                                    Some(v) => cat.insert(k.clone(), v.clone()),
+                                    None => cat.remove(k),
+                                };
+                            }
                         }
                     }
+                    EntryPayload::Normal(Command::SetNode(meta)) => {
+                        g.p.sm.nodes.insert(meta.name.clone(), meta.clone());
+                    }
+                    EntryPayload::Normal(Command::Tombstone {
+                        model,
+                        deleted_at_ms,
+                    }) => {
+                        let at = g.p.sm.tombstones.entry(model.clone()).or_insert(0);
+                        *at = (*at).max(*deleted_at_ms);
+                    }
+                    EntryPayload::Membership(m) => {
+                        g.p.sm.last_membership = StoredMembership::new(Some(e.log_id), m.clone());
+                    }
                 }
-                EntryPayload::Normal(Command::SetNode(meta)) => {
-                    g.p.sm.nodes.insert(meta.name.clone(), meta.clone());
-                }
-                EntryPayload::Normal(Command::Tombstone {
-                    model,
-                    deleted_at_ms,
-                }) => {
-                    let at = g.p.sm.tombstones.entry(model.clone()).or_insert(0);
-                    *at = (*at).max(*deleted_at_ms);
-                }
-                EntryPayload::Membership(m) => {
-                    g.p.sm.last_membership = StoredMembership::new(Some(e.log_id), m.clone());
-                }
+                out.push(applied);
             }
-            out.push(applied);
-        }
-        g.save().map_err(io)?;
+            out
+        });
+        self.persist().await?;
         Ok(out)
     }
 
@@ -303,15 +357,16 @@ impl RaftStorage<TypeConfig> for FileStore {
     ) -> Result<(), SError> {
         let data = snapshot.into_inner();
         let sm: StateMachine = serde_json::from_slice(&data).map_err(io)?;
-        let mut g = self.lock();
-        g.p.sm = sm;
-        g.p.sm.last_applied = meta.last_log_id;
-        g.p.sm.last_membership = meta.last_membership.clone();
-        g.p.snapshot = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data,
+        self.with(|g| {
+            g.p.sm = sm;
+            g.p.sm.last_applied = meta.last_log_id;
+            g.p.sm.last_membership = meta.last_membership.clone();
+            g.p.snapshot = Some(StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            });
         });
-        g.save().map_err(io)
+        self.persist().await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SError> {

@@ -454,16 +454,21 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), TlsError> {
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
+    let written = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        // a full disk must not keep a half-written temp file using the space
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
     fs::rename(&tmp, path).map_err(io_err(path))?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = fs::File::open(dir) {

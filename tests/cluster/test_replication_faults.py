@@ -241,10 +241,6 @@ def delete(n: NodeProc, model: str) -> None:
         assert r.status == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rust/consensus/store.rs: a state.json write that fails (ENOSPC) is a StorageError, on which "
-    "openraft shuts this node's Raft down for good: role 'shutdown' while status says not degraded, "
-    "nothing logged, no later commit reaches it"))
 def test_a_full_disk_for_a_while_keeps_raft_up(
         nodes: dict[str, NodeProc], small_disk: Path, tmp_path: Path) -> None:
     a = nodes["a"] = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a", env=ENV)
@@ -261,6 +257,9 @@ def test_a_full_disk_for_a_while_keeps_raft_up(
     create(a, "gone-1:latest", MiB)
     delete(a, "gone-1:latest")
     until("the delete committed", 20, lambda: "gone-1:latest" in replication(a)["cluster_tombstones"])
+    until("b says it is degraded: it cannot store what it is sent", 20,
+          lambda: b.get("/api/distributed/status")["degraded"] is True)  # type: ignore[index]
+    until("b to log why", 10, lambda: "cannot save the raft state" in b.log_path.read_text())
     time.sleep(2)
 
     step("space back: b follows the next commit")
@@ -272,3 +271,5 @@ def test_a_full_disk_for_a_while_keeps_raft_up(
     print(f"    b: role {st['role']}, degraded {st['degraded']}")  # type: ignore[index]
     until("b's Raft to follow", 20, lambda: "gone-2:latest" in replication(b)["cluster_tombstones"])
     assert b.get("/api/distributed/status")["role"] == "follower"  # type: ignore[index]
+    until("b no longer degraded", 20, lambda: b.get("/api/distributed/status")["degraded"] is False)  # type: ignore[index]
+    assert not list((small_disk / "b" / "raft").glob("*.tmp"))  # no half-written state left

@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import Any
 
 from ..errors import ConflictError, ModelNotFoundError, OllamaDistributedError, PeerUnavailableError
 from ..models import names
-from ..models.fsutil import atomic_write
+from ..models.fsutil import StorageError, atomic_write
 from ..models.store import Store
 from . import placement
 from .placement import rank
@@ -103,7 +104,11 @@ class Replicator:
             return {}
 
     def _save_tombstones(self) -> None:
-        atomic_write(self._tomb_path, json.dumps(self.tombstones, sort_keys=True).encode())
+        try:
+            atomic_write(self._tomb_path, json.dumps(self.tombstones, sort_keys=True).encode())
+        except StorageError as e:
+            # kept in memory, in adverts and in the Raft state; written on the next change
+            logger.warning("cannot save the tombstones: %s", e.message)
 
     def local_manifests(self) -> dict[str, dict[str, Any]]:
         """name -> {digest (sha256 of the manifest file), path, modified, size (of its layers)}."""
@@ -416,9 +421,16 @@ class Replicator:
         target = self.store.manifest_path(names.parse(name))
         if "/".join(names.parse(name).path_parts()) != path:
             raise OllamaDistributedError(f"manifest path {path!r} does not name {name}")
-        for hex_digest in blobs:
-            if not self.store.has_blob(hex_digest):
-                await self.cluster.fetch_blob([source, *others], f"sha256:{hex_digest}")
+        missing = [h for h in blobs if not self.store.has_blob(h)]
+        sizes = {names.parse_digest(x["digest"]): int(x.get("size") or 0) for x in layers}
+        need = sum(sizes.get(h, 0) for h in missing)
+        free = (await asyncio.to_thread(shutil.disk_usage, self.store.root)).free
+        if need > free:
+            raise StorageError(f"no space left on the data dir {self.store.root} for {name}: it needs "
+                               f"{need} bytes, {free} are free; free some space there or move the data "
+                               "dir to a larger disk")
+        for hex_digest in missing:
+            await self.cluster.fetch_blob([source, *others], f"sha256:{hex_digest}")
         await asyncio.to_thread(atomic_write, target, raw)
         # The copy carries the version's time, so every holder advertises the same.
         os.utime(target, (modified, modified))
