@@ -380,10 +380,14 @@ async def _transfer(request: web.Request, kind: str) -> web.StreamResponse:
     node = _node(request)
     if not node.engine.uses_store:
         raise NotAvailableError(f"{kind} is not available for models of the {node.engine.kind} upstream")
-    transfer = registry.pull if kind == "pull" else registry.push
+    if kind == "pull":
+        peers = node.replicator.fetch_blob_for if node.replicator is not None else None
+        transfer = registry.pull(node.store, model, insecure=insecure, from_peers=peers)
+    else:
+        transfer = registry.push(node.store, model, insecure=insecure)
 
     async def source() -> AsyncGenerator[dict[str, Any], None]:
-        async for event in transfer(node.store, model, insecure=insecure):
+        async for event in transfer:
             if kind == "pull" and event.get("status") == "success":
                 await node.models_changed()
             yield event

@@ -291,6 +291,29 @@ class Replicator:
         if self.on_change is not None:
             await self.on_change()
 
+    async def fetch_blob_for(self, manifest_hex: str, hex_digest: str) -> bool:
+        """For a registry pull: fetch blob `hex_digest` from the alive peers that
+        hold the manifest whose sha256 is `manifest_hex`; False when none does or
+        the copy failed (the pull then downloads it from the registry)."""
+        holders = []
+        for n in self.cluster.nodes():
+            if not n.get("alive") or n.get("local") or n["id"] == self.node_id:
+                continue
+            ms = (n.get("advert") or {}).get("manifests")
+            if isinstance(ms, dict) and any(isinstance(m, dict) and m.get("digest") == manifest_hex
+                                            for m in ms.values()):
+                holders.append(n["id"])
+        if not holders:
+            return False
+        try:
+            await self.cluster.fetch_blob(rank(manifest_hex, hex_digest, holders), f"sha256:{hex_digest}")
+        except OllamaDistributedError as e:
+            logger.warning("blob %s from peers %s failed (%s); the registry serves it instead",
+                           hex_digest[:12], ", ".join(holders), e.message)
+            return False
+        logger.info("blob %s came from peer(s) %s instead of the registry", hex_digest[:12], ", ".join(holders))
+        return True
+
     # ---- explicit placement: rebalance, migrate, policy ------------------------------
 
     def _view(self) -> tuple[dict[str, str], list[placement.NodeInfo]]:

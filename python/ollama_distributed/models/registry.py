@@ -528,10 +528,18 @@ def _check_space(store: Store, manifest: dict[str, Any]) -> None:
                            "free some disk space")
 
 
-async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
+# Fetch blob `hex_digest` of the manifest whose sha256 is `manifest_hex` from
+# cluster peers that hold that manifest; True once it is in the store.
+FromPeers = Callable[[str, str], Awaitable[bool]]
+
+
+async def pull(store: Store, raw_name: object, insecure: bool = False,
+               from_peers: FromPeers | None = None) -> AsyncIterator[dict[str, Any]]:
     """Pull a model, yielding Ollama's progress statuses. The manifest is fetched
     before the first status, so a missing model or a bad registry fails with its
-    own status code before anything is streamed."""
+    own status code before anything is streamed. With `from_peers`, a layer a
+    cluster peer already holds (it holds this very manifest) comes from it over
+    QUIC instead of the registry: one download serves every box."""
     name = names.parse(raw_name)
     store.tmp.mkdir(parents=True, exist_ok=True)
     async with _session() as session:
@@ -540,6 +548,7 @@ async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
         await asyncio.to_thread(_check_space, store, manifest)
         yield {"status": "pulling manifest"}
         refs = _refs(manifest)
+        manifest_hex = hashlib.sha256(raw).hexdigest()
         async with contextlib.AsyncExitStack() as held:
             # Each layer is downloaded by one pull at a time, from download to
             # commit; locks are taken in digest order, so pulls sharing layers
@@ -550,7 +559,8 @@ async def pull(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
             fetched: list[_Partial] = []
             for ref in refs:
                 hex_digest, size = names.parse_digest(ref["digest"]), int(ref["size"])
-                if store.has_blob(hex_digest):
+                if store.has_blob(hex_digest) or (
+                        from_peers is not None and await from_peers(manifest_hex, hex_digest)):
                     yield _progress(hex_digest, size, size)
                     continue
                 partial = _Partial(store, hex_digest, size)
