@@ -61,6 +61,7 @@ lint: dev
 	cargo fmt --check
 	cargo clippy --all-targets -q -- -D warnings
 	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/mypy
 
 # Every benchmark prints ratios measured side by side; none fails on a number.
 bench: dev

@@ -192,7 +192,7 @@ def plan(catalog: dict[str, dict[str, Any]], nodes: list[NodeInfo], tombstones: 
             continue
         policy = catalog.get(POLICY + name) or {}
         want = int(policy.get("replicas") or default_replicas)
-        labels = policy.get("node_labels") if isinstance(policy.get("node_labels"), dict) else {}
+        labels: dict[str, str] = policy["node_labels"] if isinstance(policy.get("node_labels"), dict) else {}
         size, holders = int(version["size"]), list(version["holders"])
         if only is not None and name != only and old is not None:
             for a in old.get("assigned") or []:
@@ -257,7 +257,7 @@ def migrate(entry: dict[str, Any], nodes: list[NodeInfo], source: str, target: s
     if n is None:
         raise ValueError(f"unknown node '{target}'; see GET /api/distributed/nodes")
     src = policy if policy is not None else entry
-    labels = src.get("node_labels") if isinstance(src.get("node_labels"), dict) else {}
+    labels: dict[str, str] = src["node_labels"] if isinstance(src.get("node_labels"), dict) else {}
     reason = why_not(n, int(entry.get("size") or 0), labels, target in holders)
     if reason is not None:
         raise ValueError(f"node '{target}' cannot hold it: {reason}")

@@ -229,9 +229,9 @@ class Replicator:
                 for name, m in ms.items():
                     if isinstance(m, dict):
                         holding.setdefault((str(name), str(m.get("digest"))), []).append(nid)
-        for e in self.catalogue:
-            name, digest = e["model"], str(e.get("digest"))
-            assigned = [str(a) for a in e.get("assigned") or []]
+        for entry in self.catalogue:
+            name, digest = entry["model"], str(entry.get("digest"))
+            assigned = [str(a) for a in entry.get("assigned") or []]
             local = mine.get(name)
             if local is not None and self.tombstones.get(name, -1.0) >= float(local["modified"]):
                 continue
@@ -239,14 +239,14 @@ class Replicator:
             if local is not None and local["digest"] == digest:
                 # dropped only once the placement has seen this copy and still
                 # chose others, and every one of them holds the version
-                if (self.node_id not in assigned and self.node_id in (e.get("holders") or [])
+                if (self.node_id not in assigned and self.node_id in (entry.get("holders") or [])
                         and name != self.keep and assigned and all(a in holders for a in assigned)
                         and not self.in_use(name)):
                     changed |= await self._delete_local(
-                        name, f"placed on {', '.join(assigned)} (replicas {e.get('replicas')}, holders "
-                              f"{', '.join(e.get('holders') or [])})", trimmed=True)
+                        name, f"placed on {', '.join(assigned)} (replicas {entry.get('replicas')}, holders "
+                              f"{', '.join(entry.get('holders') or [])})", trimmed=True)
                 continue
-            if local is not None and float(local["modified"]) >= float(e.get("modified") or 0):
+            if local is not None and float(local["modified"]) >= float(entry.get("modified") or 0):
                 continue  # ours is newer: the catalogue follows once the leader sees it
             if local is None and self.node_id not in assigned:
                 continue
@@ -254,7 +254,7 @@ class Replicator:
             failed_at, failures = self._failed.get((name, digest), (0.0, 0))
             if not sources or now - failed_at < min(RETRY_MAX_S, RETRY_AFTER_S * 2 ** max(0, failures - 1)):
                 continue
-            changed |= await self._replicate(name, digest, str(e.get("path")), float(e.get("modified") or 0),
+            changed |= await self._replicate(name, digest, str(entry.get("path")), float(entry.get("modified") or 0),
                                              sources)
         if changed and self.on_change is not None:
             await self.on_change()
