@@ -194,8 +194,8 @@ def plan(catalog: dict[str, dict[str, Any]], nodes: list[NodeInfo], tombstones: 
         want = int(policy.get("replicas") or default_replicas)
         labels: dict[str, str] = policy["node_labels"] if isinstance(policy.get("node_labels"), dict) else {}
         size, holders = int(version["size"]), list(version["holders"])
-        if only is not None and name != only and old is not None:
-            for a in old.get("assigned") or []:
+        if only is not None and name != only:
+            for a in (old or {}).get("assigned") or []:
                 if a in assigned_bytes:
                     assigned_bytes[a] += size
             continue
