@@ -1,6 +1,7 @@
 """Copy one large blob between nodes on loopback, over QUIC (the cluster
-core's FetchBlob stream: mTLS, sha256 verified, fsync + rename) from one
-source and from two at once (a range each), and over HTTP (curl from an
+core's FetchBlob stream: mTLS, sha256 verified, fsync + rename; every node a
+process of its own, as on its own machine) from one source and from two at
+once (a range each), and over HTTP (curl from an
 aiohttp static server, written to disk, then sha256), in one run. Prints MB/s
 and the ratios; asserts nothing. All nodes share this machine's cores.
 
@@ -19,11 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import pathlib
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -48,35 +51,75 @@ def make_blob(path: pathlib.Path, mib: int) -> str:
     return h.hexdigest()
 
 
-async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, link_mbps: int = 0) -> float:
-    def svc(name: str, join: list[str] | None = None, token: str | None = None) -> ClusterService:
-        return ClusterService(node_id=name, data_dir=tmp / name, host="127.0.0.1", port=udp_port(),
-                              join=join or [], token=token, api_address="", failure_timeout=2.0)
-    tmp = tmp / f"quic-{sources}-{link_mbps}"
-    a = svc("a")
-    await a.start()
-    while a.status()["role"] != "leader":
+async def node_main(args: argparse.Namespace) -> None:
+    """One node in a process of its own (as on a real machine): prints its
+    address and join token as JSON, then serves blobs until stdin closes; the
+    fetching node (--fetch) waits for its peers, fetches and prints the time."""
+    root = pathlib.Path(args.dir)
+    svc = ClusterService(node_id=args.node, data_dir=root, host="127.0.0.1", port=udp_port(),
+                         join=[args.join] if args.join else [], token=args.token or None,
+                         api_address="", failure_timeout=2.0)
+    await svc.start()
+    while svc.status()["role"] not in ("leader", "follower", "learner"):
         await asyncio.sleep(0.05)
-    nodes = [a] + [svc(n, [a.local_address() or ""], a.join_token()) for n in ("c", "b")[:sources]]
-    for n in nodes[1:]:
-        await n.start()
-    b = nodes[-1]
-    holders = [n.node_id for n in nodes[:-1]]
+    (root / "models" / "blobs").mkdir(parents=True, exist_ok=True)
+    svc.configure_blobs(root / "models", args.cap)
     try:
-        while b.status()["peers_connected"] < len(holders):
-            await asyncio.sleep(0.05)
-        for n in nodes:
-            (tmp / n.node_id / "models" / "blobs").mkdir(parents=True, exist_ok=True)
-            # the cap on the sources' uplinks; the receiver takes what comes
-            n.configure_blobs(tmp / n.node_id / "models", link_mbps if n is not b else 0)
-        for h in holders:
-            os.link(blob, tmp / h / "models" / "blobs" / f"sha256-{hexd}")
-        t0 = time.perf_counter()
-        await b.fetch_blob(holders, f"sha256:{hexd}")
-        return time.perf_counter() - t0
+        if args.fetch:
+            holders = args.fetch.split(",")
+            while svc.status()["peers_connected"] < len(holders):
+                await asyncio.sleep(0.05)
+            t0 = time.perf_counter()
+            await svc.fetch_blob(holders, f"sha256:{args.digest}")
+            print(json.dumps({"elapsed": time.perf_counter() - t0}), flush=True)
+            return
+        print(json.dumps({"address": svc.local_address(), "token": svc.join_token()}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     finally:
-        for n in reversed(nodes):
-            await n.stop()
+        await svc.stop()
+
+
+async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, link_mbps: int = 0) -> float:
+    """Holders a (and c) serve the blob; b fetches it. Every node is a process."""
+    tmp = tmp / f"quic-{sources}-{link_mbps}"
+    me = [sys.executable, __file__, "--node-role"]
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def spawn(node: str, *extra: str, cap: int = 0) -> asyncio.subprocess.Process:
+        (tmp / node / "models" / "blobs").mkdir(parents=True, exist_ok=True)
+        p = await asyncio.create_subprocess_exec(
+            *me, "--node", node, "--dir", str(tmp / node), "--cap", str(cap), *extra,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        procs.append(p)
+        return p
+
+    try:
+        holders = ["a", "c"][:sources]
+        first: dict[str, str] = {}
+        for h in holders:
+            (tmp / h / "models" / "blobs").mkdir(parents=True, exist_ok=True)
+            os.link(blob, tmp / h / "models" / "blobs" / f"sha256-{hexd}")
+            join = ["--join", first["address"], "--token", first["token"]] if first else []
+            p = await spawn(h, *join, cap=link_mbps)
+            assert p.stdout is not None
+            info = json.loads(await p.stdout.readline())
+            first = first or info
+        b = await spawn("b", "--join", first["address"], "--token", first["token"],
+                        "--fetch", ",".join(holders), "--digest", hexd)
+        assert b.stdout is not None
+        line = await b.stdout.readline()
+        if not line:
+            raise SystemExit("the fetching node failed; see its stderr above")
+        return float(json.loads(line)["elapsed"])
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), 10)
+            except TimeoutError:
+                p.kill()
 
 
 async def http(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, link_mbps: int = 0) -> float:
@@ -105,6 +148,14 @@ async def http(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, link_mbps: int 
 
 
 async def main() -> None:
+    if "--node-role" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--node-role", action="store_true")
+        for opt in ("--node", "--dir", "--join", "--token", "--fetch", "--digest"):
+            ap.add_argument(opt, default="")
+        ap.add_argument("--cap", type=int, default=0)
+        await node_main(ap.parse_args())
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--link-mbps", type=int, default=800,

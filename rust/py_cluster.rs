@@ -8,7 +8,7 @@
 //! pyo3-async-runtimes polls it, since quinn's streams need no reactor.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -466,34 +466,61 @@ impl InboundStream {
     }
 }
 
-/// Register the cluster classes on the `_core` module.
 /// Python's logging is called only while this is set; `stop_logging()`
 /// clears it at interpreter exit, so no core thread calls into a finalizing
 /// interpreter (which aborts the process).
 static PY_LOGGING: AtomicBool = AtomicBool::new(true);
+/// Log calls into Python under way: `stop_logging()` lets them finish (with
+/// the GIL released) before the interpreter goes on to finalize.
+static PY_LOGGING_INFLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 struct GuardedLogger(pyo3_log::Logger);
 
-impl log::Log for GuardedLogger {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        PY_LOGGING.load(Ordering::Acquire) && self.0.enabled(m)
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if PY_LOGGING.load(Ordering::Acquire) {
-            self.0.log(r)
-        }
-    }
-    fn flush(&self) {
-        if PY_LOGGING.load(Ordering::Acquire) {
-            self.0.flush()
-        }
+impl GuardedLogger {
+    /// `f` (which may take the GIL) while logging is on; counted in flight.
+    fn guarded<T: Default>(&self, f: impl FnOnce(&pyo3_log::Logger) -> T) -> T {
+        PY_LOGGING_INFLIGHT.fetch_add(1, Ordering::AcqRel);
+        let out = if PY_LOGGING.load(Ordering::Acquire) {
+            f(&self.0)
+        } else {
+            T::default()
+        };
+        PY_LOGGING_INFLIGHT.fetch_sub(1, Ordering::AcqRel);
+        out
     }
 }
 
-/// Stop handing core log records to Python (registered with atexit).
+impl log::Log for GuardedLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        self.guarded(|l| l.enabled(m))
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        self.guarded(|l| l.log(r))
+    }
+    fn flush(&self) {
+        self.guarded(|l| l.flush())
+    }
+}
+
+/// Stop handing core log records to Python (registered with atexit), and
+/// wait (at most a second, without the GIL) for the calls already under way,
+/// so none of them reaches the interpreter while it finalizes. The same pause
+/// lets pyo3-async-runtimes finish handing results to Python: it sets each
+/// future's result from a blocking-pool thread that may still be waiting for
+/// the GIL after the awaiting code went on, and a thread that gets the GIL
+/// from a finalizing interpreter aborts the process.
 #[pyfunction]
-fn stop_logging() {
+fn stop_logging(py: Python<'_>) {
     PY_LOGGING.store(false, Ordering::Release);
+    py.detach(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while PY_LOGGING_INFLIGHT.load(Ordering::Acquire) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    });
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

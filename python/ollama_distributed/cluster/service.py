@@ -83,6 +83,10 @@ class ClusterService:
             t.cancel()
         await self._core.stop()
         if self._loop_task is not None:
+            # A stopped core answers the pending next_inbound() with None, so the
+            # loop ends by itself and no core future is left to resolve into a
+            # finished interpreter; cancelled only if it does not.
+            await asyncio.wait({self._loop_task}, timeout=1.0)
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._serving.clear()
