@@ -302,6 +302,19 @@ impl Cluster {
         })
     }
 
+    /// Remove node `name`, which must be down, from the cluster (through the
+    /// leader); RuntimeError naming why not.
+    fn remove_member<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            runtime()
+                .spawn(async move { c.remove_member(&name).await })
+                .await
+                .map_err(join_err)?
+                .map_err(cluster_err)
+        })
+    }
+
     /// The model catalogue as JSON: key -> JSON text of its value.
     fn catalog_json(&self) -> PyResult<String> {
         serde_json::to_string(&self.running()?.catalog())

@@ -36,6 +36,12 @@ class ModelNotFoundError(OllamaDistributedError):
         self.model = model
 
 
+class NotFoundError(OllamaDistributedError):
+    """Something other than a model is unknown (a node): 404."""
+
+    status = 404
+
+
 class OverloadedError(OllamaDistributedError):
     """Every slot and the queue are full: 503 with Retry-After."""
 

@@ -801,6 +801,19 @@ impl Cluster {
                         .error(503, "the node's forwarded request queue is full".into());
                 }
             }
+            Kind::RemoveMember => {
+                let res: Result<(), String> = match serde_json::from_slice::<String>(&first.payload)
+                {
+                    Ok(name) => self.remove_member(&name).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("bad node name: {e}")),
+                };
+                reply(
+                    send,
+                    Kind::RemoveMemberResponse,
+                    serde_json::to_vec(&res).unwrap_or_default(),
+                )
+                .await;
+            }
             Kind::Propose => {
                 // only a leader commits; a follower's own propose goes
                 // straight to the leader, so this never loops
@@ -913,6 +926,78 @@ impl Cluster {
                 call_for(&conn, Kind::AddMember, &body).await
             }
         }
+    }
+
+    /// Remove node `name` from the cluster, through the leader. Only a node
+    /// that is down: it leaves the Raft membership, so it no longer counts
+    /// toward a quorum, and a voter's place goes to a caught-up learner when
+    /// there is one. Needs a quorum of the current voters, as every change.
+    pub async fn remove_member(&self, name: &str) -> Result<(), ClusterError> {
+        if name == self.cfg.node_id {
+            return Err(ClusterError::Config(
+                "a node cannot remove itself; stop it, then remove it from another node".into(),
+            ));
+        }
+        match self.leader_connection(true)? {
+            None => self.leader_remove(name).await,
+            Some(conn) => {
+                let body = serde_json::to_vec(name).unwrap_or_default();
+                call_for(&conn, Kind::RemoveMember, &body).await
+            }
+        }
+    }
+
+    async fn leader_remove(&self, name: &str) -> Result<(), ClusterError> {
+        let nid = raft_id(name);
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        if membership.get_node(&nid).is_none() {
+            return Err(ClusterError::Config(format!(
+                "node '{name}' is not a member; see GET /api/distributed/nodes"
+            )));
+        }
+        if name == self.cfg.node_id {
+            return Err(ClusterError::Config(
+                "the leader cannot remove itself; stop it, then remove it from another node".into(),
+            ));
+        }
+        if self.lock_membership().is_alive(name) {
+            return Err(ClusterError::Config(format!(
+                "node '{name}' is up; stop it first (systemctl stop ollama-distributed on it)"
+            )));
+        }
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let change = if voters.contains(&nid) {
+            let mut next: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != nid).collect();
+            // a caught-up, alive learner takes the voter's place
+            let index = m.membership_config.log_id().map_or(0, |l| l.index);
+            let heir = membership.learner_ids().find(|l| {
+                let alive = membership
+                    .get_node(l)
+                    .is_some_and(|n| self.lock_membership().is_alive(&n.name));
+                let caught_up = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(l).cloned().flatten())
+                    .is_some_and(|matched| matched.index >= index);
+                alive && caught_up
+            });
+            next.extend(heir);
+            ChangeMembers::ReplaceAllVoters(next)
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([nid]))
+        };
+        tokio::time::timeout(CONTROL_TIMEOUT, self.raft.change_membership(change, false))
+            .await
+            .map_err(|_| ClusterError::Raft("no quorum to change the membership".into()))?
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        self.seeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.lock_membership().forget(name);
+        tracing::info!("node '{name}' removed from the cluster");
+        Ok(())
     }
 
     async fn leader_add(&self, meta: NodeMeta) -> Result<(), ClusterError> {

@@ -765,3 +765,45 @@ async fn a_tombstone_from_any_node_reaches_every_node_through_raft() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_voter_is_removed_and_no_longer_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = three(dir.path()).await;
+    let li = nodes
+        .iter()
+        .position(|n| n.status().role == "leader")
+        .unwrap();
+    let (fi, gone) = {
+        let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+        (others[0], others[1])
+    };
+    let follower = nodes[fi].clone();
+    let gone_id = nodes[gone].node_id().to_owned();
+    // refused while it is up, for itself and for a stranger
+    assert!(follower.remove_member(&gone_id).await.is_err());
+    assert!(follower.remove_member(follower.node_id()).await.is_err());
+    assert!(follower.remove_member("stranger").await.is_err());
+    nodes[gone].stop().await;
+    let f2 = follower.clone();
+    let g2 = gone_id.clone();
+    wait_for("the node seen down", Duration::from_secs(10), || {
+        f2.nodes().iter().any(|n| n.id == g2 && !n.alive)
+    })
+    .await;
+    follower.remove_member(&gone_id).await.unwrap();
+    let alive = [nodes[li].clone(), follower.clone()];
+    let g3 = gone_id.clone();
+    wait_for("two voters everywhere", Duration::from_secs(5), || {
+        alive.iter().all(|n| {
+            let s = n.status();
+            s.voters.len() == 2 && !s.members.contains(&g3) && n.nodes().iter().all(|x| x.id != g3)
+        })
+    })
+    .await;
+    // the two left are a quorum of two: a change still commits
+    assert!(follower.put_tombstone("after:latest", 1).await.is_ok());
+    for n in alive {
+        n.stop().await;
+    }
+}

@@ -51,6 +51,11 @@ pub enum Kind {
     Propose = 18,
     /// `Ok(answer)`/`Err` of a Propose, as JSON.
     ProposeResponse = 19,
+    /// Ask the leader to remove a node that is down from the membership
+    /// (its name as a JSON string).
+    RemoveMember = 20,
+    /// `Ok`/`Err` of a RemoveMember, as JSON.
+    RemoveMemberResponse = 21,
 }
 
 impl Kind {
@@ -77,6 +82,8 @@ impl Kind {
             17 => BlobData,
             18 => Propose,
             19 => ProposeResponse,
+            20 => RemoveMember,
+            21 => RemoveMemberResponse,
             _ => return None,
         })
     }

@@ -320,3 +320,43 @@ def test_a_client_that_disconnects_at_a_cancels_the_work_at_b(tmp_path: Path) ->
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_node_down_for_good_is_removed(tmp_path: Path) -> None:
+    nodes = start_trio(tmp_path, "--engine", "mock")
+    try:
+        ids = {k: status(n)["node_id"] for k, n in nodes.items()}
+
+        def remove(at: str, node_id: str) -> tuple[int, dict[str, Any]]:
+            req = urllib.request.Request(nodes[at].url + f"/api/distributed/nodes/{node_id}", method="DELETE")
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        step("refused while c is up, for the node itself, and for a stranger")
+        code, body = remove("a", ids["c"])
+        assert code == 409 and "stop it first" in body["error"], body
+        code, body = remove("a", ids["a"])
+        assert code == 409 and "itself" in body["error"], body
+        assert remove("a", "node-nobody")[0] == 404
+
+        step("kill -9 c; once it is down, `cluster remove` at b takes it out")
+        nodes["c"].stop(sig=9)
+        until("c down at b", 15, lambda: any(
+            n["id"] == ids["c"] and n["status"] == "down"
+            for n in nodes["b"].get("/api/distributed/nodes")["nodes"]))  # type: ignore[index]
+        r = subprocess.run([*CLI, "cluster", "remove", ids["c"], "--api", nodes["b"].url],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and f"Removed {ids['c']}" in r.stdout, r
+        until("c gone from a's and b's member lists", 10, lambda: all(
+            ids["c"] not in [n["id"] for n in nodes[k].get("/api/distributed/nodes")["nodes"]]  # type: ignore[index]
+            for k in ("a", "b")))
+        assert all(not status(nodes[k])["degraded"] and status(nodes[k])["cluster_size"] == 2 for k in ("a", "b"))
+        r = subprocess.run([*CLI, "cluster", "remove", ids["c"], "--api", nodes["a"].url],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "not found" in r.stderr, r
+    finally:
+        for n in nodes.values():
+            n.stop()

@@ -164,6 +164,22 @@ async def placement_policy(request: web.Request) -> web.Response:
     return web.json_response({**result, "timestamp": now_iso()})
 
 
+async def remove_node(request: web.Request) -> web.Response:
+    """Remove a node that is down for good: it leaves the consensus membership,
+    so it no longer counts toward a quorum; its models' copies are placed
+    elsewhere once it has been down a few seconds anyway."""
+    node = _node(request)
+    if node.cluster is None:
+        raise ConflictError(f"no cluster is running on this node ({node.p2p_reason})")
+    node_id = request.match_info["node_id"]
+    try:
+        await node.cluster.remove_node(node_id)
+    except RuntimeError as e:
+        return web.json_response({"error": f"cannot remove node '{node_id}': {e}"}, status=503,
+                                 headers={"Retry-After": "5"})
+    return web.json_response({"removed": node_id, "timestamp": now_iso()})
+
+
 async def prometheus(request: web.Request) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -194,6 +210,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/health/ready", ready)
     r.add_get("/api/distributed/status", status)
     r.add_get("/api/distributed/nodes", nodes)
+    r.add_delete("/api/distributed/nodes/{node_id}", remove_node)
     r.add_get("/api/distributed/metrics", metrics)
     r.add_get("/api/distributed/models", models)
     r.add_get("/api/distributed/replication/status", replication_status)

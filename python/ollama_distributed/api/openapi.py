@@ -107,6 +107,10 @@ def spec() -> dict[str, Any]:
         "/health/ready": {"get": _op("Readiness: 503 until started", errors=(503,))},
         "/api/distributed/status": {"get": _op("Cluster status", errors=())},
         "/api/distributed/nodes": {"get": _op("Cluster nodes with resources", errors=())},
+        "/api/distributed/nodes/{node_id}": {
+            "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "delete": _op("Remove a node that is down for good from the cluster's membership",
+                          errors=(404, 409, 503))},
         "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
         "/api/distributed/models": {"get": _op("Models and the nodes holding them", errors=())},
         "/api/distributed/replication/status": {"get": _op(

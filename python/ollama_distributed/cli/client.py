@@ -109,6 +109,10 @@ class Client:
         with self._request("DELETE", path, body=body):
             return None
 
+    def delete_json(self, path: str) -> Any:
+        with self._request("DELETE", path) as resp:
+            return _json(resp.read(), self.base + path)
+
     def head(self, path: str) -> int:
         try:
             with self._request("HEAD", path):

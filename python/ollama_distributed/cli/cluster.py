@@ -1,8 +1,10 @@
 """`cluster token`: the token another node needs to join this cluster.
-`cluster rebalance|migrate|place`: where the cluster keeps its models."""
+`cluster rebalance|migrate|place`: where the cluster keeps its models.
+`cluster remove NODE`: take a node that is down for good out of the cluster."""
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -104,3 +106,18 @@ def place(model: str, replicas: int | None, labels: tuple[str, ...], api: str, a
     else:
         where = ", ".join(f"{k}={v}" for k, v in wanted.items()) or "any node"
         click.echo(f"{out['model']}: {replicas or 'models.replicas'} copies on {where}")
+
+
+@cluster.command("remove")
+@click.argument("node_id")
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def remove(node_id: str, api: str, as_json: bool) -> None:
+    """Remove NODE_ID, which must be down, from the cluster: it no longer
+    counts toward the quorum, and a learner takes a voter's place. To bring
+    that machine back, wipe its data dir and join it again with a token."""
+    out = Client(api).delete_json(f"/api/distributed/nodes/{urllib.parse.quote(node_id, safe='')}")
+    if as_json:
+        print_json(out)
+    else:
+        click.echo(f"Removed {out['removed']} from the cluster.")

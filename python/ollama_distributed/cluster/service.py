@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from .. import _core
-from ..errors import EngineError, OllamaDistributedError, PeerUnavailableError
+from ..errors import ConflictError, EngineError, NotFoundError, OllamaDistributedError, PeerUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,22 @@ class ClusterService:
         False when a key no longer holds what `expect` says. RuntimeError without a quorum."""
         ok: bool = await self._core.propose_catalog(expect, puts)
         return ok
+
+    async def remove_node(self, node_id: str) -> None:
+        """Remove a node that is down from the cluster: it leaves the Raft
+        membership (a voter's place goes to a caught-up learner), so it no
+        longer counts toward a quorum. NotFoundError for a node that is not a
+        member, ConflictError for one that is up or this node, RuntimeError
+        when the change cannot be committed (no quorum)."""
+        known = {n["id"]: n for n in self.nodes()}
+        if node_id not in known:
+            raise NotFoundError(f"node '{node_id}' not found; see GET /api/distributed/nodes")
+        if node_id == self.node_id:
+            raise ConflictError("a node cannot remove itself; stop it, then remove it from another node")
+        if known[node_id].get("alive"):
+            raise ConflictError(f"node '{node_id}' is up; stop it first (systemctl stop ollama-distributed "
+                                "on it), then remove it")
+        await self._core.remove_member(node_id)
 
     def catalog(self) -> dict[str, str]:
         """The catalogue in the Raft state: key -> JSON text."""
