@@ -1,6 +1,7 @@
 """The dashboard app on the web port: a page written by hand (no build step),
-a JSON snapshot at /api/state, a WebSocket at /ws that pushes a snapshot every
-second, and /api/playground, which streams an answer through the node's own
+a JSON snapshot at /api/state (the models with their placement, the blob copies
+in progress), a WebSocket at /ws that pushes a snapshot every second, and
+/api/playground, which streams an answer through the node's own
 dispatcher so the page needs no cross-origin call to the API port."""
 
 from __future__ import annotations
@@ -33,13 +34,39 @@ PLAYGROUND_MAX_TOKENS = 512
 PLAYGROUND_MAX_PROMPT = 16_000
 
 
+REPLICATION_SHOWN = ("transfers", "totals", "bandwidth_limit_bytes_per_sec", "models_in_progress",
+                     "copies_unplaced")
+_replication_error = ""  # the last one logged, so a lasting failure is logged once
+
+
+def replication(node: Node) -> dict[str, Any] | None:
+    """The blob copies in progress and their totals, as
+    /api/distributed/replication/status has them; None on a node that does not
+    replicate (no cluster core, or an engine without a model store). A failure
+    to read them is shown on the page instead of ending the feed."""
+    global _replication_error
+    if node.replicator is None:
+        return None
+    try:
+        st: dict[str, Any] = node.replicator.status()
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+        if message != _replication_error:
+            _replication_error = message
+            logger.warning("dashboard: replication status failed: %s", message)
+        return {"error": message, "transfers": [], "totals": {}}
+    _replication_error = ""
+    return {k: st.get(k) for k in REPLICATION_SHOWN}
+
+
 async def snapshot(node: Node) -> dict[str, Any]:
     d = node.dispatcher
     return {
         "at": time.time(),
         "health": node.health(),
         "nodes": node.cluster_nodes(),
-        "models": await node.cluster_models(),
+        "models": await node.cluster_models(),  # with their placement when the node replicates
+        "replication": replication(node),
         "loaded": [m.name for m in node.engine.loaded()],
         "requests_total": d.requests_total,
         "tokens_total": d.tokens_total,
