@@ -102,7 +102,7 @@ def test_created_at_a_copied_to_b_and_a_late_joiner_then_deleted_everywhere(
     assert rb["models_replicated_total"] == 1 and rb["replicas"] == 3
     until("b's catalogue names both holders", 5,
           lambda: [(m["model"], len(m["holders"]), len(m["assigned"]), m["replicas"], m["unplaced"])
-                   for m in replication(b)["models"]] == [(MODEL, 2, 2, 3, 1)])
+                   for m in replication(b)["models"]] == [(MODEL, 2, 2, 3, 0)])  # 3 wanted, only 2 nodes
     listed = {m["name"]: m for m in b.get("/api/distributed/models")["models"]}[MODEL]  # type: ignore[index]
     assert listed["replicas"] == 3 and len(listed["holders"]) == 2 and listed["manifest_digest"].startswith("sha256:")
     assert replication(a)["totals"]["bytes_out"] >= len(data)

@@ -231,9 +231,11 @@ def plan(catalog: dict[str, dict[str, Any]], nodes: list[NodeInfo], tombstones: 
         pinned = sorted(a for a in assigned if a not in holders and (fresh or a in pins))
         unable = {n.id: r for n in nodes if n.id not in assigned
                   and (r := why_not(n, size, labels, n.id in holders)) is not None}
+        # copies wanted that a known node could take but none can; a cluster
+        # smaller than the count is not short of anything it could fix
+        unplaced = max(0, min(want, len(nodes)) - len(assigned))
         new = {**version, "replicas": want, "node_labels": labels, "assigned": sorted(assigned),
-               "pinned": pinned, "unplaced": want - len(assigned),
-               "why_not": unable if len(assigned) < want else {}}
+               "pinned": pinned, "unplaced": unplaced, "why_not": unable if unplaced else {}}
         if new != old:
             changes[key] = new
     return changes
@@ -264,4 +266,5 @@ def migrate(entry: dict[str, Any], nodes: list[NodeInfo], source: str, target: s
     new_assigned = sorted({*(a for a in assigned if a != source), target})
     pinned = sorted({*(p for p in entry.get("pinned") or [] if p != source), target} - set(holders))
     return {**entry, "assigned": new_assigned, "pinned": pinned,
-            "unplaced": max(0, int(entry.get("replicas") or 0) - len(new_assigned)), "why_not": {}}
+            "unplaced": max(0, min(int(entry.get("replicas") or 0), len(nodes)) - len(new_assigned)),
+            "why_not": {}}
