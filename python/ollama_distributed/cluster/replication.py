@@ -202,11 +202,9 @@ class Replicator:
         infos = self.node_infos(raw_nodes, mine, now)
         raw = self.cluster.catalog()
         if self._is_leader():
-            for n in infos:
-                if n.alive:
-                    for name, m in n.manifests.items():
-                        if isinstance(m, dict):
-                            self._first_seen.setdefault((str(name), str(m.get("digest"))), now)
+            seen = {(str(name), str(m.get("digest"))) for n in infos if n.alive
+                    for name, m in n.manifests.items() if isinstance(m, dict)}
+            self._first_seen = {k: self._first_seen.get(k, now) for k in seen}
             young = {k for k, t in self._first_seen.items() if now - t < self.settle_s}
             changes = placement.plan(placement.loads(raw), infos, self.tombstones, self.replicas, young=young)
             if changes:
