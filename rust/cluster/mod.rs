@@ -961,10 +961,17 @@ impl Cluster {
                 "the leader cannot remove itself; stop it, then remove it from another node".into(),
             ));
         }
-        if self.lock_membership().is_alive(name) {
-            return Err(ClusterError::Config(format!(
-                "node '{name}' is up; stop it first (systemctl stop ollama-distributed on it)"
-            )));
+        // The asking node saw it down; this one sees it too within a failure
+        // timeout, so wait that long before saying it is up.
+        let deadline =
+            tokio::time::Instant::now() + self.cfg.failure_timeout + Duration::from_secs(1);
+        while self.lock_membership().is_alive(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::Config(format!(
+                    "node '{name}' is up; stop it first (systemctl stop ollama-distributed on it)"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let change = if voters.contains(&nid) {
@@ -987,10 +994,14 @@ impl Cluster {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([nid]))
         };
-        tokio::time::timeout(CONTROL_TIMEOUT, self.raft.change_membership(change, false))
-            .await
-            .map_err(|_| ClusterError::Raft("no quorum to change the membership".into()))?
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        // inside the caller's CONTROL_TIMEOUT, with the wait above
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            self.raft.change_membership(change, false),
+        )
+        .await
+        .map_err(|_| ClusterError::Raft("no quorum to change the membership".into()))?
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
         self.seeds
             .lock()
             .unwrap_or_else(|p| p.into_inner())

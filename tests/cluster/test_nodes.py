@@ -344,6 +344,8 @@ def test_a_node_down_for_good_is_removed(tmp_path: Path) -> None:
 
         step("kill -9 c; once it is down, `cluster remove` at b takes it out")
         nodes["c"].stop(sig=9)
+        # asked as soon as b sees it down: the leader may see it a moment later,
+        # and waits for that rather than calling it up
         until("c down at b", 15, lambda: any(
             n["id"] == ids["c"] and n["status"] == "down"
             for n in nodes["b"].get("/api/distributed/nodes")["nodes"]))  # type: ignore[index]
