@@ -364,14 +364,18 @@ def test_labels_migrate_and_rebalance_move_the_copies(tmp_path: Path) -> None:
 
 
 def test_a_corrupt_holder_is_caught_and_the_blob_comes_from_the_good_one(tmp_path: Path) -> None:
-    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a", env=ENV)
+    holder = {**ENV, "OLLAMA_DISTRIBUTED_NODE_LABELS": "holder=yes"}
+    a = start_node(tmp_path, "--engine", "mock", data_dir=tmp_path / "a", env=holder)
     token = token_of(a)
-    c = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "c", env=ENV)
-    nodes = [a, c]
+    c = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "c", env=holder)
+    b = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "b", env=ENV)
+    nodes = [a, b, c]
     try:
-        until("a and c connected", 20,
-              lambda: all(n.get("/health")["services"]["p2p_peers"] == 1 for n in nodes))  # type: ignore[index]
-        step("a 24 MiB model created at c and copied to a; then a's copy of the big blob rots on disk")
+        until("three nodes connected", 20,
+              lambda: all(n.get("/health")["services"]["p2p_peers"] == 2 for n in nodes))  # type: ignore[index]
+        step("a 24 MiB model kept on the holder=yes nodes (a and c); then a's copy of the big blob rots")
+        assert call(a, "/api/distributed/placement",
+                    {"model": MODEL, "replicas": 2, "node_labels": {"holder": "yes"}})[0] == 200
         data = tiny_gguf(24 << 20)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         req = urllib.request.Request(c.url + f"/api/blobs/{digest}", data=data, method="POST",
@@ -381,16 +385,18 @@ def test_a_corrupt_holder_is_caught_and_the_blob_comes_from_the_good_one(tmp_pat
         post(c.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
         want = files_of(c)
         until("a's copy", 30, lambda: (store(a) / MANIFEST).is_file())
+        assert not (store(b) / MANIFEST).exists()
         rotten = store(a) / "blobs" / digest.replace(":", "-")
         with open(rotten, "r+b") as f:
-            f.seek(5 << 20)
-            byte = f.read(1)
-            f.seek(5 << 20)
-            f.write(bytes([byte[0] ^ 0xFF]))
+            for at in (5 << 20, 20 << 20):  # in either half, whichever range a serves
+                f.seek(at)
+                byte = f.read(1)
+                f.seek(at)
+                f.write(bytes([byte[0] ^ 0xFF]))
 
-        step("b joins: ranges from a and c, the whole fails its digest, each holder alone: c's is good")
-        b = start_node(tmp_path, "--engine", "mock", *join_args(a, token), data_dir=tmp_path / "b", env=ENV)
-        nodes.append(b)
+        step("the label policy goes: b is placed and copies in ranges from a and c; the whole fails its "
+             "digest, each holder alone follows, and c's copy is good")
+        assert call(a, "/api/distributed/placement", {"model": MODEL, "replicas": 3, "node_labels": {}})[0] == 200
         until("b's copy", 60, lambda: (store(b) / MANIFEST).is_file())
         assert files_of(b) == want
         st = replication(b)
