@@ -528,18 +528,23 @@ impl Blobs {
             }
             _ => {}
         }
+        self.count_in(&res, &hex, &format!("'{peer}'"));
+        res.map(|_| dest)
+    }
+
+    /// Count a finished incoming fetch (from `from`) in the totals.
+    fn count_in<T>(&self, res: &Result<T, BlobError>, hex: &str, from: &str) {
         let mut t = self.totals();
-        match &res {
+        match res {
             Ok(_) => t.completed_in += 1,
             Err(e) => {
                 t.failed_in += 1;
                 if matches!(e, BlobError::DigestMismatch { .. }) {
                     t.digest_mismatches += 1;
                 }
-                t.last_error = Some(format!("sha256:{hex} from '{peer}': {e}"));
+                t.last_error = Some(format!("sha256:{hex} from {from}: {e}"));
             }
         }
-        res.map(|_| dest)
     }
 
     async fn fetch_into(
@@ -676,17 +681,7 @@ impl Blobs {
                             tracing::warn!("blob sha256:{hex} from several peers: {e}");
                         }
                     }
-                    let mut t = self.totals();
-                    match &res {
-                        Ok(()) => t.completed_in += 1,
-                        Err(e) => {
-                            t.failed_in += 1;
-                            if matches!(e, BlobError::DigestMismatch { .. }) {
-                                t.digest_mismatches += 1;
-                            }
-                            t.last_error = Some(format!("sha256:{hex} from several peers: {e}"));
-                        }
-                    }
+                    self.count_in(&res, &hex, "several peers");
                     match res {
                         // which source lied is unknown: each one alone, verified
                         Err(e @ BlobError::DigestMismatch { .. }) => last = e,

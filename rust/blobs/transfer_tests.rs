@@ -61,6 +61,15 @@ async fn connect(addr: SocketAddr, mat: &TlsMaterial) -> (quinn::Endpoint, quinn
     (ep, conn)
 }
 
+/// A blob store under `root` that holds `data` as blob `hex`.
+fn holding(root: &std::path::Path, hex: &str, data: &[u8]) -> Arc<Blobs> {
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::write(root.join("blobs").join(format!("sha256-{hex}")), data).unwrap();
+    let blobs = Arc::new(Blobs::default());
+    blobs.configure(root.to_path_buf(), 0);
+    blobs
+}
+
 fn blob(n: usize) -> (Vec<u8>, String) {
     let data: Vec<u8> = (0..n as u32).map(|i| (i * 31 + i / 97) as u8).collect();
     let hex = hex::encode(Sha256::digest(&data));
@@ -84,11 +93,7 @@ async fn a_broken_stream_keeps_the_partial_and_the_next_fetch_resumes() {
     assert!(matches!(e, BlobError::Unavailable(_)), "{e}");
     assert_eq!(std::fs::read(&partial).unwrap(), data[..DATA_FRAME]);
 
-    let root_a = dir.path().join("a");
-    std::fs::create_dir_all(root_a.join("blobs")).unwrap();
-    std::fs::write(root_a.join("blobs").join(format!("sha256-{hex}")), &data).unwrap();
-    let good = Arc::new(Blobs::default());
-    good.configure(root_a, 0);
+    let good = holding(&dir.path().join("a"), &hex, &data);
     let (_g, addr, mat) = holder(good.clone(), None);
     let (_c2, conn) = connect(addr, &mat).await;
     let got = fetcher.fetch_blob(&conn, "holder", &hex).await.unwrap();
@@ -107,11 +112,7 @@ async fn a_broken_stream_keeps_the_partial_and_the_next_fetch_resumes() {
 async fn a_local_write_failure_removes_the_partial_and_tries_no_other_peer() {
     let dir = tempfile::tempdir().unwrap();
     let (data, hex) = blob(2 * DATA_FRAME);
-    let root_a = dir.path().join("a");
-    std::fs::create_dir_all(root_a.join("blobs")).unwrap();
-    std::fs::write(root_a.join("blobs").join(format!("sha256-{hex}")), &data).unwrap();
-    let good = Arc::new(Blobs::default());
-    good.configure(root_a, 0);
+    let good = holding(&dir.path().join("a"), &hex, &data);
     let (_g, addr, mat) = holder(good.clone(), None);
     let (_c, conn) = connect(addr, &mat).await;
 

@@ -45,6 +45,20 @@ def tiny_gguf(size: int) -> bytes:
     return head + os.urandom(size)
 
 
+def create_model(n: NodeProc, model: str, size: int, **fields: Any) -> str:
+    """Upload a GGUF of `size` random bytes to `n` and create `model` from it
+    (with any other /api/create `fields`); the blob's hex digest."""
+    data = tiny_gguf(size)
+    hexd = hashlib.sha256(data).hexdigest()
+    req = urllib.request.Request(n.url + f"/api/blobs/sha256:{hexd}", data=data, method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 201
+    post(n.url + "/api/create", {"model": model, "files": {"t.gguf": f"sha256:{hexd}"}, "stream": False,
+                                 **fields})
+    return hexd
+
+
 def store(n: NodeProc) -> Path:
     return n.data_dir / "models"
 
@@ -82,30 +96,24 @@ def test_created_at_a_copied_to_b_and_a_late_joiner_then_deleted_everywhere(
         pair: dict[str, NodeProc], tmp_path: Path) -> None:
     a, b = pair["a"], pair["b"]
     step("upload a 6 MiB GGUF to a and create a model from it with its own system prompt")
-    data = tiny_gguf(6 << 20)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
-                                 headers={"Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        assert r.status == 201
-    post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "system": "Be terse.",
-                                 "stream": False})
+    hexd = create_model(a, MODEL, 6 << 20, system="Be terse.")
     want = files_of(a)
     assert len(want) == 4  # manifest, config, model, system
+    model_bytes = len(want[f"blobs/sha256-{hexd}"])
 
     step("b holds a byte-identical copy")
     took = until("the model on b", 30, lambda: (store(b) / MANIFEST).is_file())
     assert files_of(b) == want
     print(f"replicated to b in {took:.2f}s")
     rb = replication(b)
-    assert rb["totals"]["bytes_in"] >= len(data) and rb["totals"]["completed_in"] >= 3
+    assert rb["totals"]["bytes_in"] >= model_bytes and rb["totals"]["completed_in"] >= 3
     assert rb["models_replicated_total"] == 1 and rb["replicas"] == 3
     until("b's catalogue names both holders", 5,
           lambda: [(m["model"], len(m["holders"]), len(m["assigned"]), m["replicas"], m["unplaced"])
                    for m in replication(b)["models"]] == [(MODEL, 2, 2, 3, 0)])  # 3 wanted, only 2 nodes
     listed = {m["name"]: m for m in b.get("/api/distributed/models")["models"]}[MODEL]  # type: ignore[index]
     assert listed["replicas"] == 3 and len(listed["holders"]) == 2 and listed["manifest_digest"].startswith("sha256:")
-    assert replication(a)["totals"]["bytes_out"] >= len(data)
+    assert replication(a)["totals"]["bytes_out"] >= model_bytes
     assert metric(b, "ollama_distributed_replication_bytes_total", direction="in") == rb["totals"]["bytes_in"]
     assert metric(b, "ollama_distributed_replication_blobs_total", direction="in", outcome="ok") == 3
     assert not [p for p in (store(b) / "tmp").iterdir() if p.name.startswith("p2p-")]
@@ -165,13 +173,7 @@ def test_a_holder_killed_mid_transfer_the_copy_resumes_from_the_other(
         pair: dict[str, NodeProc], tmp_path: Path) -> None:
     a, b = pair["a"], pair["b"]
     step("a 64 MiB model on a and b; c joins with a 128 Mbit/s cap and fetches half from each")
-    data = tiny_gguf(64 << 20)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
-                                 headers={"Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        assert r.status == 201
-    post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+    create_model(a, MODEL, 64 << 20)
     want = files_of(a)
     until("the model on b", 30, lambda: (store(b) / MANIFEST).is_file())
     ids = {a.get("/api/distributed/status")["node_id"]: a, b.get("/api/distributed/status")["node_id"]: b}  # type: ignore[index]
@@ -218,13 +220,7 @@ def test_replicas_2_of_3_and_the_count_restored_after_kill_9(tmp_path: Path) -> 
         until("three nodes connected", 20,
               lambda: all(n.get("/health")["services"]["p2p_peers"] == 2 for n in nodes))  # type: ignore[index]
         step("create at a with replicas=2: exactly one of b and c takes a copy")
-        data = tiny_gguf(2 << 20)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert r.status == 201
-        post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+        create_model(a, MODEL, 2 << 20)
         want = files_of(a)
 
         def holders() -> list[NodeProc]:
@@ -281,13 +277,7 @@ def test_labels_migrate_and_rebalance_move_the_copies(tmp_path: Path) -> None:
             return found
 
         step("create at a with replicas=1: a keeps the only copy")
-        data = tiny_gguf(3 << 20)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert r.status == 201
-        post(a.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+        create_model(a, MODEL, 3 << 20)
         want = files_of(a)
         until("the catalogue at b", 10, lambda: entry(b).get("assigned") == [ia] and entry(b).get("holders") == [ia])
         time.sleep(2)
@@ -376,17 +366,11 @@ def test_a_corrupt_holder_is_caught_and_the_blob_comes_from_the_good_one(tmp_pat
         step("a 24 MiB model kept on the holder=yes nodes (a and c); then a's copy of the big blob rots")
         assert call(a, "/api/distributed/placement",
                     {"model": MODEL, "replicas": 2, "node_labels": {"holder": "yes"}})[0] == 200
-        data = tiny_gguf(24 << 20)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        req = urllib.request.Request(c.url + f"/api/blobs/{digest}", data=data, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert r.status == 201
-        post(c.url + "/api/create", {"model": MODEL, "files": {"t.gguf": digest}, "stream": False})
+        hexd = create_model(c, MODEL, 24 << 20)
         want = files_of(c)
         until("a's copy", 30, lambda: (store(a) / MANIFEST).is_file())
         assert not (store(b) / MANIFEST).exists()
-        rotten = store(a) / "blobs" / digest.replace(":", "-")
+        rotten = store(a) / "blobs" / f"sha256-{hexd}"
         with open(rotten, "r+b") as f:
             for at in (5 << 20, 20 << 20):  # in either half, whichever range a serves
                 f.seek(at)

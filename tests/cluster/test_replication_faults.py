@@ -9,7 +9,6 @@ once in ranges from two holders at once (`.ranges`, rust/blobs)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -23,7 +22,8 @@ import pytest
 
 from ..conftest import NodeProc, start_node
 from .test_nodes import join_args, post, step, token_of, until
-from .test_replication import ENV, replication, store, tiny_gguf
+from .test_replication import ENV, replication, store
+from .test_replication import create_model as create
 
 pytestmark = pytest.mark.cluster
 
@@ -63,18 +63,6 @@ def files_of(n: NodeProc, model: str) -> dict[str, bytes]:
         rel = "blobs/" + layer["digest"].replace(":", "-")
         out[rel] = (root / rel).read_bytes()
     return out
-
-
-def create(n: NodeProc, model: str, size: int) -> str:
-    """Upload a GGUF of `size` random bytes to `n` and create `model` from it; its hex digest."""
-    data = tiny_gguf(size)
-    hexd = hashlib.sha256(data).hexdigest()
-    req = urllib.request.Request(n.url + f"/api/blobs/sha256:{hexd}", data=data, method="POST",
-                                 headers={"Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        assert r.status == 201
-    post(n.url + "/api/create", {"model": model, "files": {"t.gguf": f"sha256:{hexd}"}, "stream": False})
-    return hexd
 
 
 def fill(mnt: Path, name: str = "filler", leave: int = 0) -> Path:
@@ -185,16 +173,7 @@ def test_a_disk_that_fills_during_a_copy_from_one_holder(
     hexd = create(a, BIG, BIG_SIZE)
     want = files_of(a, BIG)
     seen = until("b's copy under way", 30, lambda: transfer_in(b, hexd, ranges=False) is not None)
-    failed_before = replication(b)["totals"]["failed_in"]
-    filler = fill(small_disk)
-    print(f"    filled after {seen:.1f}s: {filler.stat().st_size / 1e6:.0f} MB")
-    check_failed_cleanly(b, small_disk, filler, hexd, used_before, failed_before, ranges=False)
-
-    step("space freed: the copy completes")
-    filler.unlink()
-    until("the big model on b", 120, lambda: local(b, BIG))
-    assert files_of(b, BIG) == want
-    assert not p2p_files(b)
+    fill_then_free(b, small_disk, hexd, want, used_before, seen, ranges=False)
 
 
 def test_a_disk_that_fills_during_a_copy_in_ranges_from_two_holders(
@@ -222,10 +201,17 @@ def test_a_disk_that_fills_during_a_copy_in_ranges_from_two_holders(
 
     step("b copies it in ranges from a and c; the disk fills up meanwhile")
     seen = until("b's copy from both under way", 90, lambda: transfer_in(b, hexd, ranges=True) is not None)
+    fill_then_free(b, small_disk, hexd, want, used_before, seen, ranges=True)
+
+
+def fill_then_free(b: NodeProc, small_disk: Path, hexd: str, want: dict[str, bytes], used_before: int,
+                   seen: float, ranges: bool) -> None:
+    """With b's copy of BIG under way: fill the disk, check it failed cleanly,
+    free the space, and check the copy then completes byte-identical."""
     failed_before = replication(b)["totals"]["failed_in"]
     filler = fill(small_disk)
     print(f"    filled after {seen:.1f}s: {filler.stat().st_size / 1e6:.0f} MB")
-    check_failed_cleanly(b, small_disk, filler, hexd, used_before, failed_before, ranges=True)
+    check_failed_cleanly(b, small_disk, filler, hexd, used_before, failed_before, ranges=ranges)
 
     step("space freed: the copy completes")
     filler.unlink()

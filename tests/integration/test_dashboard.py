@@ -9,7 +9,6 @@ A screenshot lands in artifacts/dashboard.png."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import socket
@@ -340,7 +339,7 @@ def test_dashboard_shows_a_blob_copy_in_progress(tmp_path: Path) -> None:
     the peer, a percentage that grows and its rate while it runs; then the model
     row says 2/2 copies held by both, and the panel is empty again."""
     from ..cluster.test_nodes import join_args, token_of
-    from ..cluster.test_replication import tiny_gguf
+    from ..cluster.test_replication import create_model
 
     env = {"OLLAMA_DISTRIBUTED_MODELS_REPLICAS": "2", "OLLAMA_DISTRIBUTED_MODELS_DEFAULT": ""}
     name = "dash-copy:latest"
@@ -348,18 +347,12 @@ def test_dashboard_shows_a_blob_copy_in_progress(tmp_path: Path) -> None:
     b = None
     try:
         a_id = a.get("/health")["node_id"]  # type: ignore[index]
-        data = tiny_gguf(48 << 20)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        req = urllib.request.Request(a.url + f"/api/blobs/{digest}", data=data, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert r.status == 201
-        status, body = post(a.url + "/api/create", {"model": name, "files": {"t.gguf": digest}, "stream": False})
-        assert status == 200, body
+        digest = "sha256:" + create_model(a, name, 48 << 20)
+        size = (a.data_dir / "models" / "blobs" / digest.replace(":", "-")).stat().st_size
         b = start_node(tmp_path, "--engine", "mock", *join_args(a, token_of(a)), data_dir=tmp_path / "b",
                        env={**env, "OLLAMA_DISTRIBUTED_MODELS_REPLICATION_BANDWIDTH_MBPS": "64"})
         b_id = b.get("/health")["node_id"]  # type: ignore[index]
-        progress = f"% of {len(data) / 1e6:.1f} MB"
+        progress = f"% of {size / 1e6:.1f} MB"
         row_js = ("p => { const r = [...document.querySelectorAll('#transfers tbody tr')]"
                   ".find(tr => tr.cells.length > 3 && tr.cells[3].textContent.endsWith(p));"
                   " return r ? {cells: [...r.cells].map(c => c.textContent), blob: r.cells[2].title} : null; }")
@@ -390,7 +383,7 @@ def test_dashboard_shows_a_blob_copy_in_progress(tmp_path: Path) -> None:
             page.wait_for_function("() => document.querySelector('#transfers tbody').textContent"
                                    " === 'no blob copies in progress'", timeout=15_000)
             totals = b.get("/api/distributed/replication/status")["totals"]  # type: ignore[index]
-            assert totals["completed_in"] >= 1 and totals["bytes_in"] >= len(data), totals
+            assert totals["completed_in"] >= 1 and totals["bytes_in"] >= size, totals
             page.wait_for_function("t => document.getElementById('transfers-totals').textContent.startsWith(t)",
                                    arg=f"done {totals['completed_in']} in, 0 out", timeout=10_000)
         assert not problems, problems
