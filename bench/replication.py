@@ -30,8 +30,12 @@ import sys
 import tempfile
 import time
 
+import psutil
 from aiohttp import web
 from ollama_distributed.cluster import ClusterService
+
+# CPU seconds (fetching node, holders together) of each QUIC run, by (sources, cap)
+CPU: dict[tuple[int, int], tuple[float, float]] = {}
 
 
 def udp_port() -> int:
@@ -69,9 +73,9 @@ async def node_main(args: argparse.Namespace) -> None:
             holders = args.fetch.split(",")
             while svc.status()["peers_connected"] < len(holders):
                 await asyncio.sleep(0.05)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             await svc.fetch_blob(holders, f"sha256:{args.digest}")
-            print(json.dumps({"elapsed": time.perf_counter() - t0}), flush=True)
+            print(json.dumps({"elapsed": time.perf_counter() - t0, "cpu": time.process_time() - c0}), flush=True)
             return
         print(json.dumps({"address": svc.local_address(), "token": svc.join_token()}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -82,7 +86,7 @@ async def node_main(args: argparse.Namespace) -> None:
 async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, link_mbps: int = 0) -> float:
     """Holders a (and c) serve the blob; b fetches it. Every node is a process."""
     tmp = tmp / f"quic-{sources}-{link_mbps}"
-    me = [sys.executable, __file__, "--node-role"]
+    me = [sys.executable, str(pathlib.Path(__file__).resolve()), "--node-role"]
     procs: list[asyncio.subprocess.Process] = []
 
     async def spawn(node: str, *extra: str, cap: int = 0) -> asyncio.subprocess.Process:
@@ -107,10 +111,15 @@ async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, l
         b = await spawn("b", "--join", first["address"], "--token", first["token"],
                         "--fetch", ",".join(holders), "--digest", hexd)
         assert b.stdout is not None
+        before = [psutil.Process(p.pid).cpu_times() for p in procs[:-1]]
         line = await b.stdout.readline()
         if not line:
             raise SystemExit("the fetching node failed; see its stderr above")
-        return float(json.loads(line)["elapsed"])
+        after = [psutil.Process(p.pid).cpu_times() for p in procs[:-1]]
+        got = json.loads(line)
+        served = sum(t1.user + t1.system - t0.user - t0.system for t1, t0 in zip(after, before, strict=True))
+        CPU[(sources, link_mbps)] = (float(got["cpu"]), served)
+        return float(got["elapsed"])
     finally:
         for p in procs:
             if p.stdin is not None:
@@ -180,6 +189,9 @@ async def main() -> None:
             print(f"QUIC  one source (mTLS, sha256, fsync):   {mb / t_quic:8.1f} MB/s  ({t_quic:.2f} s)")
             print(f"QUIC  two sources, a range each:          {mb / t_two:8.1f} MB/s  ({t_two:.2f} s)")
             print(f"QUIC / HTTP: {t_http / t_quic:.2f}x one source, {t_http / t_two:.2f}x two sources")
+            (f1, s1), (f2, s2) = CPU[(1, cap)], CPU[(2, cap)]
+            print(f"QUIC CPU seconds (fetcher + holders) per run: one source {f1:.2f} + {s1:.2f},"
+                  f" two sources {f2:.2f} + {s2:.2f}, of {2 * t_two:.1f} core-seconds the two-source run had")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

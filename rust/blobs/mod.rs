@@ -8,8 +8,9 @@
 //!
 //! A blob is written to `<store>/tmp/p2p-sha256-<hex>.partial` as it arrives.
 //! A broken stream leaves the partial in place, and the next fetch resumes
-//! from its length (its bytes are hashed first). The sha256 of the whole file
-//! must equal the digest before it is fsynced and renamed into
+//! from its length. The sha256 of the whole file, computed by a [`Follower`]
+//! thread that reads it in order behind the writers, must equal the digest
+//! before it is fsynced and renamed into
 //! `blobs/sha256-<hex>`, so nothing unverified is ever visible; a mismatch
 //! deletes the partial and is a [`BlobError::DigestMismatch`]. A full disk
 //! (ENOSPC, or EDQUOT: a quota) or another local I/O error deletes it too,
@@ -557,22 +558,12 @@ impl Blobs {
     ) -> Result<(), BlobError> {
         // Claim the digest before touching the partial another fetch may own.
         let guard = self.begin("in", peer, hex, 0)?;
-        let mut hasher = Sha256::new();
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(partial)?;
-        let mut offset = 0u64;
-        let mut buf = vec![0u8; DATA_FRAME];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            offset += n as u64;
-        }
+        let offset = file.metadata()?.len();
         if let Some(l) = self
             .live
             .lock()
@@ -601,6 +592,9 @@ impl Blobs {
             other => other?,
         };
         guard.total.store(size, Ordering::Relaxed);
+        // the bytes already there are hashed while the rest arrives
+        let follower = Follower::start(partial, &[(0, size)])?;
+        follower.advance(0, offset);
         let mut got = offset;
         loop {
             let f = reader.next().await.map_err(unavailable)?.ok_or_else(|| {
@@ -617,8 +611,8 @@ impl Blobs {
                     }
                     self.pacer.take(f.payload.len()).await;
                     file.write_all(&f.payload)?;
-                    hasher.update(&f.payload);
                     got += f.payload.len() as u64;
+                    follower.advance(0, got);
                     guard
                         .bytes
                         .fetch_add(f.payload.len() as u64, Ordering::Relaxed);
@@ -638,7 +632,7 @@ impl Blobs {
                 "the blob ended at {got} of {size} bytes"
             )));
         }
-        let actual = hex::encode(hasher.finalize());
+        let actual = follower.finish().await?;
         verify_and_publish(&file, partial, dest, hex, actual, &format!("'{peer}'"))?;
         drop(guard);
         Ok(())
@@ -742,49 +736,56 @@ impl Blobs {
         let n = sources.len() as u64;
         // ranges aligned to whole data frames
         let step = size.div_ceil(n).div_ceil(DATA_FRAME as u64) * DATA_FRAME as u64;
+        let ranges: Vec<(u64, u64)> = (0..n)
+            .map(|i| ((i * step).min(size), ((i + 1) * step).min(size)))
+            .filter(|(start, end)| start < end)
+            .collect();
+        let follower = Follower::start(partial, &ranges)?;
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, (_, conn)) in sources.iter().enumerate() {
-            let start = (i as u64 * step).min(size);
-            let end = (start + step).min(size);
-            if start < end {
-                tasks.spawn(fetch_range(
-                    conn.clone(),
-                    hex.to_owned(),
-                    start,
-                    end,
-                    file.clone(),
-                    guard.bytes.clone(),
-                    self.pacer.clone(),
-                ));
-            }
+        for (i, ((_, conn), &(start, end))) in sources.iter().zip(&ranges).enumerate() {
+            tasks.spawn(fetch_range(
+                conn.clone(),
+                hex.to_owned(),
+                (i, start, end),
+                file.clone(),
+                guard.bytes.clone(),
+                self.pacer.clone(),
+                follower.shared.clone(),
+            ));
         }
         let mut failed = Vec::new();
         while let Some(r) = tasks.join_next().await {
             match r {
                 Ok(Ok(())) => {}
-                Ok(Err((from, end, e))) => failed.push((from, end, e)),
-                Err(e) => failed.push((0, size, unavailable(format!("a range task failed: {e}")))),
+                Ok(Err((at, e))) => failed.push((at, e)),
+                Err(e) => {
+                    // a range task that panicked: which range is unknown,
+                    // so the whole fetch fails (the partial is not resumed)
+                    drop(file);
+                    let _ = std::fs::remove_file(partial);
+                    return Err(unavailable(format!("a range task failed: {e}")));
+                }
             }
         }
         // what a failed source left undone, from the others in turn; a
         // failure of this node's disk is not the source's, and ends it all
-        if let Some(i) = failed.iter().position(|(_, _, e)| e.is_local()) {
+        if let Some(i) = failed.iter().position(|(_, e)| e.is_local()) {
             drop(file);
             let _ = std::fs::remove_file(partial);
-            return Err(failed.swap_remove(i).2);
+            return Err(failed.swap_remove(i).1);
         }
-        for (from, end, mut err) in failed {
+        for (mut at, mut err) in failed {
             self.totals().ranges_refetched += 1;
             let mut done = false;
             for (peer, conn) in sources {
                 match fetch_range(
                     conn.clone(),
                     hex.to_owned(),
-                    from,
-                    end,
+                    at,
                     file.clone(),
                     guard.bytes.clone(),
                     self.pacer.clone(),
+                    follower.shared.clone(),
                 )
                 .await
                 {
@@ -792,14 +793,18 @@ impl Blobs {
                         done = true;
                         break;
                     }
-                    Err((_, _, e)) if e.is_local() => {
+                    Err((_, e)) if e.is_local() => {
                         drop(file);
                         let _ = std::fs::remove_file(partial);
                         return Err(e);
                     }
-                    Err((_, _, e)) => {
-                        tracing::debug!("range {from}..{end} of sha256:{hex} from '{peer}': {e}");
-                        err = e;
+                    Err((got, e)) => {
+                        tracing::debug!(
+                            "range {}..{} of sha256:{hex} from '{peer}': {e}",
+                            got.1,
+                            got.2
+                        );
+                        (at, err) = (got, e);
                     }
                 }
             }
@@ -810,17 +815,7 @@ impl Blobs {
             }
         }
         self.totals().bytes_in += guard.bytes.load(Ordering::Relaxed);
-        let mut hasher = Sha256::new();
-        let mut reader = std::fs::File::open(partial)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let k = reader.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            hasher.update(&buf[..k]);
-        }
-        let actual = hex::encode(hasher.finalize());
+        let actual = follower.finish().await?;
         verify_and_publish(&file, partial, dest, hex, actual, &format!("{names:?}"))?;
         drop(guard);
         Ok(())
@@ -917,17 +912,18 @@ fn publish(partial: &Path, dest: &Path) -> Result<(), BlobError> {
     Ok(())
 }
 
-/// Bytes `start..end` of blob `hex` from `conn`, written at their offsets in
-/// `file`. On failure: how far it got, the end, and why.
+/// Bytes `start..end` of blob `hex` from `conn` (range `i` of the
+/// follower's), written at their offsets in `file`. On failure: the range
+/// from where it got to, and why.
 async fn fetch_range(
     conn: quinn::Connection,
     hex: String,
-    start: u64,
-    end: u64,
+    (i, start, end): (usize, u64, u64),
     file: Arc<std::fs::File>,
     bytes: Arc<AtomicU64>,
     pacer: Arc<Pacer>,
-) -> Result<(), (u64, u64, BlobError)> {
+    follower: Arc<Followed>,
+) -> Result<(), ((usize, u64, u64), BlobError)> {
     use std::os::unix::fs::FileExt;
     let mut pos = start;
     let res = async {
@@ -951,6 +947,7 @@ async fn fetch_range(
                     pacer.take(f.payload.len()).await;
                     file.write_all_at(&f.payload, pos)?;
                     pos += f.payload.len() as u64;
+                    follower.advance(i, pos);
                     bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);
                 }
                 Kind::End if pos == end => return Ok(()),
@@ -964,7 +961,131 @@ async fn fetch_range(
         }
     }
     .await;
-    res.map_err(|e| (pos, end, e))
+    res.map_err(|e| ((i, pos, end), e))
+}
+
+/// Hashes a partial blob in file order on a thread of its own while the
+/// network tasks write it, so the sha256 overlaps the transfer instead of
+/// following it (and the task that receives never waits on it). The file's
+/// ranges, in order and each ending where the next begins, report how far
+/// they are written; the bytes before the first unfinished range's position
+/// are final and get read back (from the page cache) and hashed.
+///
+/// Hand-rolled because the hashing must trail writes at several offsets of
+/// one file; sha2 does the hashing.
+struct Follower {
+    shared: Arc<Followed>,
+    result: Option<tokio::sync::oneshot::Receiver<std::io::Result<String>>>,
+}
+
+struct Followed {
+    /// (end, written up to) of each range.
+    ranges: Vec<(u64, AtomicU64)>,
+    /// The fetch is over (failed, or the result was taken): stop reading.
+    stop: std::sync::atomic::AtomicBool,
+    lock: Mutex<()>,
+    wake: std::sync::Condvar,
+}
+
+impl Followed {
+    /// Bytes from the start of the file that are written.
+    fn written(&self) -> u64 {
+        for (end, pos) in &self.ranges {
+            let p = pos.load(Ordering::Acquire);
+            if p < *end {
+                return p;
+            }
+        }
+        self.ranges.last().map_or(0, |r| r.0)
+    }
+
+    /// Range `i` is written up to `pos`.
+    fn advance(&self, i: usize, pos: u64) {
+        self.ranges[i].1.store(pos, Ordering::Release);
+        let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_one();
+    }
+
+    fn hash(&self, path: &Path) -> std::io::Result<String> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(path)?;
+        let total = self.ranges.last().map_or(0, |r| r.0);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut hashed = 0u64;
+        loop {
+            let ready = self.written();
+            if hashed < ready {
+                let n = (ready - hashed).min(buf.len() as u64) as usize;
+                file.read_exact_at(&mut buf[..n], hashed)?;
+                hasher.update(&buf[..n]);
+                hashed += n as u64;
+                if !self.stop.load(Ordering::Relaxed) {
+                    continue;
+                }
+            }
+            if hashed == total {
+                return Ok(hex::encode(hasher.finalize()));
+            }
+            let held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("the fetch ended"));
+            }
+            if self.written() == hashed {
+                // advance() notifies under the lock, so no wake-up is missed;
+                // the timeout is only a safety net
+                let _ = self.wake.wait_timeout(held, Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+impl Follower {
+    /// Start hashing `path`, made of `ranges` (start, end) in order from 0;
+    /// each is written up to its start so far.
+    fn start(path: &Path, ranges: &[(u64, u64)]) -> Result<Self, BlobError> {
+        let shared = Arc::new(Followed {
+            ranges: ranges
+                .iter()
+                .map(|&(start, end)| (end, AtomicU64::new(start)))
+                .collect(),
+            stop: Default::default(),
+            lock: Mutex::new(()),
+            wake: Default::default(),
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (path, followed) = (path.to_owned(), shared.clone());
+        std::thread::Builder::new()
+            .name("od-blob-hash".into())
+            .spawn(move || {
+                let _ = tx.send(followed.hash(&path));
+            })?;
+        Ok(Self {
+            shared,
+            result: Some(rx),
+        })
+    }
+
+    fn advance(&self, i: usize, pos: u64) {
+        self.shared.advance(i, pos)
+    }
+
+    /// The hex sha256 of the whole file, once every range is written.
+    async fn finish(mut self) -> Result<String, BlobError> {
+        let rx = self.result.take().expect("finish is called once");
+        match rx.await {
+            Ok(res) => Ok(res?),
+            Err(_) => Err(BlobError::Io("the hashing thread ended early".into())),
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _held = self.shared.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.shared.wake.notify_one();
+    }
 }
 
 async fn open(conn: &quinn::Connection, request: &[u8]) -> Result<FrameReader, BlobError> {
@@ -1060,6 +1181,51 @@ mod tests {
             "r/lib rary/m/latest",
         ] {
             assert!(check_manifest_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_follower_hashes_ranges_written_out_of_order() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.ranges");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(data.len() as u64).unwrap();
+        let ranges = [
+            (0, 1_000_000),
+            (1_000_000, 2_000_000),
+            (2_000_000, 3_000_000),
+        ];
+        let f = Follower::start(&path, &ranges).unwrap();
+        // the last range first, then the middle one, then the first
+        for i in [2, 1, 0] {
+            let (start, end) = ranges[i];
+            for at in (start..end).step_by(300_000) {
+                let to = (at + 300_000).min(end);
+                file.write_all_at(&data[at as usize..to as usize], at)
+                    .unwrap();
+                f.advance(i, to);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        assert_eq!(
+            f.finish().await.unwrap(),
+            hex::encode(Sha256::digest(&data))
+        );
+
+        // one dropped before its file is written lets its thread go
+        let f = Follower::start(&path, &ranges).unwrap();
+        let shared = f.shared.clone();
+        f.advance(0, 500_000);
+        drop(f);
+        let t0 = Instant::now();
+        while Arc::strong_count(&shared) > 1 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the hashing thread kept going"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -205,7 +205,7 @@ impl Cluster {
         let bind_addr = resolve(&format_host_port(&cfg.host, cfg.port)).await?;
         // Bind first: a busy port fails before anything else, and port 0 gets
         // its real number before we tell anyone where we listen.
-        let socket = std::net::UdpSocket::bind(bind_addr).map_err(|e| {
+        let socket = transport::udp_socket(bind_addr).map_err(|e| {
             ClusterError::Config(format!("cannot bind the p2p port {bind_addr}/udp: {e}"))
         })?;
         let p2p_address = socket.local_addr()?.to_string();
@@ -238,7 +238,7 @@ impl Cluster {
         let bootstrap = cfg.join.is_empty() && !store.has_state();
 
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            transport::endpoint_config(),
             Some(transport::server_config(&material, cfg.failure_timeout)?),
             socket,
             Arc::new(quinn::TokioRuntime),

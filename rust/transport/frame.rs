@@ -13,6 +13,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const VERSION: u8 = 1;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 6;
+/// The most the decoder allocates ahead of bytes that have arrived.
+const RESERVE_AHEAD: usize = 1 << 20;
 /// 16 MiB: far above any request, chunk or Raft batch we send, far below
 /// what would hurt a node if a peer lied about the length.
 pub const MAX_PAYLOAD: usize = 16 << 20;
@@ -186,6 +188,11 @@ impl Decoder {
             (None, Some(k)) => k,
         };
         if self.buf.len() < HEADER_LEN + len {
+            // room for the rest of the frame at once, so a large payload is
+            // not copied again each time the buffer grows; capped, so a
+            // header alone never makes us allocate much
+            self.buf
+                .reserve((HEADER_LEN + len - self.buf.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         self.buf.advance(HEADER_LEN);

@@ -80,7 +80,28 @@ pub fn transport_config(failure_timeout: Duration) -> Arc<quinn::TransportConfig
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
     t.receive_window(quinn::VarInt::from_u32(16 << 20));
     t.send_window(16 << 20);
+    // MTU discovery searches up to what the path carries (quinn's default
+    // stops at 1452): loopback and jumbo-frame LANs then move a blob in far
+    // fewer, larger packets; on a 1500-byte path the probes are lost and
+    // quinn stays at what works.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
+}
+
+/// The largest UDP payload a node accepts and searches for (see
+/// `transport_config`).
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+
+/// Endpoint settings for every node: accept datagrams up to `MAX_UDP_PAYLOAD`
+/// (quinn's default refuses more than an Ethernet frame, so peers could never
+/// use a larger path MTU).
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    c.max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("MAX_UDP_PAYLOAD is within 1200..=65527");
+    c
 }
 
 pub fn server_config(
@@ -105,15 +126,52 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// Socket buffer size asked for each way: a blob copy keeps megabytes in
+/// flight, and the kernel's default (about 200 KiB) overflows, dropping
+/// datagrams that QUIC's congestion control takes for congestion. The kernel
+/// caps the request at net.core.rmem_max / wmem_max.
+pub const UDP_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `bind` with the larger buffers (as far as the kernel
+/// allows; what it gave is logged at debug level).
+pub fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if bind.is_ipv6() {
+        // as std's bind: an IPv6 socket takes IPv4 too where the system allows
+        let _ = socket.set_only_v6(false);
+    }
+    for (what, res) in [
+        ("receive", socket.set_recv_buffer_size(UDP_BUFFER)),
+        ("send", socket.set_send_buffer_size(UDP_BUFFER)),
+    ] {
+        if let Err(e) = res {
+            tracing::debug!("udp {what} buffer of {UDP_BUFFER} bytes refused: {e}");
+        }
+    }
+    tracing::debug!(
+        "udp buffers: receive {:?}, send {:?} bytes (raise net.core.rmem_max / wmem_max for more)",
+        socket.recv_buffer_size().ok(),
+        socket.send_buffer_size().ok()
+    );
+    socket.bind(&bind.into())?;
+    Ok(socket.into())
+}
+
 /// A quinn endpoint serving the node's certificate on `bind`.
 pub fn bind(
     bind: SocketAddr,
     material: &tls::TlsMaterial,
     failure_timeout: Duration,
 ) -> Result<quinn::Endpoint, TransportError> {
-    Ok(quinn::Endpoint::server(
-        server_config(material, failure_timeout)?,
-        bind,
+    Ok(quinn::Endpoint::new(
+        endpoint_config(),
+        Some(server_config(material, failure_timeout)?),
+        udp_socket(bind)?,
+        Arc::new(quinn::TokioRuntime),
     )?)
 }
 
@@ -180,7 +238,8 @@ pub async fn write_frame(
 ) -> Result<(), TransportError> {
     let mut buf = bytes::BytesMut::with_capacity(frame::HEADER_LEN + payload.len());
     frame::encode_into(kind, payload, &mut buf);
-    send.write_all(&buf).await?;
+    // handed over whole: quinn keeps the chunk instead of copying it again
+    send.write_chunk(buf.freeze()).await?;
     Ok(())
 }
 
