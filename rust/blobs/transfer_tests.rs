@@ -53,7 +53,14 @@ fn holder(blobs: Arc<Blobs>, cut: Option<Vec<u8>>) -> (quinn::Endpoint, SocketAd
 }
 
 async fn connect(addr: SocketAddr, mat: &TlsMaterial) -> (quinn::Endpoint, quinn::Connection) {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    // as a node's endpoint: its buffers and datagram size
+    let mut ep = quinn::Endpoint::new(
+        transport::endpoint_config(),
+        None,
+        transport::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap();
     ep.set_default_client_config(
         transport::client_config(mat.client_config().unwrap(), TIMEOUT).unwrap(),
     );
@@ -97,6 +104,17 @@ async fn a_broken_stream_keeps_the_partial_and_the_next_fetch_resumes() {
     let (_g, addr, mat) = holder(good.clone(), None);
     let (_c2, conn) = connect(addr, &mat).await;
     let got = fetcher.fetch_blob(&conn, "holder", &hex).await.unwrap();
+    // MTU discovery climbs past an Ethernet frame on loopback (both ends
+    // accept large datagrams), so a blob moves in few, large packets
+    let t0 = std::time::Instant::now();
+    while conn.stats().path.current_mtu <= 1452 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the path MTU stayed at {}",
+            conn.stats().path.current_mtu
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(std::fs::read(got).unwrap(), data);
     assert!(!partial.exists());
     // resumed: only what the partial lacked crossed the second time
