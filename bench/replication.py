@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import pathlib
+import resource
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,8 @@ from ollama_distributed.cluster import ClusterService
 
 # CPU seconds (fetching node, holders together) of each QUIC run, by (sources, cap)
 CPU: dict[tuple[int, int], tuple[float, float]] = {}
+# CPU seconds (curl, this process: the static server and the sha256) of each HTTP run, by cap
+HTTP_CPU: dict[int, tuple[float, float]] = {}
 
 
 def udp_port() -> int:
@@ -141,7 +144,7 @@ async def http(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, link_mbps: int 
     port = runner.addresses[0][1]
     out = tmp / "http-copy"
     try:
-        t0 = time.perf_counter()
+        t0, c0, k0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         limit = ["--limit-rate", str(link_mbps * 125_000)] if link_mbps else []
         proc = await asyncio.create_subprocess_exec(
             "curl", "-sSf", *limit, "-o", str(out), f"http://127.0.0.1:{port}/blobs/{blob.name}")
@@ -150,6 +153,8 @@ async def http(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, link_mbps: int 
         with open(out, "rb+") as f:
             os.fsync(f.fileno())
         elapsed = time.perf_counter() - t0
+        k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        HTTP_CPU[link_mbps] = (k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime, time.process_time() - c0)
         assert got == hexd
         return elapsed
     finally:
@@ -192,6 +197,8 @@ async def main() -> None:
             (f1, s1), (f2, s2) = CPU[(1, cap)], CPU[(2, cap)]
             print(f"QUIC CPU seconds (fetcher + holders) per run: one source {f1:.2f} + {s1:.2f},"
                   f" two sources {f2:.2f} + {s2:.2f}, of {2 * t_two:.1f} core-seconds the two-source run had")
+            hc, hs = HTTP_CPU[cap]
+            print(f"HTTP CPU seconds: curl {hc:.2f} + server and sha256 {hs:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
