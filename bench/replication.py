@@ -30,15 +30,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import psutil
 from aiohttp import web
 from ollama_distributed.cluster import ClusterService
 
-# CPU seconds (fetching node, holders together) of each QUIC run, by (sources, cap)
-CPU: dict[tuple[int, int], tuple[float, float]] = {}
-# CPU seconds (curl, this process: the static server and the sha256) of each HTTP run, by cap
-HTTP_CPU: dict[int, tuple[float, float]] = {}
+
+class Run(NamedTuple):
+    """One copy: wall seconds, and the CPU seconds of the receiving side
+    (the fetching node; curl) and of the sending side (the holders; this
+    process: the static server and the sha256)."""
+    elapsed: float
+    cpu_in: float
+    cpu_out: float
 
 
 def udp_port() -> int:
@@ -86,7 +91,7 @@ async def node_main(args: argparse.Namespace) -> None:
         await svc.stop()
 
 
-async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, link_mbps: int = 0) -> float:
+async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, link_mbps: int = 0) -> Run:
     """Holders a (and c) serve the blob; b fetches it. Every node is a process."""
     tmp = tmp / f"quic-{sources}-{link_mbps}"
     me = [sys.executable, str(pathlib.Path(__file__).resolve()), "--node-role"]
@@ -121,8 +126,7 @@ async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, l
         after = [psutil.Process(p.pid).cpu_times() for p in procs[:-1]]
         got = json.loads(line)
         served = sum(t1.user + t1.system - t0.user - t0.system for t1, t0 in zip(after, before, strict=True))
-        CPU[(sources, link_mbps)] = (float(got["cpu"]), served)
-        return float(got["elapsed"])
+        return Run(float(got["elapsed"]), float(got["cpu"]), served)
     finally:
         for p in procs:
             if p.stdin is not None:
@@ -134,7 +138,7 @@ async def quic(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, sources: int, l
                 p.kill()
 
 
-async def http(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, link_mbps: int = 0) -> float:
+async def http(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, link_mbps: int = 0) -> Run:
     app = web.Application()
     app.router.add_static("/blobs", blob.parent)
     runner = web.AppRunner(app)
@@ -154,9 +158,8 @@ async def http(tmp: pathlib.Path, blob: pathlib.Path, hexd: str, link_mbps: int 
             os.fsync(f.fileno())
         elapsed = time.perf_counter() - t0
         k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        HTTP_CPU[link_mbps] = (k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime, time.process_time() - c0)
         assert got == hexd
-        return elapsed
+        return Run(elapsed, k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime, time.process_time() - c0)
     finally:
         await runner.cleanup()
 
@@ -186,19 +189,18 @@ async def main() -> None:
         mb = args.mib * (1 << 20) / 1e6
         print(f"blob: {args.mib} MiB on loopback, {os.cpu_count()} cores")
         for cap in (0, args.link_mbps):
-            t_http = await http(tmp, blob, hexd, cap)
-            t_quic = await quic(tmp, blob, hexd, 1, cap)
-            t_two = await quic(tmp, blob, hexd, 2, cap)
+            h = await http(tmp, blob, hexd, cap)
+            q1 = await quic(tmp, blob, hexd, 1, cap)
+            q2 = await quic(tmp, blob, hexd, 2, cap)
             print(f"-- {'no cap (CPU-bound)' if not cap else f'every link capped at {cap} Mbit/s'}")
-            print(f"HTTP  (aiohttp static -> curl, + sha256):  {mb / t_http:8.1f} MB/s  ({t_http:.2f} s)")
-            print(f"QUIC  one source (mTLS, sha256, fsync):   {mb / t_quic:8.1f} MB/s  ({t_quic:.2f} s)")
-            print(f"QUIC  two sources, a range each:          {mb / t_two:8.1f} MB/s  ({t_two:.2f} s)")
-            print(f"QUIC / HTTP: {t_http / t_quic:.2f}x one source, {t_http / t_two:.2f}x two sources")
-            (f1, s1), (f2, s2) = CPU[(1, cap)], CPU[(2, cap)]
-            print(f"QUIC CPU seconds (fetcher + holders) per run: one source {f1:.2f} + {s1:.2f},"
-                  f" two sources {f2:.2f} + {s2:.2f}, of {2 * t_two:.1f} core-seconds the two-source run had")
-            hc, hs = HTTP_CPU[cap]
-            print(f"HTTP CPU seconds: curl {hc:.2f} + server and sha256 {hs:.2f}")
+            print(f"HTTP  (aiohttp static -> curl, + sha256):  {mb / h.elapsed:8.1f} MB/s  ({h.elapsed:.2f} s)")
+            print(f"QUIC  one source (mTLS, sha256, fsync):   {mb / q1.elapsed:8.1f} MB/s  ({q1.elapsed:.2f} s)")
+            print(f"QUIC  two sources, a range each:          {mb / q2.elapsed:8.1f} MB/s  ({q2.elapsed:.2f} s)")
+            print(f"QUIC / HTTP: {h.elapsed / q1.elapsed:.2f}x one source, {h.elapsed / q2.elapsed:.2f}x two sources")
+            print(f"QUIC CPU seconds (fetcher + holders) per run: one source {q1.cpu_in:.2f} + {q1.cpu_out:.2f},"
+                  f" two sources {q2.cpu_in:.2f} + {q2.cpu_out:.2f},"
+                  f" of {2 * q2.elapsed:.1f} core-seconds the two-source run had")
+            print(f"HTTP CPU seconds: curl {h.cpu_in:.2f} + server and sha256 {h.cpu_out:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

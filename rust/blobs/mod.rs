@@ -1014,24 +1014,22 @@ impl Followed {
         let mut buf = vec![0u8; 1 << 20];
         let mut hashed = 0u64;
         loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("the fetch ended"));
+            }
             let ready = self.written();
             if hashed < ready {
                 let n = (ready - hashed).min(buf.len() as u64) as usize;
                 file.read_exact_at(&mut buf[..n], hashed)?;
                 hasher.update(&buf[..n]);
                 hashed += n as u64;
-                if !self.stop.load(Ordering::Relaxed) {
-                    continue;
-                }
+                continue;
             }
             if hashed == total {
                 return Ok(hex::encode(hasher.finalize()));
             }
             let held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            if self.stop.load(Ordering::Relaxed) {
-                return Err(std::io::Error::other("the fetch ended"));
-            }
-            if self.written() == hashed {
+            if !self.stop.load(Ordering::Relaxed) && self.written() == hashed {
                 // advance() notifies under the lock, so no wake-up is missed;
                 // the timeout is only a safety net
                 let _ = self.wake.wait_timeout(held, Duration::from_millis(200));

@@ -54,11 +54,9 @@ fn holder(blobs: Arc<Blobs>, cut: Option<Vec<u8>>) -> (quinn::Endpoint, SocketAd
 
 async fn connect(addr: SocketAddr, mat: &TlsMaterial) -> (quinn::Endpoint, quinn::Connection) {
     // as a node's endpoint: its buffers and datagram size
-    let mut ep = quinn::Endpoint::new(
-        transport::endpoint_config(),
-        None,
+    let mut ep = transport::endpoint(
         transport::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap(),
-        Arc::new(quinn::TokioRuntime),
+        None,
     )
     .unwrap();
     ep.set_default_client_config(

@@ -237,11 +237,9 @@ impl Cluster {
         };
         let bootstrap = cfg.join.is_empty() && !store.has_state();
 
-        let endpoint = quinn::Endpoint::new(
-            transport::endpoint_config(),
-            Some(transport::server_config(&material, cfg.failure_timeout)?),
+        let endpoint = transport::endpoint(
             socket,
-            Arc::new(quinn::TokioRuntime),
+            Some(transport::server_config(&material, cfg.failure_timeout)?),
         )?;
         let client = transport::client_config(material.client_config()?, cfg.failure_timeout)?;
         let (mesh, events) = Mesh::new(cfg.node_id.clone(), endpoint, client);

@@ -94,14 +94,18 @@ pub fn transport_config(failure_timeout: Duration) -> Arc<quinn::TransportConfig
 /// `transport_config`).
 pub const MAX_UDP_PAYLOAD: u16 = 65_527;
 
-/// Endpoint settings for every node: accept datagrams up to `MAX_UDP_PAYLOAD`
-/// (quinn's default refuses more than an Ethernet frame, so peers could never
-/// use a larger path MTU).
-pub fn endpoint_config() -> quinn::EndpointConfig {
+/// A node's quinn endpoint on `socket` (from [`udp_socket`]), serving with
+/// `server` when given. It accepts datagrams up to `MAX_UDP_PAYLOAD` (quinn's
+/// default refuses more than an Ethernet frame, so peers could never use a
+/// larger path MTU).
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
     let mut c = quinn::EndpointConfig::default();
     c.max_udp_payload_size(MAX_UDP_PAYLOAD)
         .expect("MAX_UDP_PAYLOAD is within 1200..=65527");
-    c
+    quinn::Endpoint::new(c, server, socket, Arc::new(quinn::TokioRuntime))
 }
 
 pub fn server_config(
@@ -167,11 +171,9 @@ pub fn bind(
     material: &tls::TlsMaterial,
     failure_timeout: Duration,
 ) -> Result<quinn::Endpoint, TransportError> {
-    Ok(quinn::Endpoint::new(
-        endpoint_config(),
-        Some(server_config(material, failure_timeout)?),
+    Ok(endpoint(
         udp_socket(bind)?,
-        Arc::new(quinn::TokioRuntime),
+        Some(server_config(material, failure_timeout)?),
     )?)
 }
 
