@@ -907,7 +907,20 @@ impl Cluster {
             node_cert_pem: cert.cert_pem,
             node_key_pem: cert.key_pem,
             secret: self.material.secret.clone(),
-            members: self.store.nodes().into_values().collect(),
+            // this node as the joiner can reach it: serve_connection has
+            // learned our IP from this very connection if we listen on 0.0.0.0
+            members: self
+                .store
+                .nodes()
+                .into_values()
+                .map(|m| {
+                    if m.name == self.cfg.node_id {
+                        self.my_meta()
+                    } else {
+                        m
+                    }
+                })
+                .collect(),
         };
         (
             Kind::JoinResponse,
@@ -1072,10 +1085,15 @@ impl Cluster {
             tick.tick().await;
             let mut known = self.store.nodes();
             {
+                // A seed (from the join answer) stands in until the cluster
+                // state has an address to dial: a node listening on 0.0.0.0
+                // is recorded so until it learns its own IP.
                 let mut seeds = self.seeds.lock().unwrap_or_else(|p| p.into_inner());
-                seeds.retain(|k, _| !known.contains_key(k));
+                seeds.retain(|k, _| !known.get(k).is_some_and(Self::has_concrete_address));
                 for (k, v) in seeds.iter() {
-                    known.insert(k.clone(), v.clone());
+                    if !known.contains_key(k) || Self::has_concrete_address(v) {
+                        known.insert(k.clone(), v.clone());
+                    }
                 }
             }
             unconnected_since.retain(|k, _| known.contains_key(k));

@@ -364,6 +364,39 @@ async fn nodes_on_0_0_0_0_advertise_the_address_peers_reach_them_at() {
     a.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_dials_a_seed_on_0_0_0_0_at_once() {
+    // "a" < "z": the joiner is the side that dials. The seed's recorded
+    // address is 0.0.0.0 until it learns its IP; the joiner must not wait for
+    // the seed's fallback dial to be connected.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cz = cfg("z", dir.path(), vec![], None);
+    cz.host = "0.0.0.0".into();
+    let z = Cluster::start(cz).await.unwrap();
+    wait_for("z to lead", Duration::from_secs(5), || {
+        z.status().role == "leader"
+    })
+    .await;
+    let port = z.local_addr().unwrap().port();
+    let a = Cluster::start(cfg(
+        "a",
+        dir.path(),
+        vec![format!("127.0.0.1:{port}")],
+        Some(z.join_token()),
+    ))
+    .await
+    .unwrap();
+    let a2 = a.clone();
+    wait_for(
+        "a connected to z before z's own fallback dial",
+        FALLBACK_DIAL_AFTER - Duration::from_millis(500),
+        || a2.status().peers_connected == 1,
+    )
+    .await;
+    a.stop().await;
+    z.stop().await;
+}
+
 /// Rust-only forward round trip; `cargo test --release -- --ignored --nocapture rtt`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]

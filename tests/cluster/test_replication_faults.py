@@ -237,6 +237,9 @@ def test_a_full_disk_for_a_while_keeps_raft_up(
                                 data_dir=small_disk / "b", env=ENV)
     until("three nodes connected", 20,
           lambda: all(n.get("/health")["services"]["p2p_peers"] == 2 for n in (a, b, c)))  # type: ignore[index]
+    # a joiner starts as a learner: until c votes, a and c are no quorum without b
+    until("three voters", 20, lambda: all(n.get("/api/distributed/status")["role"] in ("leader", "follower")  # type: ignore[index]
+                                          for n in (a, b, c)))
 
     step("b's disk full while the cluster commits a delete (a and c are a quorum)")
     filler = fill(small_disk)
