@@ -3,7 +3,10 @@
 Engines speak in the internal request type and JSON-able chunks, so the same
 chunks stream to a local client or across QUIC to a peer:
 
-- a text chunk:   {"text": "..."}
+- a text chunk:   {"text": "...", "logprobs"?: [{"token", "logprob", "bytes", "top_logprobs"?: [...]}]}
+- a thinking chunk: {"thinking": "..."}       (split from the text for thinking templates)
+- a tool call chunk: {"tool_calls": [{"id": "call_...", "function": {"index": i, "name": "...",
+                                       "arguments": {...}}}]}   (Ollama's shape; arguments an object)
 - the last chunk: {"done": True, "done_reason": "stop"|"length"|"load"|"unload",
                    "prompt_eval_count", "prompt_eval_duration", "eval_count",
                    "eval_duration", "load_duration", "total_duration", "context"?}
@@ -39,6 +42,15 @@ class InferenceRequest:
     normalize: bool = True  # /api/embed normalises; legacy /api/embeddings does not
     stream: bool = True
     request_id: str = ""
+    # The agents' surface (Ollama 2026, OpenAI, Anthropic), in Ollama's terms:
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
+    tool_choice: Any = None  # None/"auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    think: Any = None  # None | bool | "low" | "medium" | "high"
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0-20
+    suffix: str = ""  # generate: fill-in-the-middle
+    shift: bool = True  # shift the context window when it is full instead of stopping
+    dimensions: int | None = None  # embed: truncate embeddings to this many dimensions
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
