@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyPermissionError, PyRuntimeError};
+use pyo3::exceptions::PyPermissionError;
 use pyo3::prelude::*;
 
 use crate::blobs::BlobError;
@@ -24,13 +24,16 @@ use crate::transport::tls::TlsMaterial;
 
 pyo3::import_exception!(ollama_distributed.errors, PeerUnavailableError);
 pyo3::import_exception!(ollama_distributed.errors, DigestMismatchError);
+// Every other core failure: a typed error of the package (also a RuntimeError).
+pyo3::import_exception!(ollama_distributed.errors, CoreError);
+pyo3::import_exception!(ollama_distributed.errors, BlobBusyError);
 // 507, as the registry pull's full disk: the store could not write.
 pyo3::import_exception!(ollama_distributed.models.fsutil, StorageError);
 
 fn cluster_err(e: ClusterError) -> PyErr {
     match e {
         ClusterError::JoinRefused(m) => PyPermissionError::new_err(format!("join refused: {m}")),
-        other => PyRuntimeError::new_err(other.to_string()),
+        other => CoreError::new_err(other.to_string()),
     }
 }
 
@@ -61,13 +64,14 @@ fn blob_err(e: BlobError) -> PyErr {
             message: e.to_string(),
         }),
         BlobError::NoSpace(m) => StorageError::new_err(m),
+        BlobError::Busy(d) => BlobBusyError::new_err(format!("{d} is already being fetched")),
         BlobError::Io(m) => StorageError::new_err(format!("cannot write to the data dir: {m}")),
-        other => PyRuntimeError::new_err(other.to_string()),
+        other => CoreError::new_err(other.to_string()),
     }
 }
 
 fn join_err(e: tokio::task::JoinError) -> PyErr {
-    PyRuntimeError::new_err(format!("cluster task failed: {e}"))
+    CoreError::new_err(format!("cluster task failed: {e}"))
 }
 
 type Slot = Arc<Mutex<Option<Arc<cluster::Cluster>>>>;
@@ -85,7 +89,7 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| PyRuntimeError::new_err("the cluster is not started"))
+            .ok_or_else(|| CoreError::new_err("the cluster is not started"))
     }
 }
 
@@ -167,13 +171,13 @@ impl Cluster {
     /// Status as JSON (see `cluster::Status`).
     fn status_json(&self) -> PyResult<String> {
         serde_json::to_string(&self.running()?.status())
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+            .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// Every known node as JSON (see `membership::NodeView`).
     fn nodes_json(&self) -> PyResult<String> {
         serde_json::to_string(&self.running()?.nodes())
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+            .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// Keep and push this node's advert (JSON bytes).
@@ -318,19 +322,19 @@ impl Cluster {
     /// The model catalogue as JSON: key -> JSON text of its value.
     fn catalog_json(&self) -> PyResult<String> {
         serde_json::to_string(&self.running()?.catalog())
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+            .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// Deleted models in the Raft state as JSON: name -> unix ms.
     fn tombstones_json(&self) -> PyResult<String> {
         serde_json::to_string(&self.running()?.tombstones())
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+            .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// Blob transfers in progress and totals, as JSON (see `blobs::TransferStatus`).
     fn transfer_status_json(&self) -> PyResult<String> {
         serde_json::to_string(&self.running()?.transfer_status())
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+            .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// A forwarded request already waiting, or None: saves a trip through

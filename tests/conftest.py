@@ -68,14 +68,15 @@ class NodeProc:
 
 
 def start_node(tmp: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True,
-               data_dir: Path | None = None, timeout: float = 60, host: str = "127.0.0.1") -> NodeProc:
+               data_dir: Path | None = None, timeout: float = 60, host: str = "127.0.0.1",
+               cli: list[str] | None = None) -> NodeProc:
     data_dir = data_dir or (tmp / "data")
     api, web, p2p = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
     log_path = tmp / f"node-{api}.log"
     full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
     full_env.pop("OLLAMA_DISTRIBUTED_CONFIG", None)
     full_env.setdefault("HOME", str(tmp))  # no user config leaks into tests
-    cmd = [*CLI, "start", "--data-dir", str(data_dir), "--api-port", str(api), "--web-port", str(web),
+    cmd = [*(cli or CLI), "start", "--data-dir", str(data_dir), "--api-port", str(api), "--web-port", str(web),
            "--p2p-port", str(p2p), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp)

@@ -87,7 +87,11 @@ class EngineSection:
 class SchedulerSection:
     stale_after_ms: int = 3000
     advert_interval_ms: int = 1000
-    retries: int = 2
+    retries: int = 2  # further holders tried when one fails before the first token
+    # A stream with no first chunk after this long (a cold load of a large model
+    # included) ends with a clear error; between chunks, stream_idle_timeout_s.
+    first_token_timeout_s: float = 300.0
+    stream_idle_timeout_s: float = 60.0
 
 
 @dataclass
@@ -277,6 +281,11 @@ def _validate(cfg: Config) -> None:
     ):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")
+    for key in ("first_token_timeout_s", "stream_idle_timeout_s"):
+        if getattr(cfg.scheduler, key) <= 0:
+            raise ConfigError(f"{where}: scheduler.{key}: expected a number of seconds > 0")
+    if cfg.scheduler.retries < 0:
+        raise ConfigError(f"{where}: scheduler.retries: expected an integer >= 0")
     if cfg.engine.max_queue < 0:
         raise ConfigError(f"{where}: engine.max_queue: expected an integer >= 0")
     if cfg.models.replication_bandwidth_mbps < 0:

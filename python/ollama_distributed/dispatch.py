@@ -28,6 +28,7 @@ from .errors import (
     OllamaDistributedError,
     OverloadedError,
     PeerUnavailableError,
+    StreamTimeoutError,
 )
 from .metrics import Metrics
 from .models import names
@@ -36,6 +37,26 @@ from .models.store import ModelRecord, Store
 logger = logging.getLogger(__name__)
 
 RECENT = 50  # requests kept for the dashboard's "recent requests"
+# Embeddings cross between nodes in parts of about this many bytes of JSON, so
+# a large batch never makes a frame the receiver would refuse (16 MiB).
+EMBED_PART_BYTES = 4 << 20
+
+
+def retryable(e: OllamaDistributedError) -> bool:
+    """May a request that failed this way, before its first chunk, go to the
+    next holder? Yes for anything about the node (lost, busy, its copy just
+    trimmed, wedged, broken); no for the client's own mistake (4xx), which
+    would fail the same way everywhere."""
+    return isinstance(e, ModelNotFoundError) or e.status >= 500
+
+
+def is_empty(req: InferenceRequest) -> bool:
+    """A request with nothing to run: Ollama's way to load or unload a model."""
+    if req.kind == "embed":
+        return not req.input
+    if req.kind == "chat":
+        return not req.messages
+    return not req.prompt and not req.raw and not req.suffix
 
 
 class Remote(Protocol):
@@ -78,6 +99,7 @@ class Dispatcher:
         self.tokens_total = 0
         self.text_chunks = 0  # streamed text chunks, live (tokens_total counts at the end)
         self.started_at = time.time()
+        self.advertised_models: list[str] = []  # this node's models, as its last advert said
         metrics.bind(queue_depth=self.scheduler.queue_depth,
                      in_flight=self.scheduler.total_in_flight,
                      models_loaded=lambda: len(self.engine.loaded()))
@@ -138,6 +160,16 @@ class Dispatcher:
         except OllamaDistributedError as e:
             logger.warning("cannot list the upstream's models: %s", e)
             self._upstream_names = []
+
+    def update_local(self) -> None:
+        """This node's own entry in the router, from live counts rather than
+        the last advert (a second old), so routing sees its real load."""
+        loaded = [m.name for m in self.engine.loaded()]
+        self.scheduler.update_node(self.node_id, True, int(time.time() * 1000), self.advertised_models,
+                                   loaded, self.scheduler.total_in_flight(), self.scheduler.queue_depth(),
+                                   self.cfg.engine.max_queue,
+                                   max_loaded_models=self.cfg.engine.max_loaded_models,
+                                   busy=[m for m in loaded if not self.is_idle(m)])
 
     def is_idle(self, model: str) -> bool:
         return self.scheduler.in_flight(model) == 0 and self.scheduler.in_flight(f"{model}#embed") == 0
@@ -232,12 +264,8 @@ class Dispatcher:
         with self._tracked(req, endpoint) as rec:
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
-            keep_alive = self.keep_alive(req)
-            empty = (req.kind == "generate" and not req.prompt and not req.raw) or (
-                req.kind == "chat" and not req.messages)
-            if empty:
-                async for chunk in self._load_or_unload(req, record, keep_alive):
-                    yield chunk
+            if is_empty(req):
+                yield await self._preload(req, record)
                 return
             first = True
             async for chunk in self._run(req, record):
@@ -253,20 +281,47 @@ class Dispatcher:
                         rec.ttft = time.perf_counter() - rec.started
                 yield chunk
 
-    async def _load_or_unload(self, req: InferenceRequest, record: ModelRecord | None,
-                              keep_alive: float | None) -> AsyncIterator[dict[str, Any]]:
+    async def preload(self, req: InferenceRequest, endpoint: str) -> dict[str, Any]:
+        """An empty request (no prompt, messages or input): load the model, or
+        unload it with keep_alive 0, wherever it is held. Ollama answers with
+        done_reason "load" or "unload"."""
+        with self._tracked(req, endpoint) as rec:
+            model, record = await self.resolve(req.model)
+            rec.model = req.model = model
+            return await self._preload(req, record)
+
+    async def _preload(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
+        if record is not None or self.remote is None or not self.engine.uses_store:
+            return await self._load_or_unload(req, record)
+        # Held only by peers: routed like inference. An unload goes to every
+        # holder (any of them may have it loaded); a load to the best one.
+        unload = self.keep_alive(req) == 0
+        if unload:
+            for node in self.scheduler.route(req.model, int(time.time() * 1000)):
+                try:
+                    async for _ in self.remote.forward(node, req.to_dict()):
+                        pass
+                except OllamaDistributedError as e:
+                    logger.warning("node %s could not unload %s: %s", node, req.model, e)
+            return {"done": True, "done_reason": "unload"}
+        final: dict[str, Any] = {"done": True, "done_reason": "load"}
+        async for chunk in self._run_routed(req, record):
+            final = chunk
+        return final
+
+    async def _load_or_unload(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
+        keep_alive = self.keep_alive(req)
         if keep_alive == 0:
-            await self.engine.unload(req.model)
+            await self.engine.unload(req.model)  # requests under way finish first (engines/llamacpp.py)
             self.scheduler.forget(req.model)
-            yield {"done": True, "done_reason": "unload"}
-            return
+            return {"done": True, "done_reason": "unload"}
         t0 = time.perf_counter()
         took = await self.engine.load(req, record)
         if took:
             self.metrics.model_load.labels(req.model).observe(took)
         self.engine.touch(req.model, keep_alive)
-        yield {"done": True, "done_reason": "load", "load_duration": int(took * 1e9),
-               "total_duration": int((time.perf_counter() - t0) * 1e9)}
+        return {"done": True, "done_reason": "load", "load_duration": int(took * 1e9),
+                "total_duration": int((time.perf_counter() - t0) * 1e9)}
 
     async def _run(self, req: InferenceRequest,
                    record: ModelRecord | None) -> AsyncIterator[dict[str, Any]]:
@@ -274,38 +329,72 @@ class Dispatcher:
             async for chunk in self._run_routed(req, record):
                 yield chunk
             return
-        async for chunk in self.run_local(req, record):
-            yield chunk
+        async with contextlib.aclosing(self.run_local(req, record)) as chunks:
+            async for chunk in self._timed(chunks, self.node_id):
+                yield chunk
+
+    async def _timed(self, chunks: AsyncGenerator[dict[str, Any], None],
+                     node: str) -> AsyncIterator[dict[str, Any]]:
+        """`chunks`, ended with a clear error when the first one takes longer than
+        scheduler.first_token_timeout_s or a later one stream_idle_timeout_s: a
+        wedged node never hangs the client. The clock stops while the client
+        reads a chunk (a slow reader is not a wedged node)."""
+        sc = self.cfg.scheduler
+        loop = asyncio.get_running_loop()
+        first = True
+        try:
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    deadline.reschedule(loop.time() + (sc.first_token_timeout_s if first
+                                                       else sc.stream_idle_timeout_s))
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    deadline.reschedule(None)
+                    first = False
+                    yield chunk
+        except TimeoutError:
+            if deadline.expired():
+                phase = "first_chunk" if first else "idle"
+                self.metrics.stream_timeouts.labels(phase).inc()
+                if first:
+                    raise StreamTimeoutError(
+                        f"node {node} gave no answer for {req_s(sc.first_token_timeout_s)} "
+                        "(scheduler.first_token_timeout_s)") from None
+                raise StreamTimeoutError(
+                    f"node {node} stopped sending for {req_s(sc.stream_idle_timeout_s)} mid-stream "
+                    "(scheduler.stream_idle_timeout_s); the answer is incomplete") from None
+            raise
 
     async def _run_routed(self, req: InferenceRequest,
                           record: ModelRecord | None) -> AsyncIterator[dict[str, Any]]:
-        """Try nodes best first; move on while no token has been sent."""
+        """Try nodes best first; move on while nothing has been sent to the client."""
         assert self.remote is not None
-        now_ms = int(time.time() * 1000)
-        order = self.scheduler.route(req.model, now_ms)
+        self.update_local()
+        order = self.scheduler.route(req.model, int(time.time() * 1000))
         tries = order[: 1 + max(0, self.cfg.scheduler.retries)]
-        last: Exception | None = None
+        last: OllamaDistributedError | None = None
         for node in tries:
             sent = False
+            remote = node != self.node_id
             self.scheduler.dispatched(node)
             try:
-                if node == self.node_id:
-                    source = self._local_source(req, record)
-                else:
-                    source = self.remote.forward(node, req.to_dict())
+                source = self.remote.forward(node, req.to_dict()) if remote else self._local_source(req, record)
                 async with contextlib.aclosing(source) as chunks:
-                    async for chunk in chunks:
+                    async for chunk in self._timed(chunks, node):
                         sent = True
                         yield chunk
-                if node != self.node_id:
+                if remote:
                     self.metrics.forwarded.labels(node, "ok").inc()
                 return
-            except (PeerUnavailableError, OverloadedError) as e:
-                if node != self.node_id:
+            except OllamaDistributedError as e:
+                if remote:
                     self.metrics.forwarded.labels(node, "retry" if not sent else "failed").inc()
-                if sent:
+                if sent or not retryable(e):
                     raise
-                logger.warning("node %s could not take %s: %s; trying the next", node, req.model, e)
+                logger.warning("node %s could not take %s (%s: %s); trying the next holder",
+                               node, req.model, e.status, e)
                 last = e
             finally:
                 self.scheduler.finished(node)
@@ -367,20 +456,30 @@ class Dispatcher:
         return result
 
     async def _embed_routed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
+        """Embeddings may come in parts (see `handle_inbound`): joined here."""
+        vectors: list[Any] = []
+        result: dict[str, Any] | None = None
         async for chunk in self._run_routed(req, record):
             if "embeddings" in chunk:
-                return chunk
-        raise PeerUnavailableError(f"no node returned embeddings for {req.model}")
+                vectors.extend(chunk["embeddings"])
+                result = chunk
+        if result is None:
+            raise PeerUnavailableError(f"no node returned embeddings for {req.model}")
+        return {**result, "embeddings": vectors}
 
     async def handle_inbound(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A request forwarded by a peer: run it here, counted here."""
         req = InferenceRequest.from_dict(request)
         with self._tracked(req, f"peer:{req.kind}") as rec:
             _, record = await self.resolve(req.model, local_only=True)
+            if is_empty(req):
+                yield await self._load_or_unload(req, record)
+                return
             if req.kind == "embed":
                 result = await self._embed_local(req, record)
                 rec.prompt_tokens = int(result.get("prompt_eval_count") or 0)
-                yield result
+                for part in embed_parts(result):
+                    yield part
                 return
             async for chunk in self.run_local(req, record):
                 if chunk.get("done"):
@@ -389,3 +488,19 @@ class Dispatcher:
                 elif rec.ttft is None:
                     rec.ttft = time.perf_counter() - rec.started
                 yield chunk
+
+
+def req_s(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def embed_parts(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`result` as chunks of at most ~EMBED_PART_BYTES of vectors each, the
+    stats on the last; joined again by `Dispatcher._embed_routed`."""
+    vectors = result.get("embeddings") or []
+    dims = max(1, len(vectors[0]) if vectors else 1)
+    per = max(1, EMBED_PART_BYTES // (24 * dims))  # a float is at most ~24 bytes of JSON
+    starts = list(range(0, len(vectors), per)) or [0]
+    for i in starts[:-1]:
+        yield {"embeddings": vectors[i:i + per]}
+    yield {**result, "embeddings": vectors[starts[-1]:]}

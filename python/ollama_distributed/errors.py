@@ -55,6 +55,13 @@ class PeerUnavailableError(OllamaDistributedError):
     status = 502
 
 
+class StreamTimeoutError(OllamaDistributedError):
+    """A node gave no first chunk, or stopped sending mid-stream, within the
+    scheduler's timeouts: 504 (retried on the next holder before the first chunk)."""
+
+    status = 504
+
+
 class DigestMismatchError(OllamaDistributedError):
     """Bytes from a peer or a registry are not the digest they were asked for."""
 
@@ -78,6 +85,17 @@ class ConflictError(OllamaDistributedError):
     status = 409
 
 
+class CoreError(OllamaDistributedError, RuntimeError):
+    """The Rust core could not do what was asked (no quorum, a stopped core, a
+    failed cluster task): 503. Also a RuntimeError, which callers caught before."""
+
+    status = 503
+
+
+class BlobBusyError(CoreError):
+    """The same blob is already being fetched by this node: try again shortly."""
+
+
 class ConfigError(OllamaDistributedError):
     status = 500
 
@@ -90,6 +108,7 @@ def from_status(status: int, message: str) -> OllamaDistributedError:
         501: NotAvailableError,
         502: PeerUnavailableError,
         503: OverloadedError,
+        504: StreamTimeoutError,
     }.get(status, EngineError)
     if cls is ModelNotFoundError:
         return ModelNotFoundError(message, status)

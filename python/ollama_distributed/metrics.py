@@ -122,6 +122,12 @@ class Metrics:
                                    ["state"], registry=r)
         self.forwarded = Counter(f"{p}_forwarded_requests", "Requests sent to a peer, by peer and outcome.",
                                  ["peer", "outcome"], registry=r)
+        self.peer_adverts_rejected = Counter(
+            f"{p}_peer_adverts_rejected", "Peer adverts ignored because a field had a wrong type or range.",
+            ["reason"], registry=r)
+        self.stream_timeouts = Counter(
+            f"{p}_stream_timeouts", "Streams ended because no chunk came in time, by phase.",
+            ["phase"], registry=r)
         self.websocket_connections = Gauge(f"{p}_websocket_connections",
                                            "Dashboard WebSocket clients connected.", registry=r)
         self.build_info = Info(f"{p}_build", "Version of this node.", registry=r)

@@ -20,6 +20,7 @@ import psutil
 from aiohttp import web
 
 from . import __version__, config, logs
+from .cluster import advert
 from .config import Config
 from .dispatch import Dispatcher
 from .engines.base import Engine
@@ -28,6 +29,7 @@ from .metrics import Metrics
 from .models import catalog
 from .models.fsutil import atomic_write
 from .models.store import Store
+from .supervise import Supervisor
 from .systemd import Notifier
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,8 @@ class Node:
         self.engine: Engine = make_engine(cfg, lambda: self.dispatcher)
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()
+        self.supervisor = Supervisor()
+        self._adverts: dict[str, tuple[float, dict[str, Any] | None]] = {}  # peer -> (advert_at, checked)
         self.cluster: Any = None  # ClusterService once the cluster core runs
         self.replicator: Any = None  # cluster.replication.Replicator with the cluster core
         self.p2p_reason = ""
@@ -120,6 +124,9 @@ class Node:
         if self.engine.uses_store and self.cfg.models.default:  # "" means no bundled model
             await asyncio.to_thread(catalog.register_default, self.store, self.cfg.models.default)
         await self.engine.start()
+        reaper = getattr(self.engine, "reaper", None)
+        if reaper is not None:
+            self.supervisor.adopt("keep-alive-reaper", reaper)
         await self.dispatcher.refresh_upstream()
         self._refresh_local_node()
         from .api.app import create_app
@@ -140,8 +147,9 @@ class Node:
                            "127.0.0.1 and reach it through an SSH tunnel or a proxy", self.cfg.web.host)
         self.ready = True
         self.notifier.ready(f"serving on {self.api_url}")
-        self.notifier.start_watchdog()
-        self._advert_task = asyncio.create_task(self._advertise(), name="advert")
+        self.notifier.start_watchdog(healthy=lambda: self.supervisor.healthy)
+        interval = self.cfg.scheduler.advert_interval_ms / 1000
+        self.supervisor.loop("advert", self._advertise_once, lambda: interval)
 
     async def _start_cluster(self) -> None:
         """Bind the QUIC peer port: create the cluster, join one, or rejoin."""
@@ -175,7 +183,9 @@ class Node:
                                          on_change=self.models_changed, keep=self.cfg.models.default,
                                          in_use=lambda m: not self.dispatcher.is_idle(m),
                                          on_removed=self.engine.unload)
-            self._replication_task = asyncio.create_task(self.replicator.run(), name="replication")
+            self.supervisor.watch("replication", self.replicator.run())
+        if svc.inbound_task is not None:
+            self.supervisor.adopt("cluster-inbound", svc.inbound_task)
         self.dispatcher.remote = svc
 
     async def _serve(self, app: web.Application, host: str, port: int) -> str:
@@ -196,11 +206,7 @@ class Node:
     async def stop(self) -> None:
         self.ready = False
         self.notifier.stopping()
-        for task in (getattr(self, "_advert_task", None), getattr(self, "_replication_task", None)):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.supervisor.stop()
         await self.notifier.stop_watchdog()
         for runner in reversed(self._runners):
             await runner.cleanup()
@@ -248,13 +254,10 @@ class Node:
 
     # ---- state -------------------------------------------------------------------
 
-    async def _advertise(self) -> None:
-        interval = self.cfg.scheduler.advert_interval_ms / 1000
-        while True:
-            await self.dispatcher.refresh_upstream()
-            self._refresh_local_node()
-            self._publish_status()
-            await asyncio.sleep(interval)
+    async def _advertise_once(self) -> None:
+        await self.dispatcher.refresh_upstream()
+        self._refresh_local_node()
+        self._publish_status()
 
     def _publish_status(self) -> None:
         """systemd's STATUS= follows the state as it changes (`systemctl status` shows it)."""
@@ -285,13 +288,27 @@ class Node:
 
     def _refresh_local_node(self) -> None:
         a = self.advert()
-        self.dispatcher.scheduler.update_node(self.node_id, True, int(time.time() * 1000), a["models"],
-                                              a["loaded"], a["in_flight"], a["queue_depth"],
-                                              a["max_queue"], max_loaded_models=a["max_loaded_models"],
-                                              busy=a["busy"])
+        self.dispatcher.advertised_models = list(a["models"])
+        self.dispatcher.update_local()
         if self.cluster is not None:
             self.cluster.publish_advert(a)
             self._sync_peers()
+
+    def _checked_advert(self, n: dict[str, Any]) -> dict[str, Any] | None:
+        """A peer's advert with every field checked (cluster/advert.py), checked
+        once per advert; None (and a counted rejection) when a field is wrong."""
+        at = float(n.get("advert_at") or 0)
+        cached = self._adverts.get(n["id"])
+        if cached is not None and cached[0] == at:
+            return cached[1]
+        try:
+            adv: dict[str, Any] | None = advert.check(n.get("advert"))
+        except advert.BadAdvert as e:
+            self.metrics.peer_adverts_rejected.labels(e.field).inc()
+            logger.warning("ignored an advert from %s: %s", n["id"], e)
+            adv = None
+        self._adverts[n["id"]] = (at, adv)
+        return adv
 
     def _sync_peers(self) -> None:
         """Feed the scheduler every peer's latest advert and liveness."""
@@ -300,8 +317,10 @@ class Node:
         for n in self.cluster.nodes():
             if n.get("local") or n["id"] == self.node_id:
                 continue
-            adv = n.get("advert") or {}
             seen.add(n["id"])
+            adv = self._checked_advert(n)
+            if adv is None:
+                continue  # the peer's previous state stands (and goes stale)
             sched.update_node(n["id"], bool(n.get("alive")), int((n.get("advert_at") or 0) * 1000),
                               list(adv.get("models", [])), list(adv.get("loaded", [])),
                               int(adv.get("in_flight", 0)), int(adv.get("queue_depth", 0)),
@@ -310,6 +329,7 @@ class Node:
                               busy=list(adv.get("busy", [])))
         for gone in self._peers - seen:
             sched.remove_node(gone)
+            self._adverts.pop(gone, None)
         self._peers = seen
 
     async def models_changed(self) -> None:
@@ -356,7 +376,7 @@ class Node:
             for n in self.cluster.nodes():
                 if n["id"] == self.node_id:
                     continue
-                adv = n.get("advert") or {}
+                adv = self._checked_advert(n) or {}
                 out.append({
                     "id": n["id"], "name": adv.get("name", n["id"]),
                     "status": "active" if n.get("alive") else "down",
@@ -455,9 +475,11 @@ class Node:
 
         c = self.cluster_status()
         nodes = self.cluster_nodes()
-        degraded = bool(c.get("degraded")) or not self.ready
+        degraded = bool(c.get("degraded")) or not self.ready or not self.supervisor.healthy
         return {
             "status": "degraded" if degraded else "healthy",
+            # background tasks that ended for good: name -> why (systemd restarts the node)
+            "failed_tasks": dict(self.supervisor.dead),
             "timestamp": now_iso(),
             "version": __version__,
             "node_id": self.node_id,

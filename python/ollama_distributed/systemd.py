@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import sdnotify  # type: ignore[import-untyped]
 
@@ -56,13 +57,14 @@ class Notifier:
         except ValueError:
             return None
 
-    def start_watchdog(self) -> None:
+    def start_watchdog(self, healthy: Callable[[], bool] = lambda: True) -> None:
+        """Ping while `healthy()` holds (no supervised task has died) and the core answers."""
         interval = self.watchdog_interval()
         if interval is None or not self.enabled:
             return
-        self._watchdog = asyncio.create_task(self._ping(interval), name="systemd-watchdog")
+        self._watchdog = asyncio.create_task(self._ping(interval, healthy), name="systemd-watchdog")
 
-    async def _ping(self, interval: float) -> None:
+    async def _ping(self, interval: float, healthy: Callable[[], bool]) -> None:
         while True:
             try:
                 await asyncio.wait_for(_core.ping(), timeout=interval)
@@ -70,7 +72,8 @@ class Notifier:
                 logger.error("the Rust core did not answer within %.1fs; withholding the watchdog ping",
                              interval)
             else:
-                self.send("WATCHDOG=1")
+                if healthy():
+                    self.send("WATCHDOG=1")
             await asyncio.sleep(interval)
 
     async def stop_watchdog(self) -> None:

@@ -49,8 +49,12 @@ fn unavailable(e: impl std::fmt::Display) -> ForwardError {
 pub async fn open(conn: &quinn::Connection, request: &[u8]) -> Result<ForwardStream, ForwardError> {
     if request.len() > frame::MAX_PAYLOAD {
         return Err(ForwardError::Remote {
-            status: 400,
-            message: "request too large".into(),
+            status: 413,
+            message: format!(
+                "request of {} bytes is too large to forward between nodes (limit {} bytes)",
+                request.len(),
+                frame::MAX_PAYLOAD
+            ),
         });
     }
     let (mut send, recv) = conn.open_bi().await.map_err(unavailable)?;
@@ -199,6 +203,20 @@ pub fn accept(from: String, request: Bytes, send: quinn::SendStream) -> Inbound 
 
 fn encode(m: &ReplyMsg, buf: &mut BytesMut) -> bool {
     match m {
+        ReplyMsg::Chunk(b) if b.len() > frame::MAX_PAYLOAD => {
+            // the caller would refuse it: say why instead (413, not a lost peer)
+            let body = serde_json::to_vec(&ErrorBody {
+                status: 413,
+                message: format!(
+                    "a reply chunk of {} bytes is too large to cross between nodes (limit {} bytes)",
+                    b.len(),
+                    frame::MAX_PAYLOAD
+                ),
+            })
+            .unwrap_or_default();
+            frame::encode_into(Kind::Error, &body, buf);
+            true
+        }
         ReplyMsg::Chunk(b) => {
             frame::encode_into(Kind::Chunk, b, buf);
             false
@@ -261,5 +279,38 @@ async fn relay(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Decoder;
+
+    fn decode(buf: &BytesMut) -> Frame {
+        let mut dec = Decoder::default();
+        dec.push(buf);
+        dec.next_frame().unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_chunk_the_caller_would_refuse_becomes_a_413_error() {
+        let mut buf = BytesMut::new();
+        let big = Bytes::from(vec![b'x'; frame::MAX_PAYLOAD + 1]);
+        assert!(encode(&ReplyMsg::Chunk(big), &mut buf), "it ends the stream");
+        let f = decode(&buf);
+        assert_eq!(f.kind, Kind::Error);
+        let body: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+        assert_eq!(body["status"], 413);
+        assert!(body["message"].as_str().unwrap().contains("too large"));
+    }
+
+    #[test]
+    fn a_chunk_at_the_limit_is_sent_as_it_is() {
+        let mut buf = BytesMut::new();
+        let edge = Bytes::from(vec![b'x'; frame::MAX_PAYLOAD]);
+        assert!(!encode(&ReplyMsg::Chunk(edge), &mut buf));
+        let f = decode(&buf);
+        assert_eq!((f.kind, f.payload.len()), (Kind::Chunk, frame::MAX_PAYLOAD));
     }
 }

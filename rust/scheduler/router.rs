@@ -40,8 +40,11 @@ impl NodeState {
             || self.loaded.len() < self.max_loaded as usize
             || self.loaded.iter().any(|m| !self.busy.contains(m))
     }
+    /// Its queue is full. `max_queue` 0 means "no queue" (a request runs at
+    /// once or is refused with 503), never "always full": such a node is tried
+    /// and a refusal moves the request to the next holder.
     fn saturated(&self) -> bool {
-        self.queue_depth >= self.max_queue
+        self.max_queue > 0 && self.queue_depth >= self.max_queue
     }
 }
 
@@ -390,6 +393,16 @@ mod tests {
         full.queue_depth = 8;
         let r = router(vec![full]);
         assert_eq!(r.route("m", 1_000), Err(RouteError::Saturated("m".into())));
+    }
+
+    #[test]
+    fn max_queue_zero_means_no_queue_not_always_full() {
+        let mut a = node("a", &["m"], &["m"], 1);
+        a.max_queue = 0;
+        let mut b = node("b", &["m"], &["m"], 0);
+        b.max_queue = 0;
+        let r = router(vec![a, b]);
+        assert_eq!(r.route("m", 1_000).unwrap(), vec!["b", "a"]);
     }
 
     #[test]

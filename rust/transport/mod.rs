@@ -238,6 +238,11 @@ pub async fn write_frame(
     kind: Kind,
     payload: &[u8],
 ) -> Result<(), TransportError> {
+    // Checked here, in release builds too: the receiver would end the stream
+    // on it, and the sender would read that as a lost peer and retry.
+    if payload.len() > frame::MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(payload.len()).into());
+    }
     let mut buf = bytes::BytesMut::with_capacity(frame::HEADER_LEN + payload.len());
     frame::encode_into(kind, payload, &mut buf);
     // handed over whole: quinn keeps the chunk instead of copying it again

@@ -90,6 +90,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         format=_format(body),
         keep_alive=_keep_alive(body),
         context=ctx,
+        truncate=field(body, "truncate", bool, True),
         stream=field(body, "stream", bool, True),
     )
     if field(body, "suffix", str):
@@ -151,6 +152,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         options=_options(body),
         format=_format(body),
         keep_alive=_keep_alive(body),
+        truncate=field(body, "truncate", bool, True),
         stream=field(body, "stream", bool, True),
     )
     node = _node(request)
@@ -189,10 +191,9 @@ async def embed(request: web.Request) -> web.Response:
     node = _node(request)
     req = InferenceRequest(kind="embed", model=model, input=inputs, options=_options(body),
                            keep_alive=_keep_alive(body), truncate=field(body, "truncate", bool, True))
-    if not inputs:
-        name, record = await node.dispatcher.resolve(model)
-        await node.engine.load(req, record)
-        return web.json_response({"model": name, "embeddings": []})
+    if not inputs:  # Ollama's preload (or unload with keep_alive 0), routed like inference
+        await node.dispatcher.preload(req, "/api/embed")
+        return web.json_response({"model": req.model, "embeddings": []})
     result = await node.dispatcher.embed(req, "/api/embed")
     dims = field(body, "dimensions", int)
     vectors = result["embeddings"]

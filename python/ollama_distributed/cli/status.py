@@ -13,6 +13,7 @@ answered, or what answered is not an ollama-distributed node).
     node            {id, status, role, version, engine, uptime_seconds}
     cluster         {size, active_nodes, leader_id, peers_connected}
     summary         one sentence
+    failed_tasks    {name: why} of background tasks that ended for good (only when any did)
   with --verbose, also:
     resources       {cpu_percent, cpu_count, memory_used_bytes, memory_total_bytes,
                      memory_percent, disk_used_bytes, disk_total_bytes, disk_percent}
@@ -105,6 +106,11 @@ def collect(api: str, verbose: bool, timeout: float = 5.0) -> dict[str, Any]:
     }
     out["summary"] = ("All systems operational" if status == "healthy"
                       else f"The node reports itself {status}")
+    failed = health.get("failed_tasks")
+    if isinstance(failed, dict) and failed:
+        out["failed_tasks"] = {str(k): str(v) for k, v in failed.items()}
+        out["summary"] += ("; background task(s) ended: " + ", ".join(
+            f"{k} ({v})" for k, v in out["failed_tasks"].items()) + "; systemd restarts it")
     if not verbose:
         return out
     nodes = _get_dict(client, "/api/distributed/nodes", timeout).get("nodes") or []

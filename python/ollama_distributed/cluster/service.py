@@ -91,6 +91,11 @@ class ClusterService:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._serving.clear()
 
+    @property
+    def inbound_task(self) -> asyncio.Task[None] | None:
+        """The loop that takes requests peers forward here (supervised by the node)."""
+        return self._loop_task
+
     # ---- state ----------------------------------------------------------------
 
     def join_token(self) -> str | None:

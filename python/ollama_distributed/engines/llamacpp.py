@@ -4,6 +4,16 @@ One `Llama` per busy slot of a loaded model (weights are mmapped, so slots
 share them), plus one embedding context per model when /api/embed is used.
 Inference runs on worker threads; tokens cross to the event loop one call
 each. A cancelled request stops at the next token and frees its slot.
+
+Unloading never frees what is in use. Every way a model leaves memory
+(keep_alive 0 / `ollama stop`, an expired keep_alive, an LRU eviction, a
+delete, a replication trim, a tombstone from elsewhere) goes through
+`unload()`, which takes the model out of service at once (new requests load a
+fresh instance) and closes its llama.cpp contexts only when the last worker
+thread using them has returned. Like Ollama, a generation under way when the
+model is stopped runs to its end; it is not cut off. We chose this over
+cancelling it because a client that asked for an answer gets it, and the
+operator's intent (free the memory) is met as soon as it finishes.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 # How often idle models are checked against their keep_alive deadline.
 REAP_INTERVAL = 1.0
+# How long stop() waits for running generations to see their cancel token.
+STOP_DRAIN_S = 10.0
 
 
 @dataclass
@@ -42,6 +54,8 @@ class _Loaded:
     expires_at: float | None = None
     load_duration: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # requests holding this instance: its contexts stay open while > 0
+    draining: bool = False  # out of service: closed when `users` reaches 0
 
 
 def _import_llama() -> Any:
@@ -69,25 +83,34 @@ class LlamaCppEngine:
         self._evict_candidate = evict_candidate
         self._is_idle = is_idle
         self._models: dict[str, _Loaded] = {}
+        self._draining: list[_Loaded] = []  # unloaded, closed once their last user returns
         self._pool = ThreadPoolExecutor(
             max_workers=max(4, cfg.num_parallel * cfg.max_loaded_models + 2),
             thread_name_prefix="llama",
         )
-        self._reaper: asyncio.Task[None] | None = None
+        self.reaper: asyncio.Task[None] | None = None  # supervised by the node
         self._threads = cfg.threads or (os.cpu_count() or 1)
 
     # ---- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap(), name="llamacpp-reaper")
+        self.reaper = asyncio.create_task(self._reap(), name="llamacpp-reaper")
 
     async def stop(self) -> None:
-        if self._reaper:
-            self._reaper.cancel()
+        if self.reaper:
+            self.reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+                await self.reaper
         for name in list(self._models):
             await self.unload(name)
+        # Requests were cancelled with the HTTP server; their threads return at
+        # their next token. Whatever is still running after this is left open
+        # (the process is exiting) rather than freed under a running thread.
+        deadline = time.monotonic() + STOP_DRAIN_S
+        while self._draining and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._draining:
+            logger.warning("stopping with %d model instance(s) still in use", len(self._draining))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def configure(self, num_parallel: int, max_loaded_models: int) -> None:
@@ -97,11 +120,16 @@ class LlamaCppEngine:
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL)
-            now = time.time()
-            for name, lm in list(self._models.items()):
-                if lm.expires_at is not None and lm.expires_at <= now and self._is_idle(name):
-                    logger.info("unloading %s: keep_alive expired", name)
-                    await self.unload(name)
+            try:
+                await self.reap_once(time.time())
+            except Exception:  # one bad pass must not end the reaper
+                logger.exception("keep-alive reaper pass failed; retrying in %.0fs", REAP_INTERVAL)
+
+    async def reap_once(self, now: float) -> None:
+        for name, lm in list(self._models.items()):
+            if lm.expires_at is not None and lm.expires_at <= now and self._is_idle(name):
+                logger.info("unloading %s: keep_alive expired", name)
+                await self.unload(name)
 
     # ---- loading -------------------------------------------------------------
 
@@ -127,10 +155,12 @@ class LlamaCppEngine:
         name = record.name.short
         want_ctx = n_ctx or self.cfg.num_ctx
         lm = self._models.get(name)
-        if lm is not None and lm.record.digest != record.digest and self._is_idle(name):
+        if lm is not None and lm.record.digest != record.digest:
             await self.unload(name)  # replaced by a new create under the same name
             lm = None
-        if lm is not None and n_ctx and lm.n_ctx != n_ctx and self._is_idle(name):
+        if lm is not None and n_ctx and lm.n_ctx != n_ctx:
+            # another context size: a fresh instance, as Ollama reloads; requests
+            # on the old one finish there first (unload drains)
             await self.unload(name)
             lm = None
         if lm is None:
@@ -140,7 +170,33 @@ class LlamaCppEngine:
                 await self.unload(victim)
             lm = _Loaded(record=record, n_ctx=want_ctx)
             self._models[name] = lm
+        lm.users += 1  # no await since the lookup: an unload cannot slip in between
         return lm
+
+    def _release(self, lm: _Loaded) -> None:
+        """One user of `lm` is done (its worker thread has returned)."""
+        lm.users -= 1
+        if lm.draining and lm.users <= 0:
+            self._close(lm)
+
+    def _release_when_done(self, lm: _Loaded, fut: asyncio.Future[Any] | None) -> None:
+        """Release `lm` once `fut` (a worker thread's run) has finished, not before:
+        a cancelled coroutine must not free contexts a thread still uses."""
+        if fut is None or fut.done():
+            self._release(lm)
+        else:
+            fut.add_done_callback(lambda _f: self._release(lm))
+
+    def _close(self, lm: _Loaded) -> None:
+        if lm in self._draining:
+            self._draining.remove(lm)
+        for llama in [*lm.slots.values(), lm.embedder]:
+            if llama is not None:
+                with contextlib.suppress(Exception):
+                    llama.close()
+        lm.slots.clear()
+        lm.embedder = None
+        logger.info("unloaded %s", lm.record.name.short)
 
     async def _slot_llama(self, lm: _Loaded, slot: int) -> tuple[Any, float]:
         """The Llama for `slot`, created on first use; returns it and its load seconds."""
@@ -162,18 +218,23 @@ class LlamaCppEngine:
         assert record is not None
         opts = opt.normalise(req.options, record.parameters)
         lm = await self._ensure_loaded(record, opts.get("num_ctx") or None)
-        _, took = await self._slot_llama(lm, 0)
+        try:
+            _, took = await self._slot_llama(lm, 0)
+        finally:
+            self._release(lm)  # the load ran on a worker thread that has returned
         return took
 
     async def unload(self, model: str) -> None:
+        """Take `model` out of service now; close it once no request uses it."""
         lm = self._models.pop(model, None)
         if lm is None:
             return
-        for llama in [*lm.slots.values(), lm.embedder]:
-            if llama is not None:
-                with contextlib.suppress(Exception):
-                    llama.close()
-        logger.info("unloaded %s", model)
+        lm.draining = True
+        if lm.users <= 0:
+            self._close(lm)
+            return
+        self._draining.append(lm)
+        logger.info("unloading %s once its %d running request(s) finish", model, lm.users)
 
     def touch(self, model: str, keep_alive: float | None) -> None:
         lm = self._models.get(model)
@@ -205,7 +266,21 @@ class LlamaCppEngine:
         t_start = time.perf_counter()
         opts = opt.normalise(req.options, record.parameters)
         lm = await self._ensure_loaded(record, opts.get("num_ctx") or None)
-        llama, load_s = await self._slot_llama(lm, slot)
+        fut: asyncio.Future[None] | None = None
+        try:
+            llama, load_s = await self._slot_llama(lm, slot)
+            async with contextlib.aclosing(self._stream(llama, lm, req, opts, cancel, t_start, load_s)) as it:
+                async for chunk in it:
+                    if isinstance(chunk, asyncio.Future):
+                        fut = chunk
+                        continue
+                    yield chunk
+        finally:
+            self._release_when_done(lm, fut)
+
+    async def _stream(self, llama: Any, lm: _Loaded, req: InferenceRequest, opts: dict[str, Any],
+                      cancel: CancelToken, t_start: float, load_s: float) -> AsyncGenerator[Any, None]:
+        """Run the generation on a worker thread; yields its future first, then chunks."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -215,13 +290,15 @@ class LlamaCppEngine:
         def run() -> None:
             try:
                 self._generate_blocking(llama, lm, req, opts, cancel, emit)
+            except BadRequestError as e:  # the client's mistake, found by the engine
+                emit(e)
             except BaseException as e:  # crosses to the event loop as an error chunk
                 logger.exception("generation failed for %s", req.model)
-                emit(e if isinstance(e, (BadRequestError, EngineError))
-                     else EngineError(f"generation failed: {e}"))
+                emit(e if isinstance(e, EngineError) else EngineError(f"generation failed: {e}"))
 
         fut = loop.run_in_executor(self._pool, run)
         try:
+            yield fut
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -251,9 +328,17 @@ class LlamaCppEngine:
         t0 = time.perf_counter()
         prompt_text, template_stops, add_bos = render_prompt(llama, lm.record, req)
         tokens: list[int] = list(req.context or [])
+        n_vocab = llama.n_vocab()
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:  # llama.cpp would abort the process on it
+            raise BadRequestError(f"context holds token id {bad}, outside this model's vocabulary "
+                                  f"(0-{n_vocab - 1}); send back the context this model returned")
         tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
         n_ctx = llama.n_ctx()
         num_predict = int(opt.get(opts, "num_predict"))
+        if len(tokens) >= n_ctx and not req.truncate:
+            raise BadRequestError(f"the prompt is {len(tokens)} tokens, more than the context of {n_ctx} "
+                                  "(options.num_ctx); shorten it, raise num_ctx, or leave truncate on")
         if len(tokens) >= n_ctx:
             keep = max(1, n_ctx - max(num_predict, 0) - 1 if num_predict > 0 else n_ctx // 2)
             logger.warning("prompt of %d tokens truncated to the last %d (num_ctx %d)", len(tokens), keep, n_ctx)
@@ -345,12 +430,26 @@ class LlamaCppEngine:
         t0 = time.perf_counter()
         opts = opt.normalise(req.options, record.parameters)
         lm = await self._ensure_loaded(record, opts.get("num_ctx") or None)
+        threads: list[asyncio.Future[Any]] = []
+        try:
+            return await self._embed(lm, req, t0, threads)
+        finally:
+            self._release_when_done(lm, threads[-1] if threads else None)
+
+    async def _embed(self, lm: _Loaded, req: InferenceRequest, t0: float,
+                     threads: list[asyncio.Future[Any]]) -> dict[str, Any]:
         load_s = 0.0
         loop = asyncio.get_running_loop()
+
+        def on_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            fut = loop.run_in_executor(self._pool, fn, *args)
+            threads.append(fut)  # the caller releases `lm` only once this has returned
+            return fut
+
         async with lm.lock:
             if lm.embedder is None:
                 t = time.perf_counter()
-                lm.embedder = await loop.run_in_executor(self._pool, self._new_llama, lm.record, lm.n_ctx, True)
+                lm.embedder = await on_thread(self._new_llama, lm.record, lm.n_ctx, True)
                 load_s = time.perf_counter() - t
         embedder = lm.embedder
 
@@ -368,7 +467,7 @@ class LlamaCppEngine:
             return [list(map(float, v)) for v in vectors], count
 
         async with lm.lock:  # one embedding context per model: one batch at a time
-            vectors, count = await loop.run_in_executor(self._pool, run)
+            vectors, count = await on_thread(run)
         return {
             "embeddings": vectors,
             "prompt_eval_count": count,
