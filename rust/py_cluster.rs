@@ -169,14 +169,18 @@ impl Cluster {
     }
 
     /// Status as JSON (see `cluster::Status`).
-    fn status_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.running()?.status())
+    fn status_json(&self, py: Python<'_>) -> PyResult<String> {
+        let core = self.running()?;
+        // without the GIL: the asyncio thread and the core's threads go on meanwhile
+        py.detach(|| serde_json::to_string(&core.status()))
             .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// Every known node as JSON (see `membership::NodeView`).
-    fn nodes_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.running()?.nodes())
+    fn nodes_json(&self, py: Python<'_>) -> PyResult<String> {
+        let core = self.running()?;
+        // without the GIL: the asyncio thread and the core's threads go on meanwhile
+        py.detach(|| serde_json::to_string(&core.nodes()))
             .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
@@ -320,20 +324,26 @@ impl Cluster {
     }
 
     /// The model catalogue as JSON: key -> JSON text of its value.
-    fn catalog_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.running()?.catalog())
+    fn catalog_json(&self, py: Python<'_>) -> PyResult<String> {
+        let core = self.running()?;
+        // without the GIL: the asyncio thread and the core's threads go on meanwhile
+        py.detach(|| serde_json::to_string(&core.catalog()))
             .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// Deleted models in the Raft state as JSON: name -> unix ms.
-    fn tombstones_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.running()?.tombstones())
+    fn tombstones_json(&self, py: Python<'_>) -> PyResult<String> {
+        let core = self.running()?;
+        // without the GIL: the asyncio thread and the core's threads go on meanwhile
+        py.detach(|| serde_json::to_string(&core.tombstones()))
             .map_err(|e| CoreError::new_err(e.to_string()))
     }
 
     /// Blob transfers in progress and totals, as JSON (see `blobs::TransferStatus`).
-    fn transfer_status_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.running()?.transfer_status())
+    fn transfer_status_json(&self, py: Python<'_>) -> PyResult<String> {
+        let core = self.running()?;
+        // without the GIL: the asyncio thread and the core's threads go on meanwhile
+        py.detach(|| serde_json::to_string(&core.transfer_status()))
             .map_err(|e| CoreError::new_err(e.to_string()))
     }
 

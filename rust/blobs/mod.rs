@@ -475,7 +475,7 @@ impl Blobs {
         let mut left = end - offset;
         while left > 0 {
             let want = (left as usize).min(DATA_FRAME);
-            let n = file.read(&mut buf[..want])?;
+            let n = off_runtime(|| file.read(&mut buf[..want]))?;
             if n == 0 {
                 return Err(BlobError::Io("the file shrank while it was sent".into()));
             }
@@ -610,7 +610,7 @@ impl Blobs {
                         ));
                     }
                     self.pacer.take(f.payload.len()).await;
-                    file.write_all(&f.payload)?;
+                    off_runtime(|| file.write_all(&f.payload))?;
                     got += f.payload.len() as u64;
                     follower.advance(0, got);
                     guard
@@ -633,7 +633,9 @@ impl Blobs {
             )));
         }
         let actual = follower.finish().await?;
-        verify_and_publish(&file, partial, dest, hex, actual, &format!("'{peer}'"))?;
+        off_runtime(|| {
+            verify_and_publish(&file, partial, dest, hex, actual, &format!("'{peer}'"))
+        })?;
         drop(guard);
         Ok(())
     }
@@ -816,7 +818,9 @@ impl Blobs {
         }
         self.totals().bytes_in += guard.bytes.load(Ordering::Relaxed);
         let actual = follower.finish().await?;
-        verify_and_publish(&file, partial, dest, hex, actual, &format!("{names:?}"))?;
+        off_runtime(|| {
+            verify_and_publish(&file, partial, dest, hex, actual, &format!("{names:?}"))
+        })?;
         drop(guard);
         Ok(())
     }
@@ -871,6 +875,19 @@ impl Blobs {
             }
         }
         Ok(out)
+    }
+}
+
+/// Run blocking file I/O (a write that may wait on the kernel's dirty-page
+/// throttling, an fsync) without stalling a runtime worker: tokio hands this
+/// worker's other tasks to another thread while it runs. A runtime with one
+/// thread (some tests) runs it in place.
+pub(crate) fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
@@ -945,7 +962,7 @@ async fn fetch_range(
             match f.kind {
                 Kind::BlobData if pos + f.payload.len() as u64 <= end => {
                     pacer.take(f.payload.len()).await;
-                    file.write_all_at(&f.payload, pos)?;
+                    off_runtime(|| file.write_all_at(&f.payload, pos))?;
                     pos += f.payload.len() as u64;
                     follower.advance(i, pos);
                     bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);

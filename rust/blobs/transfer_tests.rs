@@ -12,9 +12,14 @@ use crate::transport::{self};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A holder on 127.0.0.1: serves `blobs` fetches, or, with `cut`, announces
-/// the blob, sends its first data frame and resets the stream.
-fn holder(blobs: Arc<Blobs>, cut: Option<Vec<u8>>) -> (quinn::Endpoint, SocketAddr, TlsMaterial) {
+/// A holder on 127.0.0.1: serves `blobs` fetches, or, with `cut` (the blob and
+/// the fetcher's partial), announces the blob, sends its first data frame and
+/// resets the stream once the fetcher has written that frame (a reset drops
+/// what the peer has not read yet, so a fixed pause failed on a busy machine).
+fn holder(
+    blobs: Arc<Blobs>,
+    cut: Option<(Vec<u8>, std::path::PathBuf)>,
+) -> (quinn::Endpoint, SocketAddr, TlsMaterial) {
     let mat = TlsMaterial::create("holder").unwrap();
     let server = transport::bind("127.0.0.1:0".parse().unwrap(), &mat, TIMEOUT).unwrap();
     let addr = server.local_addr().unwrap();
@@ -31,7 +36,7 @@ fn holder(blobs: Arc<Blobs>, cut: Option<Vec<u8>>) -> (quinn::Endpoint, SocketAd
                     };
                     match &cut {
                         None => blobs.serve("fetcher", &first.payload, send).await,
-                        Some(data) => {
+                        Some((data, partial)) => {
                             let info = serde_json::to_vec(&BlobInfo {
                                 size: data.len() as u64,
                             })
@@ -40,8 +45,13 @@ fn holder(blobs: Arc<Blobs>, cut: Option<Vec<u8>>) -> (quinn::Endpoint, SocketAd
                             write_frame(&mut send, Kind::BlobData, &data[..DATA_FRAME])
                                 .await
                                 .unwrap();
-                            // let the frame reach the fetcher before the reset
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let t0 = std::time::Instant::now();
+                            while std::fs::metadata(partial).map_or(0, |m| m.len())
+                                < DATA_FRAME as u64
+                                && t0.elapsed() < Duration::from_secs(30)
+                            {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                             let _ = send.reset(quinn::VarInt::from_u32(1));
                         }
                     }
@@ -92,7 +102,10 @@ async fn a_broken_stream_keeps_the_partial_and_the_next_fetch_resumes() {
         .join("b/tmp")
         .join(format!("p2p-sha256-{hex}.partial"));
 
-    let (_cut_ep, cut_addr, cut_mat) = holder(Arc::new(Blobs::default()), Some(data.clone()));
+    let (_cut_ep, cut_addr, cut_mat) = holder(
+        Arc::new(Blobs::default()),
+        Some((data.clone(), partial.clone())),
+    );
     let (_c1, conn) = connect(cut_addr, &cut_mat).await;
     let e = fetcher.fetch_blob(&conn, "cutter", &hex).await.unwrap_err();
     assert!(matches!(e, BlobError::Unavailable(_)), "{e}");

@@ -65,11 +65,17 @@ struct Inner {
 }
 
 impl Inner {
-    fn save(&self) -> Result<(), std::io::Error> {
-        let bytes = serde_json::to_vec(&self.p)?;
-        crate::transport::tls::write_private(&self.path, &bytes)
-            .map_err(|e| std::io::Error::other(e.to_string()))
+    /// The state as it is now, to be written outside the lock.
+    fn encode(&self) -> Result<(PathBuf, Vec<u8>), std::io::Error> {
+        Ok((self.path.clone(), serde_json::to_vec(&self.p)?))
     }
+}
+
+/// Write `bytes` to `path` atomically (temp file, fsync, rename). Blocking:
+/// called on tokio's blocking pool, never on a runtime worker.
+fn write_state(path: &Path, bytes: &[u8]) -> Result<(), std::io::Error> {
+    crate::transport::tls::write_private(path, bytes)
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// The Raft store; cheap to clone, all clones share one state.
@@ -77,6 +83,9 @@ impl Inner {
 pub struct FileStore {
     inner: Arc<Mutex<Inner>>,
     failing: Arc<AtomicBool>,
+    /// One write at a time, each of the state as it was when the write began,
+    /// so the file only moves forward; readers never wait behind an fsync.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn io<E: std::fmt::Display>(e: E) -> SError {
@@ -98,6 +107,7 @@ impl FileStore {
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner { path, p })),
             failing: Arc::new(AtomicBool::new(false)),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -107,8 +117,18 @@ impl FileStore {
     /// carries on once the write succeeds. `save_failing()` says so meanwhile.
     async fn persist(&self) -> Result<(), SError> {
         let mut delay = std::time::Duration::from_millis(100);
+        let _writing = self.writer.lock().await;
         loop {
-            let res = self.lock().save();
+            // encoded under the lock (fast), written and fsynced outside it, off the runtime
+            let encoded = self.lock().encode(); // the guard ends here, before any await
+            let res = match encoded {
+                Ok((path, bytes)) => {
+                    tokio::task::spawn_blocking(move || write_state(&path, &bytes))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+                }
+                Err(e) => Err(e),
+            };
             match res {
                 Ok(()) => {
                     if self.failing.swap(false, Ordering::Relaxed) {

@@ -285,7 +285,7 @@ async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::Decoder;
+    use crate::transport::{Decoder, Frame};
 
     fn decode(buf: &BytesMut) -> Frame {
         let mut dec = Decoder::default();
@@ -297,7 +297,10 @@ mod tests {
     fn a_chunk_the_caller_would_refuse_becomes_a_413_error() {
         let mut buf = BytesMut::new();
         let big = Bytes::from(vec![b'x'; frame::MAX_PAYLOAD + 1]);
-        assert!(encode(&ReplyMsg::Chunk(big), &mut buf), "it ends the stream");
+        assert!(
+            encode(&ReplyMsg::Chunk(big), &mut buf),
+            "it ends the stream"
+        );
         let f = decode(&buf);
         assert_eq!(f.kind, Kind::Error);
         let body: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();

@@ -436,9 +436,13 @@ async def post_blob(request: web.Request) -> web.Response:
     h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
-            async for chunk in request.content.iter_chunked(1 << 20):
+
+            def take(chunk: bytes) -> None:  # hashed and written off the event loop
                 h.update(chunk)
-                await asyncio.to_thread(f.write, chunk)
+                f.write(chunk)
+
+            async for chunk in request.content.iter_chunked(1 << 20):
+                await asyncio.to_thread(take, chunk)
             await asyncio.to_thread(os.fsync, f.fileno())
     except OSError as e:
         with contextlib.suppress(OSError):

@@ -415,8 +415,8 @@ async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, sho
                     if want <= 0:
                         break
                     chunk = chunk[:want]
-                    try:
-                        os.pwrite(fd, chunk, part.offset + part.done)
+                    try:  # off the event loop: a write may wait on the kernel's dirty-page throttling
+                        await asyncio.to_thread(os.pwrite, fd, chunk, part.offset + part.done)
                     except OSError as e:
                         raise storage_error(e, f"layer sha256:{short}") from e
                     part.done += len(chunk)
