@@ -14,7 +14,7 @@ from aiohttp.typedefs import Middleware
 
 from ..dispatch import NOTE, RequestNote
 from ..errors import OllamaDistributedError, OverloadedError
-from . import cluster, ollama, openai, openapi
+from . import anthropic, cluster, ollama, openai, openapi, responses
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -29,9 +29,11 @@ OPEN_PATHS = frozenset({"/", "/health/live", "/health/ready"})
 
 def _error(request: web.Request, status: int, message: str,
            headers: dict[str, str] | None = None) -> web.Response:
-    if request.path.startswith("/v1/"):
+    if request.path.startswith("/v1/messages"):
+        body: dict[str, object] = anthropic.error_body(status, message)
+    elif request.path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "api_error"
-        body: dict[str, object] = {"error": {"message": message, "type": kind, "param": None,
+        body = {"error": {"message": message, "type": kind, "param": None,
                                              "code": None}}
     else:
         body = {"error": message}
@@ -138,6 +140,8 @@ def create_app(node: Node) -> web.Application:
     app["node"] = node
     ollama.add_routes(app)
     openai.add_routes(app)
+    anthropic.add_routes(app)
+    responses.add_routes(app)
     cluster.add_routes(app)
     openapi.add_routes(app)
     return app
