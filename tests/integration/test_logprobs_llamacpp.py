@@ -113,3 +113,19 @@ def test_shift_goes_on_past_a_full_window(tmp_path: Path) -> None:
         assert shifted["response"].startswith(stopped["response"])
     finally:
         n.stop()
+
+
+def test_messages_and_responses_on_the_real_engine(node: NodeProc) -> None:
+    import anthropic
+
+    msg = anthropic.Anthropic(base_url=node.url, api_key="x", max_retries=0).messages.create(
+        model=MODEL, max_tokens=6, extra_body={"temperature": 0}, messages=[{"role": "user", "content": "Say hello."}])
+    assert msg.content[0].type == "text" and msg.content[0].text  # type: ignore[union-attr]
+    assert msg.usage.output_tokens == 6 and msg.usage.input_tokens > 5 and msg.stop_reason == "max_tokens"
+    c = openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
+    events = list(c.responses.create(model=MODEL, input="Say hello.", max_output_tokens=6, temperature=0,
+                                     stream=True, include=["message.output_text.logprobs"]))
+    done = events[-1].response  # type: ignore[union-attr]
+    assert done.usage is not None and done.usage.output_tokens == 6
+    part = done.output[0].content[0]  # type: ignore[union-attr]
+    assert part.text and "".join(t.token for t in part.logprobs or []) == part.text  # type: ignore[union-attr]
