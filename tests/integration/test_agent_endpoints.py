@@ -330,3 +330,18 @@ def test_ps_context_length_and_head_version(mock: NodeProc) -> None:
     assert ps["models"] and ps["models"][0]["context_length"] == 2048
     with urllib.request.urlopen(urllib.request.Request(mock.url + "/api/version", method="HEAD")) as r:
         assert r.status == 200 and r.read() == b""
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+def test_logprobs_through_an_upstream_engine(mock: NodeProc, tmp_path: Path, kind: str) -> None:
+    """A node whose engine is another node (Ollama's or OpenAI's API) passes
+    logprobs through and brings them back."""
+    n = start_node(tmp_path, "--engine", kind, "--upstream", mock.url)
+    try:
+        status, out = post(n, "/api/chat", {"model": MODEL, "stream": False, "logprobs": True, "top_logprobs": 2,
+                                            "messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 200, out
+        assert len(out["logprobs"]) == 6 and all(len(e["top_logprobs"]) == 2 for e in out["logprobs"])
+        assert "".join(e["token"] for e in out["logprobs"]) == out["message"]["content"]
+    finally:
+        n.stop()
