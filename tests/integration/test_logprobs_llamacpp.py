@@ -90,6 +90,17 @@ def test_suffix_on_a_model_without_fill_in_the_middle(node: NodeProc) -> None:
     assert status == 400 and "does not support insert" in out["error"]["message"]
 
 
+def test_truncate_false_refuses_a_prompt_longer_than_the_context(node: NodeProc) -> None:
+    long = "word " * 2100  # over the default num_ctx of 2048 tokens
+    status, out = post(node, "/api/generate", {"model": MODEL, "prompt": long, "truncate": False})
+    assert status == 400 and out["error"] == "the input length exceeds the context length"
+    status, out = post(node, "/api/chat", {"model": MODEL, "truncate": False,
+                                           "messages": [{"role": "user", "content": long}]})
+    assert status == 400 and out["error"] == "the input length exceeds the context length"
+    status, out = post(node, "/api/generate", {"model": MODEL, "prompt": "x", "truncate": "no"})
+    assert status == 400 and "truncate" in out["error"]
+
+
 def test_embed_dimensions_on_the_real_model(node: NodeProc) -> None:
     status, out = post(node, "/api/embed", {"model": MODEL, "input": "hello", "dimensions": 8})
     assert status == 200 and len(out["embeddings"][0]) == 8

@@ -34,8 +34,8 @@ def test_every_registered_route_and_method_is_described() -> None:
 
 
 @pytest.mark.parametrize("path,fields", [
-    ("/api/generate", {"suffix", "raw", "images", "think", "logprobs", "top_logprobs", "shift"}),
-    ("/api/chat", {"tools", "think", "logprobs", "top_logprobs", "shift"}),
+    ("/api/generate", {"suffix", "raw", "images", "think", "logprobs", "top_logprobs", "shift", "truncate"}),
+    ("/api/chat", {"tools", "think", "logprobs", "top_logprobs", "shift", "truncate"}),
     ("/api/embed", {"dimensions", "truncate"}),
     ("/v1/chat/completions", {"tools", "tool_choice", "logprobs", "top_logprobs"}),
     ("/v1/completions", {"suffix", "logprobs"}),

@@ -106,6 +106,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         top_logprobs=top_logprobs(body),
         suffix=field(body, "suffix", str, ""),
         shift=field(body, "shift", bool, True),
+        truncate=field(body, "truncate", bool, True),
     )
     if req.raw and (req.template or req.system or req.context):
         raise BadRequestError("raw mode does not support template, system, or context")
@@ -175,6 +176,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         logprobs=field(body, "logprobs", bool, False),
         top_logprobs=top_logprobs(body),
         shift=field(body, "shift", bool, True),
+        truncate=field(body, "truncate", bool, True),
     )
     node = _node(request)
     source = node.dispatcher.stream(req, "/api/chat")

@@ -31,6 +31,8 @@ _THINK = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["low", "med
 _LOGPROBS = {"type": "boolean", "description": "Return each token's log probability (from the logits)"}
 _TOP_LOGPROBS = {"type": "integer", "minimum": 0, "maximum": 20,
                  "description": "How many likeliest alternatives to return per token"}
+_TRUNCATE = {"type": "boolean", "description": "Keep the end of an input longer than the context "
+             "(default); false: a 400 instead"}
 _SHIFT = {"type": "boolean", "description": "Shift the context window when it is full instead of stopping"}
 _TOOL_CALL = {"type": "object", "properties": {"id": {"type": "string"}, "function": {"type": "object",
               "properties": {"index": {"type": "integer"}, "name": {"type": "string"},
@@ -75,11 +77,11 @@ def spec() -> dict[str, Any]:
                             "(models with FIM tokens or a template using .Suffix)"},
                  "format": _FORMAT, "options": _OPTIONS, "keep_alive": _KEEP_ALIVE, "images": _IMAGES,
                  "think": _THINK, "logprobs": _LOGPROBS, "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT,
-                 "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
+                 "truncate": _TRUNCATE, "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
     chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _MESSAGE},
                   "stream": {"type": "boolean"}, "format": _FORMAT, "options": _OPTIONS,
                   "keep_alive": _KEEP_ALIVE, "tools": _TOOLS, "think": _THINK, "logprobs": _LOGPROBS,
-                  "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT}, ["model"])
+                  "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT, "truncate": _TRUNCATE}, ["model"])
     oa_chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _OBJ},
                      "stream": {"type": "boolean"}, "stream_options": _OBJ, "temperature": {"type": "number"},
                      "top_p": {"type": "number"}, "seed": {"type": "integer"}, "max_tokens": {"type": "integer"},

@@ -259,6 +259,8 @@ class LlamaCppEngine:
             tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
         n_ctx = llama.n_ctx()
         num_predict = int(opt.get(opts, "num_predict"))
+        if len(tokens) >= n_ctx and not req.truncate:
+            raise BadRequestError("the input length exceeds the context length")  # Ollama's words
         if len(tokens) >= n_ctx:
             keep = max(1, n_ctx - max(num_predict, 0) - 1 if num_predict > 0 else n_ctx // 2)
             logger.warning("prompt of %d tokens truncated to the last %d (num_ctx %d)", len(tokens), keep, n_ctx)
