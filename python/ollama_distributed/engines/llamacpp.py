@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -287,26 +288,23 @@ class LlamaCppEngine:
             budget = 0
         if cancel.cancelled:
             return
-
-        def start(window: list[int]) -> Iterator[int]:
-            return llama.generate(  # type: ignore[no-any-return]
-                window,
-                top_k=int(opt.get(opts, "top_k")),
-                top_p=float(opt.get(opts, "top_p")),
-                min_p=float(opt.get(opts, "min_p")),
-                typical_p=float(opt.get(opts, "typical_p")),
-                temp=float(opt.get(opts, "temperature")),
-                repeat_penalty=float(opt.get(opts, "repeat_penalty")),
-                presence_penalty=float(opt.get(opts, "presence_penalty")),
-                frequency_penalty=float(opt.get(opts, "frequency_penalty")),
-                tfs_z=float(opt.get(opts, "tfs_z")),
-                mirostat_mode=int(opt.get(opts, "mirostat")),
-                mirostat_tau=float(opt.get(opts, "mirostat_tau")),
-                mirostat_eta=float(opt.get(opts, "mirostat_eta")),
-                penalize_nl=bool(opt.get(opts, "penalize_newline")),
-                grammar=grammar,
-            )
-
+        start: Callable[[list[int]], Iterator[int]] = functools.partial(
+            llama.generate,
+            top_k=int(opt.get(opts, "top_k")),
+            top_p=float(opt.get(opts, "top_p")),
+            min_p=float(opt.get(opts, "min_p")),
+            typical_p=float(opt.get(opts, "typical_p")),
+            temp=float(opt.get(opts, "temperature")),
+            repeat_penalty=float(opt.get(opts, "repeat_penalty")),
+            presence_penalty=float(opt.get(opts, "presence_penalty")),
+            frequency_penalty=float(opt.get(opts, "frequency_penalty")),
+            tfs_z=float(opt.get(opts, "tfs_z")),
+            mirostat_mode=int(opt.get(opts, "mirostat")),
+            mirostat_tau=float(opt.get(opts, "mirostat_tau")),
+            mirostat_eta=float(opt.get(opts, "mirostat_eta")),
+            penalize_nl=bool(opt.get(opts, "penalize_newline")),
+            grammar=grammar,
+        )
         if budget <= 0:
             gen: Iterator[int] = iter(())
         elif req.shift:
