@@ -140,3 +140,20 @@ def test_messages_and_responses_on_the_real_engine(node: NodeProc) -> None:
     assert done.usage is not None and done.usage.output_tokens == 6
     part = done.output[0].content[0]  # type: ignore[union-attr]
     assert part.text and "".join(t.token for t in part.logprobs or []) == part.text  # type: ignore[union-attr]
+
+
+def test_logprobs_with_the_official_ollama_client(node: NodeProc) -> None:
+    import ollama
+
+    c = ollama.Client(host=node.url)
+    r = c.generate(MODEL, "Name a fruit.", logprobs=True, top_logprobs=2, options=GREEDY)
+    assert r.logprobs and len(r.logprobs) == r.eval_count
+    assert "".join(lp.token for lp in r.logprobs) == r.response
+    assert all(lp.top_logprobs and len(lp.top_logprobs) == 2 for lp in r.logprobs)
+    parts = list(c.chat(MODEL, messages=[{"role": "user", "content": "Name a fruit."}], logprobs=True,
+                        options=GREEDY, stream=True))
+    tokens = [lp.token for p in parts for lp in (p.logprobs or [])]
+    assert tokens and "".join(tokens) == "".join(p.message.content or "" for p in parts)
+    with pytest.raises(ollama.ResponseError) as e:
+        c.generate(MODEL, "x", logprobs=True, top_logprobs=21)
+    assert e.value.status_code == 400 and "top_logprobs must be between 0 and 20" in str(e.value)
