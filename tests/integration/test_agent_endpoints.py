@@ -79,6 +79,7 @@ def test_messages_stream_events_in_order(mock: NodeProc) -> None:
     assert len(text.split()) == 3
     delta = events[-2]
     assert delta.delta.stop_reason == "max_tokens" and delta.usage.output_tokens == 3  # type: ignore[union-attr]
+    assert events[0].message.usage.input_tokens >= 1  # type: ignore[union-attr]  # estimated until counted
 
     with claude(mock).messages.stream(model=MODEL, max_tokens=3,
                                       messages=[{"role": "user", "content": "Hello"}]) as s:

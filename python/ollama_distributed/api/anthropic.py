@@ -259,12 +259,22 @@ def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
             "name": fn.get("name", ""), "input": fn.get("arguments") or {}}
 
 
+def estimate_tokens(req: InferenceRequest) -> int:
+    """About four characters a token, as Ollama estimates message_start's input
+    tokens (agents show a context gauge from it; message_delta has the count)."""
+    size = sum(len(str(m.get("content") or "")) + len(json.dumps(m.get("tool_calls") or []))
+               for m in req.messages)
+    size += len(json.dumps(req.tools)) if req.tools else 0
+    return max(1, size // 4)
+
+
 class _Events:
     """Engine chunks to Anthropic's stream events: one content block at a time,
     thinking, then text, then each tool call as a whole block."""
 
-    def __init__(self, mid: str, model: str) -> None:
+    def __init__(self, mid: str, model: str, estimate: int) -> None:
         self.mid, self.model = mid, model
+        self.estimate = estimate  # input tokens for message_start, before the engine has counted them
         self.started = False
         self.index = -1
         self.open: str | None = None  # the open block's type
@@ -293,7 +303,8 @@ class _Events:
             out += _event("message_start", {"type": "message_start", "message": {
                 "id": self.mid, "type": "message", "role": "assistant", "model": self.model, "content": [],
                 "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": int(chunk.get("prompt_eval_count") or 0), "output_tokens": 0}}})
+                "usage": {"input_tokens": int(chunk.get("prompt_eval_count") or self.estimate),
+                          "output_tokens": 0}}})
             out += _event("ping", {"type": "ping"})
         if chunk.get("thinking"):
             if self.open != "thinking":
@@ -326,7 +337,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     source = node.dispatcher.stream(req, "/v1/messages")
     mid = "msg_" + secrets.token_hex(12)
     if req.stream:
-        events = _Events(mid, req.model)
+        events = _Events(mid, req.model, estimate_tokens(req))
 
         def on_error(e: OllamaDistributedError) -> bytes:
             return _event("error", error_body(e.status, e.message))
