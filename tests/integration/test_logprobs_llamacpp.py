@@ -157,3 +157,10 @@ def test_logprobs_with_the_official_ollama_client(node: NodeProc) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         c.generate(MODEL, "x", logprobs=True, top_logprobs=21)
     assert e.value.status_code == 400 and "top_logprobs must be between 0 and 20" in str(e.value)
+
+
+def test_ps_shows_the_context_length_the_model_runs_with(node: NodeProc) -> None:
+    post(node, "/api/generate", {"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 1}})
+    ps: dict[str, Any] = node.get("/api/ps")  # type: ignore[assignment]
+    entry = next(m for m in ps["models"] if m["name"] == MODEL)
+    assert entry["context_length"] == 2048  # engine.num_ctx's default
