@@ -163,7 +163,15 @@ class OpenAIUpstreamEngine(_Upstream):
                                        "json_schema": {"name": "output", "schema": req.format}}
         if req.kind == "generate" and req.raw:
             body["prompt"] = req.prompt
+            if req.suffix:
+                body["suffix"] = req.suffix
+            if req.logprobs:  # the legacy shape: how many alternatives per token
+                body["logprobs"] = req.top_logprobs
             return "/v1/completions", body
+        if req.logprobs:
+            body["logprobs"] = True
+            if req.top_logprobs:
+                body["top_logprobs"] = req.top_logprobs
         msgs = [_openai_message(m) for m in req.messages] \
             if req.kind == "chat" else [{"role": "user", "content": req.prompt}]
         if req.system and not any(m["role"] == "system" for m in msgs):
@@ -213,11 +221,12 @@ class OpenAIUpstreamEngine(_Upstream):
                         text = choice.get("text")
                         if text is None:
                             text = delta.get("content")
-                        if text:
+                        lps = _from_openai_logprobs(choice.get("logprobs"))
+                        if text or lps:
                             if first is None:
                                 first = time.perf_counter()
                             count += 1
-                            yield {"text": text}
+                            yield {"text": text or "", "logprobs": lps} if lps else {"text": text}
                         if choice.get("finish_reason"):
                             reason = "length" if choice["finish_reason"] == "length" else "stop"
         except aiohttp.ClientError as e:
@@ -293,6 +302,26 @@ def _ollama_call(call: dict[str, Any], index: int) -> dict[str, Any]:
                                                               "arguments": args if isinstance(args, dict) else {}}}
 
 
+def _from_openai_logprobs(lp: Any) -> list[dict[str, Any]]:
+    """OpenAI's chat (`content`) or legacy completions logprobs as our entries."""
+    if not isinstance(lp, dict):
+        return []
+    if isinstance(lp.get("content"), list):
+        return [{"token": e.get("token", ""), "logprob": e.get("logprob", 0.0), "bytes": e.get("bytes") or [],
+                 **({"top_logprobs": e["top_logprobs"]} if e.get("top_logprobs") else {})}
+                for e in lp["content"] if isinstance(e, dict)]
+    tokens = lp.get("tokens") or []
+    values = lp.get("token_logprobs") or []
+    tops = lp.get("top_logprobs") or [None] * len(tokens)
+    out = []
+    for token, value, top in zip(tokens, values, tops, strict=False):
+        entry: dict[str, Any] = {"token": token, "logprob": value, "bytes": list(token.encode())}
+        if isinstance(top, dict) and top:
+            entry["top_logprobs"] = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()]
+        out.append(entry)
+    return out
+
+
 def _l2(v: list[float]) -> list[float]:
     n = sum(x * x for x in v) ** 0.5
     return [x / n for x in v] if n else v
@@ -362,6 +391,17 @@ class OllamaUpstreamEngine(_Upstream):
             for key in ("system", "template", "context"):
                 if getattr(req, key) is not None:
                     body[key] = getattr(req, key)
+            if req.suffix:
+                body["suffix"] = req.suffix
+        # logprobs and the window's handling pass through as Ollama names them, only when set
+        if req.logprobs:
+            body["logprobs"] = True
+            if req.top_logprobs:
+                body["top_logprobs"] = req.top_logprobs
+        if not req.shift:
+            body["shift"] = False
+        if not req.truncate:
+            body["truncate"] = False
         try:
             async with self._post(path, body, req.model) as resp:
                 async for raw in resp.content:
@@ -382,6 +422,9 @@ class OllamaUpstreamEngine(_Upstream):
                         yield {"thinking": thinking}
                     if message.get("tool_calls"):
                         yield {"tool_calls": message["tool_calls"]}
+                    if chunk.get("logprobs"):  # they ride on the text they came with
+                        yield {"text": text or "", "logprobs": chunk["logprobs"]}
+                        text = ""
                     if chunk.get("done"):
                         if text:
                             yield {"text": text}
@@ -400,6 +443,8 @@ class OllamaUpstreamEngine(_Upstream):
 
     async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": req.model, "input": req.input, "truncate": req.truncate}
+        if req.dimensions:
+            body["dimensions"] = req.dimensions
         if req.options:
             body["options"] = req.options
         try:
