@@ -156,6 +156,13 @@ def test_messages_missing_fields_name_them(mock: NodeProc) -> None:
     status, body = post(mock, "/v1/messages", {"model": "nope", "max_tokens": 4,
                                                "messages": [{"role": "user", "content": "x"}]})
     assert status == 404 and body["error"]["type"] == "not_found_error"
+    # a stream refused before its first event keeps its status, in Anthropic's shape
+    status, body = post(mock, "/v1/messages", {"model": "nope", "max_tokens": 4, "stream": True,
+                                               "messages": [{"role": "user", "content": "x"}]})
+    assert status == 404 and body["type"] == "error" and "nope" in body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError):
+        list(claude(mock).messages.create(model="nope", max_tokens=4, stream=True,
+                                          messages=[{"role": "user", "content": "x"}]))
     # and nothing changed: the node serves the next request, nothing left in flight
     assert claude(mock).messages.create(model=MODEL, max_tokens=1,
                                         messages=[{"role": "user", "content": "x"}]).content
@@ -231,6 +238,13 @@ def test_responses_function_call_round_trip(mock: NodeProc) -> None:
 def test_responses_bad_input_is_a_clear_400(mock: NodeProc, body: dict[str, Any], needle: str) -> None:
     status, out = post(mock, "/v1/responses", {"model": MODEL, **body})
     assert status == 400 and needle in out["error"]["message"], out
+
+
+def test_responses_unknown_model_is_404_streamed_or_not(mock: NodeProc) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError):
+            r = oai(mock).responses.create(model="nope", input="x", stream=stream)
+            list(r) if stream else None  # type: ignore[call-overload]
 
 
 # ---- logprobs, images, dimensions -----------------------------------------------------------
