@@ -28,6 +28,7 @@ USER_CONFIG = Path("~/.ollama-distributed/config.yaml")
 SYSTEM_CONFIG = Path("/etc/ollama-distributed/config.yaml")
 ENGINES = ("llamacpp", "ollama", "openai", "mock")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ACCESS_LEVELS = ("info", "debug")
 
 
 @dataclass
@@ -106,6 +107,9 @@ class ModelsSection:
 @dataclass
 class LoggingSection:
     level: str = "info"
+    # One line per API request (method, path, status, duration, model), as
+    # Ollama logs its requests: "info" shows them, "debug" hides them below it.
+    access: str = "info"
 
 
 @dataclass
@@ -271,6 +275,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"{where}: logging.level: expected one of {', '.join(LOG_LEVELS)}, "
             f"got {cfg.logging.level!r}"
+        )
+    if cfg.logging.access.lower() not in ACCESS_LEVELS:
+        raise ConfigError(
+            f"{where}: logging.access: expected one of {', '.join(ACCESS_LEVELS)}, "
+            f"got {cfg.logging.access!r}"
         )
     for section, key in (
         ("engine", "num_parallel"),

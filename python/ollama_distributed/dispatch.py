@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
@@ -77,6 +78,29 @@ class RequestRecord:
     duration: float = 0.0
     ttft: float | None = None
     started: float = 0.0  # perf_counter at arrival
+
+
+@dataclass
+class RequestNote:
+    """What one HTTP request's handler learnt, for the API's access log and its
+    count: the model it named, and the dispatcher's outcome when the dispatcher
+    ran it (a stream that fails after its headers were sent answered 200 but
+    counts as the failure it was)."""
+
+    model: str = ""
+    status: int | None = None
+
+
+#: Set by the API's access middleware around each handler; None for a request
+#: forwarded by a peer (the dispatcher counts those itself).
+NOTE: contextvars.ContextVar[RequestNote | None] = contextvars.ContextVar("request_note", default=None)
+
+
+def note_model(model: Any) -> None:
+    """Name the model the current HTTP request is about (for its log line and count)."""
+    note = NOTE.get()
+    if note is not None and isinstance(model, str) and not note.model:
+        note.model = model
 
 
 class Dispatcher:
@@ -211,14 +235,22 @@ class Dispatcher:
 
     # ---- inference -------------------------------------------------------------
 
+    def count(self, model: str, endpoint: str, status: int, duration: float) -> None:
+        """Count one request, whatever its endpoint and status: once per request."""
+        self.requests_total += 1
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+        self.metrics.request_duration.labels(endpoint).observe(duration)
+
     def _record(self, rec: RequestRecord) -> None:
         self.recent.append(rec)
-        self.requests_total += 1
         self.requests_by_model[rec.model] += 1
         self.tokens_total += rec.tokens
         m = self.metrics
-        m.requests.labels(rec.model, rec.endpoint, str(rec.status)).inc()
-        m.request_duration.labels(rec.endpoint).observe(rec.duration)
+        note = NOTE.get()
+        if note is not None:  # an HTTP request: the access middleware counts it when its response is done
+            note.model, note.status = rec.model, rec.status
+        else:
+            self.count(rec.model, rec.endpoint, rec.status, rec.duration)
         if rec.ttft is not None:
             m.ttft.labels(rec.model).observe(rec.ttft)
         if rec.prompt_tokens:

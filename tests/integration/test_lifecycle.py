@@ -121,7 +121,7 @@ def test_unload_while_embedding(node2: NodeProc) -> None:
 @pytest.mark.parametrize("obj,needle", [
     ({"prompt": "hi", "context": [1, 2, 10**9]}, "outside this model's vocabulary"),
     ({"prompt": "hi", "context": [-1]}, "outside this model's vocabulary"),
-    ({"prompt": "word " * 400, "truncate": False, "options": {"num_ctx": 128}}, "more than the context"),
+    ({"prompt": "word " * 400, "truncate": False, "options": {"num_ctx": 128}}, "exceeds the context length"),
 ])
 def test_inputs_the_engine_would_choke_on_are_400(node2: NodeProc, obj: dict[str, Any], needle: str) -> None:
     for stream in (False, True):

@@ -66,6 +66,7 @@ def test_precedence_flag_env_file(tmp_path: Path) -> None:
     ("engine: {kind: openai}\n", "engine.upstream"),
     ("models: {replication_bandwidth_mbps: -1}\n", "models.replication_bandwidth_mbps: expected an integer >= 0"),
     ("models: {replication_bandwidth_mbps: fast}\n", "models.replication_bandwidth_mbps: expected an integer"),
+    ("logging: {access: loud}\n", "logging.access: expected one of info, debug"),
 ])
 def test_errors_name_file_key_and_expectation(tmp_path: Path, text: str, needle: str) -> None:
     f = write(tmp_path / "bad.yaml", text)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..dispatch import NOTE, RequestNote
 from ..errors import OllamaDistributedError, OverloadedError
-from . import cluster, ollama, openai, openapi
+from . import anthropic, cluster, ollama, openai, openapi, responses
 
 if TYPE_CHECKING:
     from ..node import Node
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("ollama_distributed.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Reachable without a token even when api.auth_tokens is set: liveness probes.
@@ -25,9 +29,11 @@ OPEN_PATHS = frozenset({"/", "/health/live", "/health/ready"})
 
 def _error(request: web.Request, status: int, message: str,
            headers: dict[str, str] | None = None) -> web.Response:
-    if request.path.startswith("/v1/"):
+    if request.path.startswith("/v1/messages"):
+        body: dict[str, object] = anthropic.error_body(status, message)
+    elif request.path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "api_error"
-        body: dict[str, object] = {"error": {"message": message, "type": kind, "param": None,
+        body = {"error": {"message": message, "type": kind, "param": None,
                                              "code": None}}
     else:
         body = {"error": message}
@@ -58,6 +64,56 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(request, 500, "internal server error; see the node's log")
 
 
+# Not counted: Prometheus scrapes it every few seconds, and a count that moves
+# because it is read would make `requests_total` disagree with itself.
+UNCOUNTED = frozenset({"/metrics"})
+
+
+def _endpoint(request: web.Request) -> str:
+    """The route's pattern (`/v1/models/{model}`), so paths do not explode the labels."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(unmatched)"
+
+
+def access_middleware(node: Node) -> Middleware:
+    """One log line and one count per request, every endpoint and status.
+
+    Outermost, so it sees the status the error and auth middlewares answered
+    with. A request the dispatcher ran is counted with the dispatcher's outcome
+    (see `dispatch.RequestNote`), once, here."""
+
+    @web.middleware
+    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+        note = RequestNote()
+        token = NOTE.set(note)
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError, BrokenPipeError):
+            status = 499  # the client went away (nginx's convention)
+            raise
+        finally:
+            NOTE.reset(token)
+            duration = time.perf_counter() - t0
+            if note.status is not None:
+                status = note.status
+            endpoint = _endpoint(request)
+            if endpoint not in UNCOUNTED:
+                node.dispatcher.count(note.model, endpoint, status, duration)
+            level = logging.DEBUG if node.cfg.logging.access == "debug" else logging.INFO
+            if access_logger.isEnabledFor(level):
+                access_logger.log(level, "%s %s %d %.3fs model=%s client=%s", request.method, request.path,
+                                  status, duration, note.model or "-", request.remote or "-")
+
+    return access
+
+
 def auth_middleware(node: Node) -> Middleware:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -65,9 +121,12 @@ def auth_middleware(node: Node) -> Middleware:
         if tokens and request.path not in OPEN_PATHS:
             header = request.headers.get("Authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not given:  # Anthropic's clients send the key as x-api-key
+                given = request.headers.get("x-api-key", "")
             if not any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
-                return _error(request, 401, "unauthorized: send 'Authorization: Bearer <token>' "
-                              "with one of api.auth_tokens", {"WWW-Authenticate": "Bearer"})
+                return _error(request, 401, "unauthorized: send 'Authorization: Bearer <token>' (or "
+                              "'x-api-key: <token>') with one of api.auth_tokens",
+                              {"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     return auth
@@ -76,11 +135,13 @@ def auth_middleware(node: Node) -> Middleware:
 def create_app(node: Node) -> web.Application:
     app = web.Application(
         client_max_size=node.cfg.api.max_body_bytes,
-        middlewares=[errors, auth_middleware(node)],
+        middlewares=[access_middleware(node), errors, auth_middleware(node)],
     )
     app["node"] = node
     ollama.add_routes(app)
     openai.add_routes(app)
+    anthropic.add_routes(app)
+    responses.add_routes(app)
     cluster.add_routes(app)
     openapi.add_routes(app)
     return app

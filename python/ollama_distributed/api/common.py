@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from ..errors import BadRequestError, OllamaDistributedError, OverloadedError
+from ..dispatch import note_model
+from ..errors import BadRequestError, OllamaDistributedError
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +27,6 @@ def now_iso() -> str:
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-def error_response(e: OllamaDistributedError) -> web.Response:
-    headers = {}
-    if isinstance(e, OverloadedError):
-        headers["Retry-After"] = str(e.retry_after)
-    return web.json_response({"error": e.message}, status=e.status, headers=headers)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -45,6 +43,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise BadRequestError(f"invalid JSON in request body: {e}") from None
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")
+    note_model(body.get("model") or body.get("name"))  # for the access log, even when the body is refused
     return body
 
 
@@ -84,9 +83,9 @@ async def stream_lines(
     """Stream rendered chunks; the first is pulled before the headers go out."""
     try:
         first, rest = await first_then_rest(source)
-    except OllamaDistributedError as e:
+    except OllamaDistributedError:
         await _aclose(source)
-        return error_response(e)
+        raise  # no header is out yet: the app's error middleware answers in the path's own shape
     resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
     await resp.prepare(request)
     try:
@@ -135,3 +134,70 @@ async def collect(source: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str,
     finally:
         await _aclose(source)
     return "".join(parts), final
+
+
+@dataclass
+class Gathered:
+    """A whole stream, run to its end: what a non-streaming answer is made of."""
+
+    text: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = dataclass_field(default_factory=list)
+    logprobs: list[dict[str, Any]] = dataclass_field(default_factory=list)
+    final: dict[str, Any] = dataclass_field(default_factory=dict)
+
+
+async def gather(source: AsyncIterator[dict[str, Any]]) -> Gathered:
+    """Run a stream to the end, keeping every kind of chunk (engines/base.py)."""
+    out = Gathered()
+    text: list[str] = []
+    thinking: list[str] = []
+    try:
+        async for chunk in source:
+            if "text" in chunk:
+                text.append(chunk["text"])
+            if "thinking" in chunk:
+                thinking.append(chunk["thinking"])
+            out.tool_calls.extend(chunk.get("tool_calls") or [])
+            out.logprobs.extend(chunk.get("logprobs") or [])
+            if chunk.get("done"):
+                out.final = chunk
+    finally:
+        await _aclose(source)
+    out.text, out.thinking = "".join(text), "".join(thinking)
+    return out
+
+
+MAX_TOP_LOGPROBS = 20  # Ollama's and OpenAI's bound
+
+
+def top_logprobs(body: dict[str, Any], key: str = "top_logprobs") -> int:
+    top = field(body, key, int, 0)
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequestError(f"{key} must be between 0 and {MAX_TOP_LOGPROBS}")
+    return int(top)
+
+
+def images(value: Any, where: str) -> list[str]:
+    """A message's `images`: base64 strings, checked like Ollama decodes them."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise BadRequestError(f"{where} must be a list of base64-encoded images")
+    for i, data in enumerate(value):
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequestError(f"{where}[{i}] is not valid base64") from None
+    return list(value)
+
+
+def refuse_images(model: str) -> None:
+    """No bundled or supported model takes images: Ollama's capability wording."""
+    raise BadRequestError(f"{model} does not support vision")
+
+
+def normalise(v: list[float]) -> list[float]:
+    """A unit vector (embeddings cut to `dimensions` are normalised again, as Ollama does)."""
+    norm = sum(x * x for x in v) ** 0.5
+    return [x / norm for x in v] if norm > 0 else v

@@ -19,7 +19,18 @@ from ..errors import BadRequestError, ModelNotFoundError, NotAvailableError
 from ..models import catalog, gguf_info, names, registry
 from ..models.fsutil import storage_error
 from ..models.store import ModelRecord
-from .common import collect, field, iso, now_iso, read_json, stream_lines
+from .common import (
+    field,
+    gather,
+    images,
+    iso,
+    normalise,
+    now_iso,
+    read_json,
+    refuse_images,
+    stream_lines,
+    top_logprobs,
+)
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -77,8 +88,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     ctx = field(body, "context", list)
     if ctx is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in ctx):
         raise BadRequestError("context must be a list of integers")
-    if body.get("images"):
-        raise BadRequestError(f"{model} does not support images")
+    if images(body.get("images"), "images"):
+        refuse_images(model)
     req = InferenceRequest(
         kind="generate",
         model=model,
@@ -90,11 +101,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
         format=_format(body),
         keep_alive=_keep_alive(body),
         context=ctx,
-        truncate=field(body, "truncate", bool, True),
         stream=field(body, "stream", bool, True),
+        logprobs=field(body, "logprobs", bool, False),
+        top_logprobs=top_logprobs(body),
+        suffix=field(body, "suffix", str, ""),
+        shift=field(body, "shift", bool, True),
+        truncate=field(body, "truncate", bool, True),
     )
-    if field(body, "suffix", str):
-        raise BadRequestError(f"{model} does not support insert")
+    if req.raw and (req.template or req.system or req.context):
+        raise BadRequestError("raw mode does not support template, system, or context")
     node = _node(request)
     source = node.dispatcher.stream(req, "/api/generate")
 
@@ -106,16 +121,21 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 out["context"] = chunk["context"]
             return _ndjson(out)
         out.update(response=chunk.get("text", ""), done=False)
+        if chunk.get("logprobs"):
+            out["logprobs"] = chunk["logprobs"]
         return _ndjson(out)
 
     if req.stream:
         return await stream_lines(request, source, render, NDJSON,
                                   on_error=lambda e: _ndjson({"error": e.message}))
-    text, final = await collect(source)
-    out = {"model": req.model, "created_at": now_iso(), "response": text, "done": True,
+    got = await gather(source)
+    final = got.final
+    out = {"model": req.model, "created_at": now_iso(), "response": got.text, "done": True,
            **_final_stats(final)}
     if "context" in final:
         out["context"] = final["context"]
+    if req.logprobs:
+        out["logprobs"] = got.logprobs
     return web.json_response(out)
 
 
@@ -133,8 +153,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             content = ""
         if not isinstance(content, str):
             raise BadRequestError(f"messages[{i}].content must be a string")
-        if m.get("images"):
-            raise BadRequestError(f"{body.get('model')} does not support images")
+        if images(m.get("images"), f"messages[{i}].images"):
+            refuse_images(str(body.get("model")))
         out.append({"role": role, "content": content})
     return out
 
@@ -152,8 +172,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         options=_options(body),
         format=_format(body),
         keep_alive=_keep_alive(body),
-        truncate=field(body, "truncate", bool, True),
         stream=field(body, "stream", bool, True),
+        logprobs=field(body, "logprobs", bool, False),
+        top_logprobs=top_logprobs(body),
+        shift=field(body, "shift", bool, True),
+        truncate=field(body, "truncate", bool, True),
     )
     node = _node(request)
     source = node.dispatcher.stream(req, "/api/chat")
@@ -164,15 +187,20 @@ async def chat(request: web.Request) -> web.StreamResponse:
             out.update(message={"role": "assistant", "content": ""}, done=True, **_final_stats(chunk))
             return _ndjson(out)
         out.update(message={"role": "assistant", "content": chunk.get("text", "")}, done=False)
+        if chunk.get("logprobs"):
+            out["logprobs"] = chunk["logprobs"]
         return _ndjson(out)
 
     if req.stream:
         return await stream_lines(request, source, render, NDJSON,
                                   on_error=lambda e: _ndjson({"error": e.message}))
-    text, final = await collect(source)
-    return web.json_response({"model": req.model, "created_at": now_iso(),
-                              "message": {"role": "assistant", "content": text}, "done": True,
-                              **_final_stats(final)})
+    got = await gather(source)
+    answer = {"model": req.model, "created_at": now_iso(),
+              "message": {"role": "assistant", "content": got.text}, "done": True,
+              **_final_stats(got.final)}
+    if req.logprobs:
+        answer["logprobs"] = got.logprobs
+    return web.json_response(answer)
 
 
 # ---- embeddings -------------------------------------------------------------------
@@ -188,17 +216,20 @@ async def embed(request: web.Request) -> web.Response:
         inputs = list(raw)
     else:
         raise BadRequestError("input must be a string or a list of strings")
+    dims = field(body, "dimensions", int)
+    if dims is not None and dims < 0:
+        raise BadRequestError("dimensions must be a positive integer")
     node = _node(request)
     req = InferenceRequest(kind="embed", model=model, input=inputs, options=_options(body),
-                           keep_alive=_keep_alive(body), truncate=field(body, "truncate", bool, True))
+                           keep_alive=_keep_alive(body), truncate=field(body, "truncate", bool, True),
+                           dimensions=dims or None)
     if not inputs:  # Ollama's preload (or unload with keep_alive 0), routed like inference
         await node.dispatcher.preload(req, "/api/embed")
         return web.json_response({"model": req.model, "embeddings": []})
     result = await node.dispatcher.embed(req, "/api/embed")
-    dims = field(body, "dimensions", int)
     vectors = result["embeddings"]
-    if dims:
-        vectors = [v[:dims] for v in vectors]
+    if dims:  # as Ollama: the first `dimensions` values, normalised again
+        vectors = [normalise(v[:dims]) for v in vectors]
     return web.json_response({"model": req.model, "embeddings": vectors,
                               **{k: result[k] for k in ("total_duration", "load_duration",
                                                         "prompt_eval_count") if k in result}})

@@ -13,7 +13,17 @@ from aiohttp import web
 
 from ..engines.base import InferenceRequest
 from ..errors import BadRequestError, ModelNotFoundError
-from .common import collect, field, read_json, stream_lines
+from .common import (
+    MAX_TOP_LOGPROBS,
+    field,
+    gather,
+    images,
+    normalise,
+    read_json,
+    refuse_images,
+    stream_lines,
+    top_logprobs,
+)
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -86,11 +96,21 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise BadRequestError(f"messages[{i}] must be an object with a valid role")
         content = m.get("content") or ""
-        if isinstance(content, list):  # content parts: text only
+        if isinstance(content, list):  # content parts: text; images are parsed, then refused
             texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise BadRequestError(f"messages[{i}]: only text content parts are supported")
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url:
+                        raise BadRequestError(f"messages[{i}].content[{j}].image_url.url is required")
+                    if url.startswith("data:"):
+                        images([url.split(",", 1)[-1]], f"messages[{i}].content[{j}].image_url")
+                    refuse_images(str(body.get("model")))
+                if kind != "text":
+                    raise BadRequestError(f"messages[{i}].content[{j}]: only text and image_url content "
+                                          "parts are supported")
                 texts.append(str(part.get("text", "")))
             content = "".join(texts)
         if not isinstance(content, str):
@@ -106,8 +126,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if body.get("tools"):
         raise BadRequestError(f"{model} does not support tools")
     stream = field(body, "stream", bool, False)
+    logprobs = field(body, "logprobs", bool, False)
     req = InferenceRequest(kind="chat", model=model, messages=_messages(body), options=_options(body),
-                           format=_format(body), stream=stream)
+                           format=_format(body), stream=stream, logprobs=logprobs,
+                           top_logprobs=top_logprobs(body))
     node = _node(request)
     source = node.dispatcher.stream(req, "/v1/chat/completions")
     cid = "chatcmpl-" + secrets.token_hex(12)
@@ -131,17 +153,40 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if not sent_role:
                 delta["role"] = "assistant"
                 sent_role = True
-            return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+            if req.logprobs:
+                choice["logprobs"] = _chat_logprobs(chunk.get("logprobs") or [])
+            return _sse({**base, "choices": [choice]})
 
         return await stream_lines(request, source, render, SSE, trailer=b"data: [DONE]\n\n",
                                   on_error=lambda e: _sse({"error": {"message": e.message}}))
-    text, final = await collect(source)
+    got = await gather(source)
     return web.json_response({
         **base, "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": _finish(final)}],
-        "usage": _usage(final),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": got.text},
+                     "logprobs": _chat_logprobs(got.logprobs) if req.logprobs else None,
+                     "finish_reason": _finish(got.final)}],
+        "usage": _usage(got.final),
     })
+
+
+def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chat completions' shape: every entry carries `top_logprobs` (maybe empty)."""
+    return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": e.get("bytes"),
+                         "top_logprobs": e.get("top_logprobs") or []} for e in entries],
+            "refusal": None}
+
+
+def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Legacy completions' shape: parallel lists, the alternatives as {token: logprob}."""
+    tokens = [e["token"] for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e.get("top_logprobs") or []} for e in entries],
+            "text_offset": offsets}
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -155,33 +200,45 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(prompt, str):
         raise BadRequestError("prompt must be a string")
     stream = field(body, "stream", bool, False)
+    top = field(body, "logprobs", int)  # here an integer: how many alternatives per token
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    if body.get("echo"):
+        raise BadRequestError("echo is not supported")
     req = InferenceRequest(kind="generate", model=model, prompt=prompt, raw=True,
-                           options=_options(body), format=_format(body), stream=stream)
-    if field(body, "suffix", str):
-        raise BadRequestError(f"{model} does not support insert")
+                           options=_options(body), format=_format(body), stream=stream,
+                           logprobs=top is not None, top_logprobs=top or 0,
+                           suffix=field(body, "suffix", str, ""))
     node = _node(request)
     source = node.dispatcher.stream(req, "/v1/completions")
     base = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
             "created": int(time.time()), "model": model, "system_fingerprint": "fp_ollama_distributed"}
     if stream:
         include_usage = bool((field(body, "stream_options", dict) or {}).get("include_usage"))
+        offset = 0
 
         def render(chunk: dict[str, Any]) -> bytes:
+            nonlocal offset
             if chunk.get("done"):
                 out = _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
                                                  "finish_reason": _finish(chunk)}]})
                 if include_usage:
                     out += _sse({**base, "choices": [], "usage": _usage(chunk)})
                 return out
-            return _sse({**base, "choices": [{"index": 0, "text": chunk.get("text", ""),
-                                              "logprobs": None, "finish_reason": None}]})
+            text = chunk.get("text", "")
+            lp = _completion_logprobs(chunk.get("logprobs") or [], offset) if req.logprobs else None
+            offset += len(text)
+            return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": lp,
+                                              "finish_reason": None}]})
 
         return await stream_lines(request, source, render, SSE, trailer=b"data: [DONE]\n\n",
                                   on_error=lambda e: _sse({"error": {"message": e.message}}))
-    text, final = await collect(source)
-    return web.json_response({**base, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                   "finish_reason": _finish(final)}],
-                              "usage": _usage(final)})
+    got = await gather(source)
+    return web.json_response({**base, "choices": [{"index": 0, "text": got.text,
+                                                   "logprobs": _completion_logprobs(got.logprobs, 0)
+                                                   if req.logprobs else None,
+                                                   "finish_reason": _finish(got.final)}],
+                              "usage": _usage(got.final)})
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -197,11 +254,13 @@ async def embeddings(request: web.Request) -> web.Response:
     encoding = field(body, "encoding_format", str, "float")
     if encoding not in ("float", "base64"):
         raise BadRequestError("encoding_format must be float or base64")
+    dims = field(body, "dimensions", int)
+    if dims is not None and dims < 1:
+        raise BadRequestError("dimensions must be a positive integer")
     node = _node(request)
     result = await node.dispatcher.embed(
-        InferenceRequest(kind="embed", model=model, input=inputs), "/v1/embeddings")
-    dims = field(body, "dimensions", int)
-    data = [{"object": "embedding", "embedding": _encode(v[:dims] if dims else v, encoding), "index": i}
+        InferenceRequest(kind="embed", model=model, input=inputs, dimensions=dims), "/v1/embeddings")
+    data = [{"object": "embedding", "embedding": _encode(normalise(v[:dims]) if dims else v, encoding), "index": i}
             for i, v in enumerate(result["embeddings"])]
     tokens = int(result.get("prompt_eval_count") or 0)
     return web.json_response({"object": "list", "data": data, "model": model,

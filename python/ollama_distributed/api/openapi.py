@@ -14,10 +14,29 @@ _OPTIONS = {"type": "object", "description": "Ollama options: temperature, top_p
 _KEEP_ALIVE = {"oneOf": [{"type": "string"}, {"type": "number"}],
                "description": "How long the model stays loaded: '5m', 0 unloads, -1 keeps it"}
 _FORMAT = {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]}
-_MESSAGE = {"type": "object", "properties": {"role": {"type": "string",
-            "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"}},
-            "required": ["role"]}
 _OBJ = {"type": "object", "additionalProperties": True}
+_MESSAGE = {"type": "object", "properties": {
+    "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"},
+    "images": {"type": "array", "items": {"type": "string"}}, "thinking": {"type": "string"},
+    "tool_calls": {"type": "array", "items": {"type": "object"}}, "tool_name": {"type": "string"},
+    "tool_call_id": {"type": "string"}}, "required": ["role"]}
+_IMAGES = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"},
+           "description": "Parsed and checked; refused, as no served model has vision"}
+_TOOLS = {"type": "array", "items": {"type": "object", "properties": {
+    "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                                                  "parameters": {"type": "object"}}, "required": ["name"]}}}}
+_TOOL_CHOICE = {"oneOf": [{"type": "string", "enum": ["auto", "none", "required"]}, {"type": "object"}]}
+_THINK = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["low", "medium", "high"]}]}
+_LOGPROBS = {"type": "boolean", "description": "Return each token's log probability (from the logits)"}
+_TOP_LOGPROBS = {"type": "integer", "minimum": 0, "maximum": 20,
+                 "description": "How many likeliest alternatives to return per token"}
+_TRUNCATE = {"type": "boolean", "description": "Keep the end of an input longer than the context "
+             "(default); false: a 400 instead"}
+_SHIFT = {"type": "boolean", "description": "Shift the context window when it is full instead of stopping"}
+_TOOL_CALL = {"type": "object", "properties": {"id": {"type": "string"}, "function": {"type": "object",
+              "properties": {"index": {"type": "integer"}, "name": {"type": "string"},
+                             "arguments": {"type": "object"}}}}}
 
 
 def _body(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -52,12 +71,64 @@ def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
 
 def spec() -> dict[str, Any]:
     gen = _body({"model": {"type": "string"}, "prompt": {"type": "string"}, "system": {"type": "string"},
-                 "template": {"type": "string"}, "raw": {"type": "boolean"}, "stream": {"type": "boolean"},
-                 "format": _FORMAT, "options": _OPTIONS, "keep_alive": _KEEP_ALIVE,
-                 "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
+                 "template": {"type": "string"}, "stream": {"type": "boolean"},
+                 "raw": {"type": "boolean", "description": "The prompt as is: no template, system or context"},
+                 "suffix": {"type": "string", "description": "Fill in the middle: text after the completion "
+                            "(models with FIM tokens or a template using .Suffix)"},
+                 "format": _FORMAT, "options": _OPTIONS, "keep_alive": _KEEP_ALIVE, "images": _IMAGES,
+                 "think": _THINK, "logprobs": _LOGPROBS, "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT,
+                 "truncate": _TRUNCATE, "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
     chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _MESSAGE},
                   "stream": {"type": "boolean"}, "format": _FORMAT, "options": _OPTIONS,
-                  "keep_alive": _KEEP_ALIVE}, ["model"])
+                  "keep_alive": _KEEP_ALIVE, "tools": _TOOLS, "think": _THINK, "logprobs": _LOGPROBS,
+                  "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT, "truncate": _TRUNCATE}, ["model"])
+    oa_chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _OBJ},
+                     "stream": {"type": "boolean"}, "stream_options": _OBJ, "temperature": {"type": "number"},
+                     "top_p": {"type": "number"}, "seed": {"type": "integer"}, "max_tokens": {"type": "integer"},
+                     "max_completion_tokens": {"type": "integer"}, "stop": {"oneOf": [{"type": "string"},
+                     {"type": "array", "items": {"type": "string"}}]}, "response_format": _OBJ,
+                     "tools": _TOOLS, "tool_choice": _TOOL_CHOICE, "logprobs": _LOGPROBS,
+                     "top_logprobs": _TOP_LOGPROBS}, ["model", "messages"])
+    oa_completion = _body({"model": {"type": "string"}, "prompt": {"oneOf": [{"type": "string"}, {
+                           "type": "array", "items": {"type": "string"}, "maxItems": 1}]},
+                           "suffix": {"type": "string"}, "stream": {"type": "boolean"},
+                           "max_tokens": {"type": "integer"}, "temperature": {"type": "number"},
+                           "logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
+                                        "description": "Alternatives per token; set for token logprobs"}},
+                          ["model"])
+    messages = _body({
+        "model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+        "system": {"oneOf": [{"type": "string"}, {"type": "array", "items": _OBJ}]},
+        "messages": {"type": "array", "items": {"type": "object", "properties": {
+            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
+                "type": {"type": "string", "enum": ["text", "image", "tool_use", "tool_result", "thinking",
+                                                    "redacted_thinking"]}}, "required": ["type"]}}]}},
+            "required": ["role", "content"]}},
+        "tools": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "input_schema": {"type": "object"}},
+            "required": ["name", "input_schema"]}},
+        "tool_choice": {"type": "object", "properties": {"type": {"type": "string",
+                        "enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"}}},
+        "thinking": {"type": "object", "properties": {"type": {"type": "string", "enum": ["enabled", "disabled"]},
+                                                     "budget_tokens": {"type": "integer"}}},
+        "stream": {"type": "boolean"}, "temperature": {"type": "number"}, "top_p": {"type": "number"},
+        "top_k": {"type": "integer"}, "stop_sequences": {"type": "array", "items": {"type": "string"}},
+        "metadata": _OBJ}, ["model", "max_tokens", "messages"])
+    responses = _body({
+        "model": {"type": "string"}, "instructions": {"type": "string"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["message", "function_call", "function_call_output",
+                                                "reasoning"]}}}}]},
+        "tools": {"type": "array", "items": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"},
+            "description": {"type": "string"}, "parameters": {"type": "object"}}, "required": ["type", "name"]}},
+        "tool_choice": _TOOL_CHOICE, "stream": {"type": "boolean"}, "max_output_tokens": {"type": "integer"},
+        "temperature": {"type": "number"}, "top_p": {"type": "number"}, "text": _OBJ,
+        "reasoning": {"type": "object", "properties": {"effort": {"type": "string"}}},
+        "include": {"type": "array", "items": {"type": "string", "enum": ["message.output_text.logprobs"]}},
+        "top_logprobs": _TOP_LOGPROBS,
+        "previous_response_id": {"type": "null", "description": "Stateless: refused"}}, ["model", "input"])
     model_only = _body({"model": {"type": "string"}}, ["model"])
     transfer = _body({"model": {"type": "string"}, "insecure": {"type": "boolean"},
                       "stream": {"type": "boolean"}}, ["model"])
@@ -69,6 +140,8 @@ def spec() -> dict[str, Any]:
         "/api/embed": {"post": _op("Embeddings (normalised)", _body(
             {"model": {"type": "string"}, "input": {"oneOf": [{"type": "string"},
              {"type": "array", "items": {"type": "string"}}]}, "truncate": {"type": "boolean"},
+             "dimensions": {"type": "integer", "minimum": 1,
+                            "description": "Keep the first N values of each vector, normalised again"},
              "options": _OPTIONS, "keep_alive": _KEEP_ALIVE}, ["model", "input"]))},
         "/api/embeddings": {"post": _op("Legacy embedding of one prompt", _body(
             {"model": {"type": "string"}, "prompt": {"type": "string"}}, ["model", "prompt"]))},
@@ -86,8 +159,8 @@ def spec() -> dict[str, Any]:
         "/api/push": {"post": _op("Push to the registry the name's host part names", transfer,
                                   stream="application/x-ndjson", errors=(400, 404, 502))},
         "/api/tags": {"get": _op("Models available", errors=())},
-        "/api/ps": {"get": _op("Models loaded", errors=())},
-        "/api/version": {"get": _op("Server version", errors=())},
+        "/api/ps": {"get": _op("Models loaded, each with its context_length and expires_at", errors=())},
+        "/api/version": {"get": _op("Server version", errors=()), "head": _op("Server is up", errors=())},
         "/api/blobs/{digest}": {
             "parameters": [{"name": "digest", "in": "path", "required": True,
                             "schema": {"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"}}],
@@ -95,9 +168,16 @@ def spec() -> dict[str, Any]:
             "post": {**_op("Upload a blob; its sha256 is verified", errors=(400,)),
                      "requestBody": {"content": {"application/octet-stream": {"schema": {
                          "type": "string", "format": "binary"}}}}}},
-        "/v1/chat/completions": {"post": _op("OpenAI chat completions", chat, stream="text/event-stream")},
-        "/v1/completions": {"post": _op("OpenAI completions", gen, stream="text/event-stream")},
-        "/v1/embeddings": {"post": _op("OpenAI embeddings", model_only)},
+        "/v1/chat/completions": {"post": _op("OpenAI chat completions", oa_chat, stream="text/event-stream")},
+        "/v1/completions": {"post": _op("OpenAI completions", oa_completion, stream="text/event-stream")},
+        "/v1/embeddings": {"post": _op("OpenAI embeddings", _body({"model": {"type": "string"},
+                           "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                           "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                           "dimensions": {"type": "integer", "minimum": 1}}, ["model", "input"]))},
+        "/v1/messages": {"post": _op("Anthropic Messages: text, tool_use and tool_result blocks, thinking; "
+                                     "x-api-key is accepted as the key", messages, stream="text/event-stream")},
+        "/v1/responses": {"post": _op("OpenAI Responses, stateless: the whole conversation as input", responses,
+                                      stream="text/event-stream")},
         "/v1/models": {"get": _op("OpenAI model list", errors=())},
         "/v1/models/{model}": {"parameters": [{"name": "model", "in": "path", "required": True,
                                                "schema": {"type": "string"}}],
@@ -112,6 +192,8 @@ def spec() -> dict[str, Any]:
             "delete": _op("Remove a node that is down for good from the cluster's membership",
                           errors=(404, 409, 503))},
         "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
+        "/api/distributed/token": {"get": _op("The cluster's join token (as `cluster token` prints it)",
+                                              errors=(409,))},
         "/api/distributed/models": {"get": _op("Models and the nodes holding them", errors=())},
         "/api/distributed/replication/status": {"get": _op(
             "Peer-to-peer model replication: blob transfers in progress (direction, peer, digest, offset, "

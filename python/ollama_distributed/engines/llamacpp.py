@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -326,19 +327,23 @@ class LlamaCppEngine:
     ) -> None:
         llama_cpp = _import_llama()
         t0 = time.perf_counter()
-        prompt_text, template_stops, add_bos = render_prompt(llama, lm.record, req)
         tokens: list[int] = list(req.context or [])
         n_vocab = llama.n_vocab()
         bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
         if bad is not None:  # llama.cpp would abort the process on it
             raise BadRequestError(f"context holds token id {bad}, outside this model's vocabulary "
                                   f"(0-{n_vocab - 1}); send back the context this model returned")
-        tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
+        fim = _fill_in_middle(llama_cpp, llama, lm.record, req) if req.suffix else None
+        template_stops: list[str] = []
+        if fim is not None:
+            tokens = fim
+        else:
+            prompt_text, template_stops, add_bos = render_prompt(llama, lm.record, req)
+            tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
         n_ctx = llama.n_ctx()
         num_predict = int(opt.get(opts, "num_predict"))
         if len(tokens) >= n_ctx and not req.truncate:
-            raise BadRequestError(f"the prompt is {len(tokens)} tokens, more than the context of {n_ctx} "
-                                  "(options.num_ctx); shorten it, raise num_ctx, or leave truncate on")
+            raise BadRequestError("the input length exceeds the context length")  # Ollama's words
         if len(tokens) >= n_ctx:
             keep = max(1, n_ctx - max(num_predict, 0) - 1 if num_predict > 0 else n_ctx // 2)
             logger.warning("prompt of %d tokens truncated to the last %d (num_ctx %d)", len(tokens), keep, n_ctx)
@@ -357,6 +362,7 @@ class LlamaCppEngine:
         stream = StopStream(list(opts.get("stop", [])) + template_stops)
         vocab = llama._model.vocab
         generated: list[int] = []
+        pending_lp: list[dict[str, Any]] = []  # tokens whose text the stop-sequence stream still holds
         first_at: float | None = None
         done_reason = "stop"
         budget = num_predict if num_predict > 0 else n_ctx
@@ -364,8 +370,8 @@ class LlamaCppEngine:
             budget = 0
         if cancel.cancelled:
             return
-        gen = llama.generate(
-            tokens,
+        start: Callable[[list[int]], Iterator[int]] = functools.partial(
+            llama.generate,
             top_k=int(opt.get(opts, "top_k")),
             top_p=float(opt.get(opts, "top_p")),
             min_p=float(opt.get(opts, "min_p")),
@@ -380,7 +386,13 @@ class LlamaCppEngine:
             mirostat_eta=float(opt.get(opts, "mirostat_eta")),
             penalize_nl=bool(opt.get(opts, "penalize_newline")),
             grammar=grammar,
-        ) if budget > 0 else iter(())
+        )
+        if budget <= 0:
+            gen: Iterator[int] = iter(())
+        elif req.shift:
+            gen = _shifting(start, tokens, n_ctx, max(0, int(opt.get(opts, "num_keep"))))
+        else:
+            gen = start(tokens)
         try:
             for token in gen:
                 if first_at is None:
@@ -391,16 +403,18 @@ class LlamaCppEngine:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     break
                 generated.append(token)
+                if req.logprobs:
+                    pending_lp.append(_logprob(llama_cpp, llama, token, req.top_logprobs))
                 text = stream.feed(llama.detokenize([token]))
                 if text:
-                    emit({"text": text})
+                    emit(_with_logprobs({"text": text}, pending_lp))
                 if stream.stopped:
                     break
                 if len(generated) >= budget:
                     done_reason = "length"
                     break
-                if len(tokens) + len(generated) >= n_ctx:
-                    done_reason = "length"
+                if len(tokens) + len(generated) >= n_ctx and not req.shift:
+                    done_reason = "length"  # the window is full and shifting it is off
                     break
         finally:
             close = getattr(gen, "close", None)
@@ -410,7 +424,7 @@ class LlamaCppEngine:
             return
         tail = stream.flush()
         if tail:
-            emit({"text": tail})
+            emit(_with_logprobs({"text": tail}, pending_lp))
         end = time.perf_counter()
         first = first_at or end
         emit(
@@ -474,6 +488,88 @@ class LlamaCppEngine:
             "load_duration": int(load_s * 1e9),
             "total_duration": int((time.perf_counter() - t0) * 1e9),
         }
+
+
+def _shifting(start: Callable[[list[int]], Iterator[int]], tokens: list[int], n_ctx: int,
+              keep: int) -> Iterator[int]:
+    """Generate past a full context window, as Ollama's `shift` does: drop the
+    older half of what follows the first `keep` tokens and go on (llama.cpp
+    re-evaluates the kept tail; the KV cache keeps the shared prefix)."""
+    window = list(tokens)
+    while True:
+        gen = start(window)
+        try:
+            for token in gen:
+                yield token
+                window.append(token)
+                if len(window) >= n_ctx:
+                    break
+            else:
+                return
+        finally:
+            close = getattr(gen, "close", None)
+            if close:
+                close()
+        keep = min(keep, len(window) - 1)
+        discard = max(1, (len(window) - keep) // 2)
+        logger.debug("context window full (%d tokens): shifting out %d", len(window), discard)
+        window = window[:keep] + window[keep + discard:]
+
+
+def _fill_in_middle(llama_cpp: Any, llama: Any, record: ModelRecord, req: InferenceRequest) -> list[int] | None:
+    """The prompt tokens of a fill-in-the-middle request, as llama.cpp's
+    /infill builds them from the vocabulary's FIM tokens: [BOS] <fim_pre>
+    prompt <fim_suf> suffix <fim_mid>. None when the model's template takes
+    the suffix itself (an Ollama template with `.Suffix`); a model with
+    neither does not support insert, in Ollama's words."""
+    if "Suffix" in (req.template or record.template or ""):
+        return None
+    vocab = llama._model.vocab
+    ids = []
+    for name in ("llama_vocab_fim_pre", "llama_vocab_fim_suf", "llama_vocab_fim_mid"):
+        fn = getattr(llama_cpp, name, None)
+        ids.append(int(fn(vocab)) if fn is not None else -1)
+    if min(ids) < 0:
+        raise BadRequestError(f"{record.name.short} does not support insert")
+    pre, suf, mid = ids
+    text = [pre, *llama.tokenize(req.prompt.encode("utf-8"), add_bos=False, special=False),
+            suf, *llama.tokenize(req.suffix.encode("utf-8"), add_bos=False, special=False), mid]
+    if llama_cpp.llama_vocab_get_add_bos(vocab):
+        text.insert(0, llama.token_bos())
+    return text
+
+
+def _logprob(llama_cpp: Any, llama: Any, token: int, top: int) -> dict[str, Any]:
+    """The sampled token's log probability, and the `top` likeliest, from the
+    raw logits it was sampled from (before temperature and penalties, as Ollama
+    and OpenAI report them). Right after `generate` yields a token those logits
+    are still the context's last output row."""
+    import numpy as np
+
+    n_vocab = llama.n_vocab()
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(n_vocab,))
+    peak = float(logits.max())
+    log_z = peak + float(np.log(np.exp(logits - peak).sum()))
+
+    def entry(t: int) -> dict[str, Any]:
+        piece = llama.detokenize([t])
+        return {"token": piece.decode("utf-8", errors="replace"), "logprob": float(logits[t]) - log_z,
+                "bytes": list(piece)}
+
+    out = entry(token)
+    if top > 0:
+        top = min(top, n_vocab)
+        best = np.argpartition(-logits, top - 1)[:top]
+        out["top_logprobs"] = [entry(int(t)) for t in best[np.argsort(-logits[best], kind="stable")]]
+    return out
+
+
+def _with_logprobs(chunk: dict[str, Any], pending: list[dict[str, Any]]) -> dict[str, Any]:
+    """Attach the logprobs of the tokens this text came from (and forget them)."""
+    if pending:
+        chunk["logprobs"] = list(pending)
+        pending.clear()
+    return chunk
 
 
 def _grammar(llama_cpp: Any, fmt: Any) -> Any:

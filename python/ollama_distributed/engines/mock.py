@@ -1,11 +1,18 @@
 """A synthetic engine for load-testing the cluster layer: configurable time to
 first token and token rate, deterministic words. Never a default: it exists so
-relay overhead can be measured without the model's own cost in the way."""
+relay overhead can be measured without the model's own cost in the way.
+
+It also stands in for a capable model where the APIs' translation is what a
+test checks: it answers `think` with a thinking chunk, `logprobs` with made-up
+but well-formed log probabilities, and `tools` (unless `tool_choice` is
+"none", or the last message is already a tool's result) with one call of the
+first tool, or the one `tool_choice` names, its required arguments filled in."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -39,7 +46,7 @@ class MockEngine:
     def _mark(self, record: ModelRecord) -> None:
         self._loaded[record.name.short] = LoadedModel(
             name=record.name.short, digest=record.digest, size=record.size,
-            expires_at=None, details=record.details,
+            expires_at=None, details=record.details, context_length=self.cfg.num_ctx,
         )
 
     async def load(self, req: InferenceRequest, record: ModelRecord | None) -> float:
@@ -68,6 +75,7 @@ class MockEngine:
         self._mark(record)
         opts = opt.normalise(req.options, record.parameters)
         n = int(opts.get("num_predict", self.cfg.mock_tokens))
+        limited = n >= 0 and "num_predict" in opts  # a client's limit ends it at "length", as a model would
         if n < 0:
             n = self.cfg.mock_tokens
         if self.cfg.mock_ttft_ms > 0:
@@ -76,6 +84,12 @@ class MockEngine:
         gap = 1.0 / self.cfg.mock_tokens_per_second if self.cfg.mock_tokens_per_second > 0 else 0.0
         seed = (req.prompt or str(req.messages)).encode()
         base = hashlib.sha256(seed).digest()[0]
+        if req.think:
+            yield {"thinking": "mock thinking. "}
+        call = _tool_call(req)
+        if call is not None:
+            n = 0
+            yield {"tool_calls": [call]}
         for i in range(n):
             if cancel.cancelled:
                 return
@@ -83,10 +97,14 @@ class MockEngine:
                 await asyncio.sleep(gap)
             elif i % 64 == 63:
                 await asyncio.sleep(0)  # stay fair to other streams at zero delay
-            yield {"text": _WORDS[(base + i) % len(_WORDS)] + " "}
+            word = _WORDS[(base + i) % len(_WORDS)] + " "
+            chunk: dict[str, Any] = {"text": word}
+            if req.logprobs:
+                chunk["logprobs"] = [_logprob(word, (base + i) % len(_WORDS), req.top_logprobs)]
+            yield chunk
         end = time.perf_counter()
         yield {
-            "done": True, "done_reason": "length" if n else "stop",
+            "done": True, "done_reason": "length" if n and limited else "stop",
             "prompt_eval_count": len(seed.split()), "prompt_eval_duration": int((first - t0) * 1e9),
             "eval_count": n, "eval_duration": int((end - first) * 1e9),
             "load_duration": 0, "total_duration": int((end - t0) * 1e9),
@@ -100,3 +118,31 @@ class MockEngine:
             vecs.append([(b - 128) / 128 for b in h[:16]])
         return {"embeddings": vecs, "prompt_eval_count": sum(len(t.split()) for t in req.input),
                 "load_duration": 0, "total_duration": 0}
+
+
+def _logprob(word: str, index: int, top: int) -> dict[str, Any]:
+    """The word at probability 1/2, the others sharing the rest: a valid distribution."""
+    def entry(w: str, p: float) -> dict[str, Any]:
+        return {"token": w, "logprob": math.log(p), "bytes": list(w.encode())}
+
+    rest = 0.5 / (len(_WORDS) - 1)
+    out = entry(word, 0.5)
+    if top:
+        others = [_WORDS[(index + k) % len(_WORDS)] + " " for k in range(1, len(_WORDS))]
+        out["top_logprobs"] = [entry(word, 0.5), *(entry(w, rest) for w in others)][:top]
+    return out
+
+
+def _tool_call(req: InferenceRequest) -> dict[str, Any] | None:
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if req.messages and req.messages[-1].get("role") == "tool":
+        return None  # the result is in: answer in words
+    fn = req.tools[0].get("function", {})
+    if isinstance(req.tool_choice, dict):
+        wanted = (req.tool_choice.get("function") or {}).get("name")
+        fn = next((t.get("function", {}) for t in req.tools if t.get("function", {}).get("name") == wanted), fn)
+    params = fn.get("parameters") or {}
+    args = {k: "mock" for k in params.get("required", [])}
+    digest = hashlib.sha256(repr((fn.get("name"), req.messages)).encode()).hexdigest()[:8]
+    return {"id": f"call_{digest}", "function": {"index": 0, "name": fn.get("name", ""), "arguments": args}}

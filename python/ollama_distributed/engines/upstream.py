@@ -163,12 +163,27 @@ class OpenAIUpstreamEngine(_Upstream):
                                        "json_schema": {"name": "output", "schema": req.format}}
         if req.kind == "generate" and req.raw:
             body["prompt"] = req.prompt
+            if req.suffix:
+                body["suffix"] = req.suffix
+            if req.logprobs:  # the legacy shape: how many alternatives per token
+                body["logprobs"] = req.top_logprobs
             return "/v1/completions", body
-        msgs = [{"role": m.get("role", "user"), "content": m.get("content") or ""} for m in req.messages] \
+        if req.logprobs:
+            body["logprobs"] = True
+            if req.top_logprobs:
+                body["top_logprobs"] = req.top_logprobs
+        msgs = [_openai_message(m) for m in req.messages] \
             if req.kind == "chat" else [{"role": "user", "content": req.prompt}]
         if req.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": req.system})
         body["messages"] = msgs
+        if req.tools:  # passed through as they came; the upstream decides what it supports
+            body["tools"] = req.tools
+            if req.tool_choice is not None:
+                body["tool_choice"] = req.tool_choice
+        if req.think is not None:
+            body["reasoning_effort"] = ("none" if req.think is False else
+                                        "medium" if req.think is True else req.think)
         return "/v1/chat/completions", body
 
     async def generate(
@@ -180,6 +195,7 @@ class OpenAIUpstreamEngine(_Upstream):
         reason = "stop"
         usage: dict[str, Any] = {}
         count = 0
+        calls: dict[int, dict[str, Any]] = {}  # streamed tool calls, their arguments in fragments
         try:
             async with self._post(path, body, req.model) as resp:
                 async for raw in resp.content:
@@ -196,18 +212,27 @@ class OpenAIUpstreamEngine(_Upstream):
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices") or []:
+                        delta = choice.get("delta") or choice.get("message") or {}
+                        reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+                        if reasoning:
+                            yield {"thinking": reasoning}
+                        for tc in delta.get("tool_calls") or []:
+                            _merge_call(calls, tc)
                         text = choice.get("text")
                         if text is None:
-                            text = (choice.get("delta") or {}).get("content")
-                        if text:
+                            text = delta.get("content")
+                        lps = _from_openai_logprobs(choice.get("logprobs"))
+                        if text or lps:
                             if first is None:
                                 first = time.perf_counter()
                             count += 1
-                            yield {"text": text}
+                            yield {"text": text or "", "logprobs": lps} if lps else {"text": text}
                         if choice.get("finish_reason"):
                             reason = "length" if choice["finish_reason"] == "length" else "stop"
         except aiohttp.ClientError as e:
             raise EngineError(f"upstream stream broke: {e}") from e
+        if calls:
+            yield {"tool_calls": [_ollama_call(calls[i], n) for n, i in enumerate(sorted(calls))]}
         end = time.perf_counter()
         first = first or end
         yield {
@@ -234,6 +259,67 @@ class OpenAIUpstreamEngine(_Upstream):
         return {"embeddings": vecs,
                 "prompt_eval_count": int((data.get("usage") or {}).get("prompt_tokens") or 0),
                 "load_duration": 0, "total_duration": int((time.perf_counter() - t0) * 1e9)}
+
+
+def _openai_message(m: dict[str, Any]) -> dict[str, Any]:
+    """An internal (Ollama-shaped) message as OpenAI's chat API takes it."""
+    out: dict[str, Any] = {"role": m.get("role", "user"), "content": m.get("content") or ""}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [
+            {"id": c.get("id") or f"call_{i}", "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": json.dumps(c["function"].get("arguments") or {})}}
+            for i, c in enumerate(m["tool_calls"])]
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    if m.get("thinking"):
+        out["reasoning_content"] = m["thinking"]
+    return out
+
+
+def _merge_call(calls: dict[int, dict[str, Any]], tc: dict[str, Any]) -> None:
+    """One streamed tool-call delta into the call at its index."""
+    idx = tc.get("index", len(calls)) if isinstance(tc.get("index"), int) else len(calls)
+    call = calls.setdefault(idx, {"id": "", "name": "", "arguments": ""})
+    if tc.get("id"):
+        call["id"] = tc["id"]
+    fn = tc.get("function") or {}
+    if fn.get("name"):
+        call["name"] += fn["name"]
+    args = fn.get("arguments")
+    if isinstance(args, dict):
+        call["arguments"] = json.dumps(args)
+    elif isinstance(args, str):
+        call["arguments"] += args
+
+
+def _ollama_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+    try:
+        args = json.loads(call["arguments"]) if call["arguments"].strip() else {}
+    except ValueError:
+        raise EngineError(f"upstream sent tool call arguments that are not JSON: {call['arguments'][:200]}") from None
+    return {"id": call["id"] or f"call_{index}", "function": {"index": index, "name": call["name"],
+                                                              "arguments": args if isinstance(args, dict) else {}}}
+
+
+def _from_openai_logprobs(lp: Any) -> list[dict[str, Any]]:
+    """OpenAI's chat (`content`) or legacy completions logprobs as our entries."""
+    if not isinstance(lp, dict):
+        return []
+    if isinstance(lp.get("content"), list):
+        return [{"token": e.get("token", ""), "logprob": e.get("logprob", 0.0), "bytes": e.get("bytes") or [],
+                 **({"top_logprobs": e["top_logprobs"]} if e.get("top_logprobs") else {})}
+                for e in lp["content"] if isinstance(e, dict)]
+    tokens = lp.get("tokens") or []
+    values = lp.get("token_logprobs") or []
+    tops = lp.get("top_logprobs") or [None] * len(tokens)
+    out = []
+    for token, value, top in zip(tokens, values, tops, strict=False):
+        entry: dict[str, Any] = {"token": token, "logprob": value, "bytes": list(token.encode())}
+        if isinstance(top, dict) and top:
+            entry["top_logprobs"] = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()]
+        out.append(entry)
+    return out
 
 
 def _l2(v: list[float]) -> list[float]:
@@ -290,15 +376,32 @@ class OllamaUpstreamEngine(_Upstream):
             body["format"] = req.format
         if req.keep_alive is not None:
             body["keep_alive"] = req.keep_alive
+        if req.think is not None:
+            body["think"] = req.think
         if req.kind == "chat":
             path = "/api/chat"
             body["messages"] = req.messages
+            if req.tools:
+                body["tools"] = req.tools
+                if req.tool_choice is not None:  # Ollama ignores it; a node of ours honours it
+                    body["tool_choice"] = req.tool_choice
         else:
             path = "/api/generate"
             body.update(prompt=req.prompt, raw=req.raw)
             for key in ("system", "template", "context"):
                 if getattr(req, key) is not None:
                     body[key] = getattr(req, key)
+            if req.suffix:
+                body["suffix"] = req.suffix
+        # logprobs and the window's handling pass through as Ollama names them, only when set
+        if req.logprobs:
+            body["logprobs"] = True
+            if req.top_logprobs:
+                body["top_logprobs"] = req.top_logprobs
+        if not req.shift:
+            body["shift"] = False
+        if not req.truncate:
+            body["truncate"] = False
         try:
             async with self._post(path, body, req.model) as resp:
                 async for raw in resp.content:
@@ -311,8 +414,17 @@ class OllamaUpstreamEngine(_Upstream):
                     if "error" in chunk:
                         raise EngineError(f"upstream: {chunk['error']}")
                     text = chunk.get("response")
+                    message = chunk.get("message") or {}
                     if text is None:
-                        text = (chunk.get("message") or {}).get("content")
+                        text = message.get("content")
+                    thinking = chunk.get("thinking") or message.get("thinking")
+                    if thinking:
+                        yield {"thinking": thinking}
+                    if message.get("tool_calls"):
+                        yield {"tool_calls": message["tool_calls"]}
+                    if chunk.get("logprobs"):  # they ride on the text they came with
+                        yield {"text": text or "", "logprobs": chunk["logprobs"]}
+                        text = ""
                     if chunk.get("done"):
                         if text:
                             yield {"text": text}
@@ -331,6 +443,8 @@ class OllamaUpstreamEngine(_Upstream):
 
     async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": req.model, "input": req.input, "truncate": req.truncate}
+        if req.dimensions:
+            body["dimensions"] = req.dimensions
         if req.options:
             body["options"] = req.options
         try:
