@@ -406,6 +406,8 @@ class Dispatcher:
         self.update_local()
         order = self.scheduler.route(req.model, int(time.time() * 1000))
         tries = order[: 1 + max(0, self.cfg.scheduler.retries)]
+        if self.node_id in order and self.node_id not in tries:
+            tries.append(self.node_id)  # this node holds it too: the last resort needs no network
         last: OllamaDistributedError | None = None
         for node in tries:
             sent = False

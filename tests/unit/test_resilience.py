@@ -219,3 +219,21 @@ async def test_when_every_holder_fails_the_last_error_is_raised(tmp_path: Path) 
     peers = ScriptedPeers({"b": errors.OverloadedError("b busy"), "c": errors.PeerUnavailableError("c lost")})
     with pytest.raises(errors.PeerUnavailableError, match="c lost"):
         await collect(dispatcher(tmp_path, peers))
+
+
+async def test_this_node_is_the_last_resort_when_it_holds_the_model(tmp_path: Path) -> None:
+    peers = ScriptedPeers({"b": errors.PeerUnavailableError("no connection to node 'b'")})
+    d = dispatcher(tmp_path, peers, retries=0)
+    d.advertised_models = ["m:latest"]
+    d.engine.uses_store = True
+    calls: list[str] = []
+
+    async def local(req: InferenceRequest, record: Any) -> AsyncGenerator[dict[str, Any], None]:
+        calls.append("local")
+        yield {"text": "from a"}
+        yield {"done": True}
+
+    d._local_source = local  # type: ignore[method-assign]
+    # b has the model loaded and a does not: b first, and retries=0 leaves no other try
+    chunks = await collect(d)
+    assert peers.asked == ["b"] and calls == ["local"] and chunks[0]["text"] == "from a"
