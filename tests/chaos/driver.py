@@ -221,7 +221,7 @@ class Cluster:
             last = lines[-1] if lines else {}
             if "error" in last:
                 res.outcome, res.detail = "clear", f"stream error: {last['error']}"
-            elif path == "/api/embed" and len(last.get("embeddings", [])) == 2 or last.get("done") is True:
+            elif (path == "/api/embed" and len(last.get("embeddings", [])) == 2) or last.get("done") is True:
                 res.outcome = "ok"
             else:
                 res.outcome, res.detail = "unclear", f"no done and no error: {raw[-200:]!r}"
