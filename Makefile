@@ -13,7 +13,7 @@ RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
 CORE_STAMP := $(VENV)/.core-built
 PYTEST_ARGS ?=
 
-.PHONY: all venv dev run test test-unit test-integration test-cluster test-system lint bench package clean
+.PHONY: all venv dev run test test-unit test-integration test-cluster test-system test-chaos lint bench package clean
 
 all: dev
 
@@ -56,6 +56,9 @@ test-cluster: dev
 
 test-system: dev
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests/system
+
+test-chaos: dev apt-deps
+	$(PY) -m pytest -q -s $(PYTEST_ARGS) tests/chaos
 
 lint: dev
 	cargo fmt --check
