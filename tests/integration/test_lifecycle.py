@@ -130,3 +130,55 @@ def test_inputs_the_engine_would_choke_on_are_400(node2: NodeProc, obj: dict[str
         assert e.value.code == 400
         assert needle in json.loads(e.value.read())["error"]
     assert_alive(node2)
+
+
+@pytest.mark.parametrize("obj,needle", [
+    ({"prompt": "hi", "options": {"num_ctx": -5}}, "option num_ctx must be 0 or more"),
+    ({"prompt": "hi", "options": {"num_predict": -7}}, "option num_predict must be -2 or more"),
+    ({"prompt": "", "raw": True}, "nothing to generate from"),
+])
+def test_options_and_prompts_out_of_range_are_400(node2: NodeProc, obj: dict[str, Any], needle: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post(node2, "/api/generate", {"model": MODEL, "stream": False, **obj})
+    assert e.value.code == 400 and needle in json.loads(e.value.read())["error"]
+    assert_alive(node2)
+
+
+def test_a_lone_surrogate_is_400_and_a_real_pair_is_fine(node2: NodeProc) -> None:
+    raw = b'{"model": "smollm2:135m", "stream": false, "prompt": "\\ud800 hi", "options": {"num_predict": 2}}'
+    req = urllib.request.Request(node2.url + "/api/generate", data=raw, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "surrogate" in json.loads(e.value.read())["error"]
+    out = post(node2, "/api/generate", {"model": MODEL, "prompt": "\U0001F600 hi", "stream": False,
+                                        "options": {"num_predict": 2}})
+    assert out["done"] is True
+
+
+def test_a_huge_num_ctx_is_cut_to_what_the_model_was_trained_for(node2: NodeProc) -> None:
+    # llama.cpp would try to allocate it for a minute, fail, and every later request failed too
+    out = post(node2, "/api/generate", {"model": MODEL, "prompt": "hi", "stream": False,
+                                        "options": {"num_ctx": 10**9, "num_predict": 2}})
+    assert out["done"] is True
+    ctx = [m["context_length"] for m in node2.get("/api/ps")["models"] if m["name"] == MODEL]  # type: ignore[index]
+    assert ctx == [8192], ctx
+    assert_alive(node2)
+
+
+def test_embedding_inputs_that_broke_the_engine(node2: NodeProc) -> None:
+    for bad in ([""], ["a", ""]):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post(node2, "/api/embed", {"model": MODEL, "input": bad})
+        assert e.value.code == 400 and "nothing to embed" in json.loads(e.value.read())["error"]
+    # the embedding context is still usable (a failed decode used to leave it unsafe to free)
+    assert len(post(node2, "/api/embed", {"model": MODEL, "input": ["a"]})["embeddings"]) == 1
+    # an input longer than llama-cpp-python's default batch (512) but inside the context
+    long = " ".join(["word"] * 700)
+    out = post(node2, "/api/embed", {"model": MODEL, "input": [long], "truncate": False,
+                                     "options": {"num_ctx": 2048}})
+    assert len(out["embeddings"][0]) > 0
+    # a context that is not a multiple of 256 aborted llama.cpp's embedding (GGML_ASSERT)
+    for num_ctx in (300, 1000, 1):
+        out = post(node2, "/api/embed", {"model": MODEL, "input": ["b"], "options": {"num_ctx": num_ctx}})
+        assert len(out["embeddings"]) == 1
+    assert_alive(node2)

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -29,6 +30,11 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+# A \uD800-\uDFFF escape: half of a UTF-16 pair, or alone (not a character;
+# llama.cpp's tokenizer and UTF-8 encoding would fail on it deep in the engine).
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; 400 for anything else, 413 when too big."""
     try:
@@ -43,6 +49,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise BadRequestError(f"invalid JSON in request body: {e}") from None
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")
+    if SURROGATE.search(raw):  # rare: only then pay for a second pass
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequestError("request body holds a lone surrogate escape (such as \\ud800), "
+                                  "which is not a character; send valid UTF-16 pairs or UTF-8") from None
     note_model(body.get("model") or body.get("name"))  # for the access log, even when the body is refused
     return body
 

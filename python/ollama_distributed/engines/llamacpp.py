@@ -32,6 +32,7 @@ from typing import Any
 
 from ..config import EngineSection
 from ..errors import BadRequestError, EngineError
+from ..models import gguf_info
 from ..models.store import ModelRecord
 from . import options as opt
 from .base import CancelToken, InferenceRequest, LoadedModel
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # How often idle models are checked against their keep_alive deadline.
 REAP_INTERVAL = 1.0
+# llama.cpp makes contexts in multiples of this (it pads n_ctx up to one).
+MIN_CTX = 256
 # How long stop() waits for running generations to see their cancel token.
 STOP_DRAIN_S = 10.0
 
@@ -85,6 +88,8 @@ class LlamaCppEngine:
         self._is_idle = is_idle
         self._models: dict[str, _Loaded] = {}
         self._draining: list[_Loaded] = []  # unloaded, closed once their last user returns
+        self._train_ctx: dict[str, int] = {}  # model digest -> trained context length
+        self._abandoned: list[Any] = []  # contexts left broken by llama.cpp: kept, never freed
         self._pool = ThreadPoolExecutor(
             max_workers=max(4, cfg.num_parallel * cfg.max_loaded_models + 2),
             thread_name_prefix="llama",
@@ -146,15 +151,40 @@ class LlamaCppEngine:
             verbose=False,
         )
         if embedding:
-            kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+            # a whole input in one batch: llama-cpp-python refuses (or truncates) an
+            # input longer than n_batch, whose default is only min(n_ctx, 512)
+            kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                          n_batch=n_ctx, n_ubatch=n_ctx)
         try:
             return llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError) as e:
             raise EngineError(f"failed to load model '{record.name.short}': {e}") from e
 
+    async def _trained_ctx(self, record: ModelRecord) -> int:
+        """The context the model was trained with (GGUF metadata), 0 when unknown."""
+        if record.digest not in self._train_ctx and record.model_path is not None:
+            try:
+                info = await asyncio.to_thread(gguf_info.read, record.model_path)
+                self._train_ctx[record.digest] = int(info.get("context_length") or 0)
+            except (OSError, ValueError, TypeError):
+                self._train_ctx[record.digest] = 0
+        return self._train_ctx.get(record.digest, 0)
+
     async def _ensure_loaded(self, record: ModelRecord, n_ctx: int | None) -> _Loaded:
         name = record.name.short
         want_ctx = n_ctx or self.cfg.num_ctx
+        trained = await self._trained_ctx(record)
+        # llama.cpp pads a context to a multiple of MIN_CTX, and an embedding
+        # context whose n_ctx is not one aborts the process (GGML_ASSERT)
+        want_ctx = -(-max(want_ctx, 1) // MIN_CTX) * MIN_CTX
+        if trained and want_ctx > trained:
+            # as Ollama: a context larger than the model was trained for is cut to it
+            # (llama.cpp would try to allocate it, for minutes, and fail)
+            cut = max(MIN_CTX, trained // MIN_CTX * MIN_CTX)
+            logger.warning("num_ctx %d is more than %s was trained for; using %d", want_ctx, name, cut)
+            want_ctx = cut
+        if n_ctx:
+            n_ctx = want_ctx
         lm = self._models.get(name)
         if lm is not None and lm.record.digest != record.digest:
             await self.unload(name)  # replaced by a new create under the same name
@@ -188,6 +218,14 @@ class LlamaCppEngine:
         else:
             fut.add_done_callback(lambda _f: self._release(lm))
 
+    def _abandon_slot(self, lm: _Loaded, llama: Any) -> None:
+        """A context llama.cpp failed on is neither reused nor freed (freeing one
+        after a failed decode crashed the process): the slot loads afresh."""
+        for slot, held in list(lm.slots.items()):
+            if held is llama:
+                del lm.slots[slot]
+        self._abandoned.append(llama)
+
     def _close(self, lm: _Loaded) -> None:
         if lm in self._draining:
             self._draining.remove(lm)
@@ -208,7 +246,13 @@ class LlamaCppEngine:
                 return lm.slots[slot], 0.0
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
-            llama = await loop.run_in_executor(self._pool, self._new_llama, lm.record, lm.n_ctx, False)
+            try:
+                llama = await loop.run_in_executor(self._pool, self._new_llama, lm.record, lm.n_ctx, False)
+            except EngineError:
+                # nothing loaded: the next request starts afresh instead of meeting this failure again
+                if not lm.slots and lm.embedder is None and self._models.get(lm.record.name.short) is lm:
+                    self._models.pop(lm.record.name.short)
+                raise
             took = time.perf_counter() - t0
             lm.slots[slot] = llama
             lm.load_duration = took
@@ -295,6 +339,8 @@ class LlamaCppEngine:
                 emit(e)
             except BaseException as e:  # crosses to the event loop as an error chunk
                 logger.exception("generation failed for %s", req.model)
+                if isinstance(e, RuntimeError):  # llama.cpp failed: set this context aside (see _embed)
+                    loop.call_soon_threadsafe(self._abandon_slot, lm, llama)
                 emit(e if isinstance(e, EngineError) else EngineError(f"generation failed: {e}"))
 
         fut = loop.run_in_executor(self._pool, run)
@@ -340,6 +386,8 @@ class LlamaCppEngine:
         else:
             prompt_text, template_stops, add_bos = render_prompt(llama, lm.record, req)
             tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
+        if not tokens:
+            raise BadRequestError("the prompt is empty once rendered (raw with no prompt?): nothing to generate from")
         n_ctx = llama.n_ctx()
         num_predict = int(opt.get(opts, "num_predict"))
         if len(tokens) >= n_ctx and not req.truncate:
@@ -468,9 +516,12 @@ class LlamaCppEngine:
         embedder = lm.embedder
 
         def run() -> tuple[list[list[float]], int]:
-            n_ctx = embedder.n_ctx()
+            n_ctx = min(embedder.n_ctx(), embedder.n_batch)
             count = 0
-            for text in req.input:
+            for i, text in enumerate(req.input):
+                if not embedder.tokenize(text.encode("utf-8")):  # as embed() will tokenize it
+                    # an empty batch makes llama_decode fail and leaves the context unsafe to free
+                    raise BadRequestError(f"input[{i}] has no tokens: there is nothing to embed")
                 n = len(embedder.tokenize(text.encode("utf-8"), add_bos=True, special=True))
                 if n > n_ctx and not req.truncate:
                     raise BadRequestError(
@@ -481,7 +532,16 @@ class LlamaCppEngine:
             return [list(map(float, v)) for v in vectors], count
 
         async with lm.lock:  # one embedding context per model: one batch at a time
-            vectors, count = await on_thread(run)
+            try:
+                vectors, count = await on_thread(run)
+            except RuntimeError as e:
+                # llama.cpp failed mid-batch: that context is not used again, and not freed
+                # either (freeing it after a failed decode crashed the process)
+                self._abandoned.append(embedder)
+                if lm.embedder is embedder:
+                    lm.embedder = None
+                logger.error("embedding failed for %s: %s; its context is set aside", req.model, e)
+                raise EngineError(f"embedding failed: {e}") from e
         return {
             "embeddings": vectors,
             "prompt_eval_count": count,

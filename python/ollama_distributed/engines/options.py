@@ -77,7 +77,15 @@ def normalise(options: Any, model_params: dict[str, Any] | None = None) -> dict[
                     raise BadRequestError(f"option {key} must be a number")
                 value = float(value)
             merged[key] = value
+    for key, low in LOWEST.items():
+        if key in merged and merged[key] < low:
+            raise BadRequestError(f"option {key} must be {low} or more, got {merged[key]}")
     return merged
+
+
+# Values below these mean nothing to llama.cpp, or worse: num_ctx 0 is the
+# default, num_predict -1 no limit and -2 fill the context, num_keep -1 all.
+LOWEST: dict[str, int] = {"num_ctx": 0, "num_predict": -2, "num_keep": -1, "num_batch": 0, "num_thread": 0}
 
 
 def get(opts: dict[str, Any], key: str) -> Any:
