@@ -1,0 +1,334 @@
+"""API keys: named, with a role and optional limits, stored hashed (sha256).
+
+Where they live: in the Raft state's catalogue under `key/<name>` when the
+cluster core runs, so a key works at every node and a revoke reaches every
+node within a refresh (REFRESH_S); in `<data dir>/keys.json` (mode 0600) for a
+node without a cluster, or while the node is down (`keys create --data-dir`).
+Keys in that file move into the Raft state when the node next starts with its
+cluster, and leave the file.
+
+A key is shown once, when created: `odk_` + 32 random bytes (base64url). Only
+its sha256 is kept; a lookup hashes the presented key and compares the stored
+hash with `hmac.compare_digest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import BadRequestError, ConflictError, NotFoundError
+from ..models.fsutil import atomic_write
+from .limits import Bucket
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "key/"  # catalogue keys in the Raft state
+FILE = "keys.json"
+ROLES = ("user", "admin")
+KEY_PREFIX = "odk_"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# How often a node re-reads the keys from the Raft state: a revoke or a new
+# key takes effect within this at every node.
+REFRESH_S = 0.5
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    name: str
+    hash: str  # sha256 hex of the key
+    role: str = "user"
+    rpm: int = 0  # requests per minute, 0: no limit
+    tpm: int = 0  # tokens (prompt + generated) per minute, 0: no limit
+    created: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("hash")
+        return d
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def loads(text: str) -> KeyRecord | None:
+        try:
+            d = json.loads(text)
+            rec = KeyRecord(name=str(d["name"]), hash=str(d["hash"]), role=str(d.get("role", "user")),
+                            rpm=int(d.get("rpm") or 0), tpm=int(d.get("tpm") or 0),
+                            created=float(d.get("created") or 0.0))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return rec if rec.role in ROLES and len(rec.hash) == 64 else None
+
+
+def check_new(name: str, role: str, rpm: int, tpm: int) -> None:
+    if not NAME_RE.match(name):
+        raise BadRequestError("a key name is 1-64 letters, digits, '_', '.', '@' or '-', starting "
+                              f"with a letter or digit; got {name!r}")
+    if role not in ROLES:
+        raise BadRequestError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    for what, n in (("rpm", rpm), ("tpm", tpm)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise BadRequestError(f"{what} must be a whole number >= 0 (0: no limit); got {n!r}")
+
+
+class LocalKeyFile:
+    """`<data dir>/keys.json`: {"keys": {name: record}}, written atomically, mode 0600."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / FILE
+
+    def read(self) -> dict[str, KeyRecord]:
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            logger.error("cannot read the API keys in %s (%s); no key from it is accepted", self.path, e)
+            return {}
+        out: dict[str, KeyRecord] = {}
+        for name, value in (raw.get("keys") or {}).items():
+            rec = KeyRecord.loads(json.dumps(value))
+            if rec is not None and rec.name == name:
+                out[name] = rec
+        return out
+
+    def write(self, keys: dict[str, KeyRecord]) -> None:
+        body = {"keys": {n: asdict(r) for n, r in sorted(keys.items())}}
+        atomic_write(self.path, (json.dumps(body, indent=1) + "\n").encode(), mode=0o600)
+
+    def mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime_ns / 1e9
+        except OSError:
+            return 0.0
+
+    def add(self, records: list[KeyRecord]) -> None:
+        keys = self.read()
+        for r in records:
+            if r.name in keys:
+                raise ConflictError(f"a key named {r.name!r} exists; revoke it first or choose another name")
+            keys[r.name] = r
+        self.write(keys)
+
+
+def make_record(name: str, role: str = "user", rpm: int = 0, tpm: int = 0) -> tuple[str, KeyRecord]:
+    check_new(name, role, rpm, tpm)
+    secret = new_secret()
+    return secret, KeyRecord(name=name, hash=digest(secret), role=role, rpm=rpm, tpm=tpm,
+                             created=time.time())
+
+
+class Catalogue(Protocol):
+    """The part of cluster.service.ClusterService the key ring uses."""
+
+    def catalog(self) -> dict[str, str]: ...
+
+    async def propose_catalog(self, expect: list[tuple[str, str | None]],
+                              puts: list[tuple[str, str | None]]) -> bool: ...
+
+
+class KeyRing:
+    """The keys in force at this node, with their buckets and last use."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.file = LocalKeyFile(data_dir)
+        self.cluster: Catalogue | None = None
+        self._by_hash: dict[str, KeyRecord] = {}
+        self._by_name: dict[str, KeyRecord] = {}
+        self._raw: dict[str, str] = {}
+        self._file_mtime = -1.0
+        self.last_used: dict[str, float] = {}
+        self.buckets: dict[tuple[str, str], Bucket] = {}
+        # requests and tokens this node admitted per limited key (cumulative),
+        # sent in adverts; and what each peer last said, to take the difference
+        self.used: dict[str, list[int]] = {}
+        self._peer_used: dict[str, dict[str, list[int]]] = {}
+        self.refresh()
+
+    # ---- reading -----------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return bool(self._by_hash)
+
+    def lookup(self, secret: str) -> KeyRecord | None:
+        h = digest(secret)
+        rec = self._by_hash.get(h)
+        if rec is None or not hmac.compare_digest(rec.hash, h):
+            return None
+        return rec
+
+    def records(self) -> list[KeyRecord]:
+        return sorted(self._by_name.values(), key=lambda r: r.name)
+
+    def refresh(self) -> None:
+        if self.cluster is not None:
+            raw = {k: v for k, v in self.cluster.catalog().items() if k.startswith(PREFIX)}
+            if raw == self._raw:
+                return
+            self._raw = raw
+            recs = [r for r in (KeyRecord.loads(v) for v in raw.values()) if r is not None]
+        else:
+            mtime = self.file.mtime()
+            if mtime == self._file_mtime:
+                return
+            self._file_mtime = mtime
+            recs = list(self.file.read().values())
+        self._install(recs)
+
+    def _install(self, recs: list[KeyRecord]) -> None:
+        self._by_name = {r.name: r for r in recs}
+        self._by_hash = {r.hash: r for r in recs}
+        # limits changed or key gone: start its buckets afresh
+        self.buckets = {k: b for k, b in self.buckets.items()
+                        if k[0] in self._by_name and b.per_minute == getattr(self._by_name[k[0]], k[1])}
+
+    # ---- cluster -----------------------------------------------------------------
+
+    async def attach(self, cluster: Catalogue) -> None:
+        """Keep the keys in the Raft state from now on; keys in the local file
+        move there (the file keeps none, so a revoke cannot be undone by it)."""
+        local = self.file.read()
+        if local:
+            current = cluster.catalog()
+            moving = {n: r for n, r in local.items() if PREFIX + n not in current}
+            if moving:
+                expect: list[tuple[str, str | None]] = [(PREFIX + n, None) for n in moving]
+                puts: list[tuple[str, str | None]] = [(PREFIX + n, r.dumps()) for n, r in moving.items()]
+                try:
+                    ok = await cluster.propose_catalog(expect, puts)
+                except RuntimeError as e:
+                    logger.warning("keys in %s stay local for now: cannot reach the cluster (%s)",
+                                   self.file.path, e)
+                    return
+                if not ok:
+                    logger.warning("keys in %s not moved to the cluster: a name is taken there",
+                                   self.file.path)
+                    return
+                logger.info("moved %d API key(s) from %s into the cluster state", len(moving), self.file.path)
+            self.file.write({})
+        self.cluster = cluster
+        self._raw = {"": ""}  # force a read
+        self.refresh()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                self.refresh()
+            except Exception:
+                logger.warning("reading the API keys failed; keeping the last ones", exc_info=True)
+
+    # ---- writing -----------------------------------------------------------------
+
+    async def create(self, name: str, role: str = "user", rpm: int = 0, tpm: int = 0) -> tuple[str, KeyRecord]:
+        secret, rec = make_record(name, role, rpm, tpm)
+        if self.cluster is None:
+            self.file.add([rec])
+        else:
+            ok = await self.cluster.propose_catalog([(PREFIX + name, None)], [(PREFIX + name, rec.dumps())])
+            if not ok:
+                raise ConflictError(f"a key named {name!r} exists; revoke it first or choose another name")
+        self.refresh()
+        return secret, rec
+
+    async def revoke(self, name: str) -> None:
+        if self.cluster is None:
+            keys = self.file.read()
+            if keys.pop(name, None) is None:
+                raise NotFoundError(f"no key named {name!r}; see `ollama-distributed keys list`")
+            self.file.write(keys)
+        else:
+            for _ in range(5):
+                current = self.cluster.catalog().get(PREFIX + name)
+                if current is None:
+                    raise NotFoundError(f"no key named {name!r}; see `ollama-distributed keys list`")
+                if await self.cluster.propose_catalog([(PREFIX + name, current)], [(PREFIX + name, None)]):
+                    break
+            else:
+                raise ConflictError(f"key {name!r} kept changing; try again")
+        self.refresh()
+
+    # ---- use ---------------------------------------------------------------------
+
+    def bucket(self, rec: KeyRecord, kind: str) -> Bucket | None:
+        per_minute: int = getattr(rec, kind)
+        if per_minute <= 0:
+            return None
+        b = self.buckets.get((rec.name, kind))
+        if b is None:
+            b = self.buckets[(rec.name, kind)] = Bucket(per_minute)
+        return b
+
+    def admit(self, rec: KeyRecord, now: float) -> float:
+        """Take one request from the key's buckets: 0.0 when admitted, else
+        seconds until it could be."""
+        self.last_used[rec.name] = time.time()
+        tpm = self.bucket(rec, "tpm")
+        if tpm is not None:
+            wait = tpm.wait(now)
+            if wait > 0:
+                return wait
+        rpm = self.bucket(rec, "rpm")
+        if rpm is not None:
+            wait = rpm.take(1, now)
+            if wait > 0:
+                return wait
+        if rpm is not None or tpm is not None:
+            self.used.setdefault(rec.name, [0, 0])[0] += 1
+        return 0.0
+
+    def charge(self, rec: KeyRecord, tokens: int) -> None:
+        tpm = self.bucket(rec, "tpm")
+        if tpm is not None:
+            tpm.take(tokens, force=True)
+            self.used.setdefault(rec.name, [0, 0])[1] += tokens
+
+    def advert_fields(self) -> dict[str, Any]:
+        return {"key_usage": self.used} if self.used else {}
+
+    def observe_peer(self, node_id: str, usage: Any) -> None:
+        """Take what a peer admitted for each limited key since its last advert
+        from this node's buckets too."""
+        if not isinstance(usage, dict):
+            return
+        known_peer = node_id in self._peer_used
+        seen = self._peer_used.setdefault(node_id, {})
+        for name, counts in usage.items():
+            rec = self._by_name.get(name)
+            if rec is None or not isinstance(counts, list) or len(counts) != 2:
+                continue
+            with contextlib.suppress(TypeError, ValueError):
+                req, tok = int(counts[0]), int(counts[1])
+                # first sight of this peer's counters: they hold its past, not news
+                before = seen.get(name, [0, 0] if known_peer else [req, tok])
+                d_req, d_tok = max(0, req - before[0]), max(0, tok - before[1])
+                seen[name] = [req, tok]
+                rpm, tpm = self.bucket(rec, "rpm"), self.bucket(rec, "tpm")
+                if rpm is not None and d_req:
+                    rpm.take(d_req, force=True)
+                if tpm is not None and d_tok:
+                    tpm.take(d_tok, force=True)
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [{**r.public(), "last_used": self.last_used.get(r.name)} for r in self.records()]
