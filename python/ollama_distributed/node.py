@@ -357,10 +357,12 @@ class Node:
         """Feed the scheduler every peer's latest advert and liveness."""
         sched = self.dispatcher.scheduler
         seen: set[str] = set()
+        alive = 0
         for n in self.cluster.nodes():
             if n.get("local") or n["id"] == self.node_id:
                 continue
             seen.add(n["id"])
+            alive += bool(n.get("alive"))
             adv = self._checked_advert(n)
             if adv is None:
                 continue  # the peer's previous state stands (and goes stale)
@@ -376,6 +378,7 @@ class Node:
             sched.remove_node(gone)
             self._adverts.pop(gone, None)
         self._peers = seen
+        self.keys.set_entry_nodes(1 + alive)
 
     async def models_changed(self) -> None:
         self._refresh_local_node()

@@ -7,7 +7,7 @@ either ever crossing a TCP port.
     GET    /token          {"token"}       409 without a cluster
     GET    /keys           {"keys": [{name, role, rpm, tpm, created, last_used}]}
     POST   /keys           {"name", "role"?, "rpm"?, "tpm"?} -> {"key", name, role, ...}
-    DELETE /keys/{name}    {"revoked": name}
+    DELETE /keys/{name}    {"revoked": name, "keys_left": n}
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ async def create_key(request: web.Request) -> web.Response:
 
 async def revoke_key(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    await _node(request).keys.revoke(name)
+    keys = _node(request).keys
+    await keys.revoke(name)
     logger.info("API key %r revoked", name)
-    return web.json_response({"revoked": name})
+    return web.json_response({"revoked": name, "keys_left": len(keys.records())})
 
 
 def create_admin_app(node: Node) -> web.Application:

@@ -103,7 +103,7 @@ def revoke(name: str, data_dir: Path | None) -> None:
     """Revoke key NAME at every node (within a second)."""
     sock, where = _target(data_dir)
     if sock is not None:
-        admin_client.request(sock, "DELETE", f"/keys/{urllib.parse.quote(name, safe='')}")
+        left = admin_client.request(sock, "DELETE", f"/keys/{urllib.parse.quote(name, safe='')}")["keys_left"]
     else:
         f = _offline(where)
         current = f.read()
@@ -111,4 +111,8 @@ def revoke(name: str, data_dir: Path | None) -> None:
             raise click.ClickException(f"no key named {name!r} in {f.path} (keys kept in the cluster's "
                                        "state can be revoked only while the node runs)")
         f.write(current)
+        left = len(current)
     click.echo(f"Revoked {name}.")
+    if not left:
+        click.echo("Warning: no API key is left, so the API is open again to whoever reaches it "
+                   "(unless api.auth_tokens is set).", err=True)

@@ -163,6 +163,7 @@ class KeyRing:
         # sent in adverts; and what each peer last said, to take the difference
         self.used: dict[str, list[int]] = {}
         self._peer_used: dict[str, dict[str, list[int]]] = {}
+        self.entry_nodes = 1  # alive nodes that may admit a key's requests: the burst is shared
         self.refresh()
 
     # ---- reading -----------------------------------------------------------------
@@ -277,8 +278,16 @@ class KeyRing:
             return None
         b = self.buckets.get((rec.name, kind))
         if b is None:
-            b = self.buckets[(rec.name, kind)] = Bucket(per_minute)
+            b = self.buckets[(rec.name, kind)] = Bucket(per_minute, per_minute / self.entry_nodes)
         return b
+
+    def set_entry_nodes(self, n: int) -> None:
+        """The alive nodes of the cluster: each may burst its share of a key's allowance."""
+        n = max(1, n)
+        if n != self.entry_nodes:
+            self.entry_nodes = n
+            for b in self.buckets.values():
+                b.resize(b.per_minute / n)
 
     def admit(self, rec: KeyRecord, now: float) -> float:
         """Take one request from the key's buckets: 0.0 when admitted, else

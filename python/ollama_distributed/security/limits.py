@@ -5,7 +5,8 @@ take one unit before they run; tokens (prompt + generated) are known only when
 a request ends, so they are taken then and may drive the bucket below zero,
 which refuses the key's next requests until it refills. Use at the other
 entry nodes (learned from their adverts, about once a second) is taken from
-the same buckets, so a key's limit holds across the cluster within what the
+the same buckets, and each node's burst is the allowance divided by the alive
+nodes, so across the cluster a key gets its allowance plus at most what the
 other nodes admit between two adverts.
 """
 
@@ -32,16 +33,25 @@ def record_tokens(n: int) -> None:
 
 @dataclass
 class Bucket:
+    """Refills at per_minute / 60 a second up to `capacity` (the burst a node
+    may admit before it hears of the others' use: per_minute / entry nodes)."""
+
     per_minute: int
+    capacity: float = 0.0
     level: float = 0.0
     stamp: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.level = float(self.per_minute)  # full at first use
+        if self.capacity <= 0:
+            self.capacity = float(self.per_minute)
+        self.level = self.capacity  # full at first use
+
+    def resize(self, capacity: float) -> None:
+        self.capacity = max(1.0, capacity)
+        self.level = min(self.level, self.capacity)
 
     def _refill(self, now: float) -> None:
-        cap = float(self.per_minute)
-        self.level = min(cap, self.level + (now - self.stamp) * cap / 60.0)
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.per_minute / 60.0)
         self.stamp = now
 
     def take(self, n: float, now: float | None = None, force: bool = False) -> float:
@@ -52,7 +62,7 @@ class Bucket:
         if force or self.level >= n:
             self.level -= n
             return 0.0
-        missing = min(n, float(self.per_minute)) - self.level
+        missing = min(n, self.capacity) - self.level
         return missing * 60.0 / self.per_minute
 
     def wait(self, now: float | None = None) -> float:
