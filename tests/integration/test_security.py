@@ -424,6 +424,9 @@ def test_request_templates_capped_or_refused(tmp_path: Path) -> None:
         assert go("{{ .Prompt }}")[0] == 200
         status, out = go("{{ .Prompt }}" + "x" * 200)
         assert status == 400 and "api.max_template_bytes" in out["error"]
+        # Jinja loops make a few bytes render for hours: refused in a request
+        status, out = go("{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}")
+        assert status == 400 and "Go template syntax" in out["error"]
     finally:
         n.stop()
     cfg.write_text(json.dumps({"api": {"allow_request_templates": False}}))

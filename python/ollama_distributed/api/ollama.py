@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..engines.base import InferenceRequest
+from ..engines.templates import _is_jinja as is_jinja  # the test the engine renders by
 from ..errors import BadRequestError, ModelNotFoundError, NotAvailableError
 from ..models import catalog, gguf_info, names, registry
 from ..models.fsutil import storage_error
@@ -94,6 +95,11 @@ def _request_template(request: web.Request, body: dict[str, Any]) -> str | None:
                               "(api.allow_request_templates is false); use the model's own template")
     if len(template.encode("utf-8", "surrogatepass")) > api.max_template_bytes:
         raise BadRequestError(f"template is longer than api.max_template_bytes ({api.max_template_bytes} bytes)")
+    if is_jinja(template):
+        # Jinja has loops: a few bytes can render for hours. Ollama's Go
+        # subset here has none, so its rendering time is bounded by its size.
+        raise BadRequestError("a per-request template uses Ollama's Go template syntax ({{ .System }}, "
+                              "{{ .Prompt }}, {{ if }}); Jinja is accepted only in a model's own template")
     return template
 
 
