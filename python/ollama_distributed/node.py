@@ -108,6 +108,7 @@ class Node:
         self._adverts: dict[str, tuple[float, dict[str, Any] | None]] = {}  # peer -> (advert_at, checked)
         self.keys = KeyRing(self.data_dir)  # API keys: a local file until the cluster core runs
         self.http_ports: list[int] = []  # the API and web ports as bound: their origins are this node's
+        self.guards: list[Any] = []  # api.guard.Guard of each HTTP port, told of a reload
         for secret in [*cfg.api.auth_tokens, cfg.p2p.token]:
             redact.add_secret(secret)
         self.cluster: Any = None  # ClusterService once the cluster core runs
@@ -271,6 +272,11 @@ class Node:
         self.cfg.api.auth_tokens = new.api.auth_tokens
         for secret in new.api.auth_tokens:
             redact.add_secret(secret)
+        for key in ("cors_origins", "allowed_hosts", "allow_request_templates", "max_template_bytes"):
+            setattr(self.cfg.api, key, getattr(new.api, key))
+        self.cfg.web.max_clients = new.web.max_clients
+        for guard in self.guards:
+            guard.reconfigure()
         self.cfg.scheduler = new.scheduler
         self.cfg.engine.num_parallel = new.engine.num_parallel
         self.cfg.engine.max_queue = new.engine.max_queue

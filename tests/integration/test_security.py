@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import time
@@ -161,6 +162,26 @@ def test_allowed_hosts_extends_the_loopback_names(tmp_path: Path) -> None:
         assert status == 200 and headers["Access-Control-Allow-Origin"] == own
         status, _, _ = request(n.api_port, "GET", "/api/tags", headers={"Origin": "http://llm.internal:1"})
         assert status == 403  # the same name on a port that is not this node's
+    finally:
+        n.stop()
+
+
+def test_sighup_reloads_the_origins_and_hosts(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"logging": {"level": "info"}}))
+    n = start_node(tmp_path, "--config", str(cfg), "--engine", "mock")
+    try:
+        page = {"Origin": "https://app.example"}
+        assert request(n.api_port, "GET", "/api/tags", headers=page)[0] == 403
+        assert request(n.web_port, "GET", "/api/state", headers={"Host": "llm.internal"})[0] == 403
+        cfg.write_text(json.dumps({"api": {"cors_origins": ["https://app.example"],
+                                           "allowed_hosts": ["llm.internal"]}}))
+        n.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while request(n.api_port, "GET", "/api/tags", headers=page)[0] != 200:
+            assert time.monotonic() < deadline, n.log()
+            time.sleep(0.1)
+        assert request(n.web_port, "GET", "/api/state", headers={"Host": "llm.internal"})[0] == 200
     finally:
         n.stop()
 

@@ -93,9 +93,15 @@ class Guard:
 
     def __init__(self, node: Node, bind_host: str, ports: list[int]) -> None:
         self.node = node
-        api = node.cfg.api
-        self.policy = OriginPolicy(bind_host, ports, list(api.cors_origins), list(api.allowed_hosts))
+        self.bind_host = bind_host
+        self.ports = ports
+        self.reconfigure()
         self.counter = node.metrics.auth_requests
+
+    def reconfigure(self) -> None:
+        """(Re)build the origin and Host rules from the node's config (SIGHUP)."""
+        api = self.node.cfg.api
+        self.policy = OriginPolicy(self.bind_host, self.ports, list(api.cors_origins), list(api.allowed_hosts))
 
     def count(self, key: str, outcome: str) -> None:
         self.counter.labels(key, outcome).inc()
@@ -180,6 +186,8 @@ class Guard:
 def install(app: web.Application, node: Node, bind_host: str, ports: list[int]) -> Guard:
     """Put the guard in front of `app`'s handlers (after the error mapper)."""
     guard = Guard(node, bind_host, ports)
+    if isinstance(getattr(node, "guards", None), list):
+        node.guards.append(guard)
     app.middlewares.append(guard.middleware())
     app.on_response_prepare.append(guard.on_prepare)
     return guard
