@@ -374,6 +374,7 @@ class Node:
                 continue  # the peer's previous state stands (and goes stale)
             if adv:  # the peer's API key use since its last advert counts here too
                 self.keys.observe_peer(n["id"], adv.get("key_usage", {}))
+                self.keys.observe_last_used(adv.get("key_last_used"))
             sched.update_node(n["id"], bool(n.get("alive")), int((n.get("advert_at") or 0) * 1000),
                               list(adv.get("models", [])), list(adv.get("loaded", [])),
                               int(adv.get("in_flight", 0)), int(adv.get("queue_depth", 0)),

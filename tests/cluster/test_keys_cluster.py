@@ -48,11 +48,24 @@ def test_a_key_works_everywhere_and_a_revoke_reaches_every_node(trio: dict[str, 
     a, b, c = trio["a"], trio["b"], trio["c"]
     step("create a key at a")
     key = create_key(a, "everywhere", "--role", "admin")
-    create_key(a, "keeper")  # the last key's revoke would open the API again
+    keeper_key = create_key(a, "keeper")  # the last key's revoke would open the API again
     until("the key is in force at every node", 5,
           lambda: all(status_of(n) == 401 and status_of(n, key) == 200 for n in (a, b, c)))
     listed = json.loads(cli("keys", "list", "--json", "--data-dir", str(c.data_dir)).stdout)
     assert [k["name"] for k in listed["keys"]] == ["everywhere", "keeper"]
+
+    step("a key used only at c shows as used in `keys list` at a")
+    keeper = {k["name"]: k for k in json.loads(cli("keys", "list", "--json", "--data-dir",
+                                                   str(a.data_dir)).stdout)["keys"]}["keeper"]
+    assert keeper["last_used"] is None
+    t_used = time.time()
+    assert status_of(c, keeper_key) == 200
+
+    def used_at_a() -> bool:
+        rows = json.loads(cli("keys", "list", "--json", "--data-dir", str(a.data_dir)).stdout)["keys"]
+        t = {k["name"]: k for k in rows}["keeper"]["last_used"]
+        return t is not None and t >= t_used - 1
+    until("a's list shows c's use", 5, used_at_a)
 
     step("revoke it at b")
     r = cli("keys", "revoke", "everywhere", "--data-dir", str(b.data_dir))

@@ -41,6 +41,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 # How often a node re-reads the keys from the Raft state: a revoke or a new
 # key takes effect within this at every node.
 REFRESH_S = 0.5
+# Adverts carry the keys used at a node within this long (at most this many),
+# so `keys list` at any node shows a key's last use anywhere.
+LAST_USED_SHARED_S = 600.0
+LAST_USED_SHARED_MAX = 1000
 # Keys moved from the local file into the Raft state per proposal: the core
 # takes at most 4096 catalogue keys and 4 MiB in one command.
 MOVE_BATCH = 1000
@@ -342,7 +346,23 @@ class KeyRing:
             self.used.setdefault(rec.name, [0, 0])[1] += tokens
 
     def advert_fields(self) -> dict[str, Any]:
-        return {"key_usage": self.used} if self.used else {}
+        """What peers learn from this node's advert: the cumulative use of each
+        limited key, and when keys were last used here (the recent ones)."""
+        out: dict[str, Any] = {"key_usage": self.used} if self.used else {}
+        since = time.time() - LAST_USED_SHARED_S
+        recent = sorted(((t, n) for n, t in self.last_used.items() if t >= since), reverse=True)
+        if recent:
+            out["key_last_used"] = {n: round(t, 3) for t, n in recent[:LAST_USED_SHARED_MAX]}
+        return out
+
+    def observe_last_used(self, seen: Any) -> None:
+        """A peer's `key_last_used`: `keys list` shows the latest use at any node."""
+        if not isinstance(seen, dict):
+            return
+        for name, t in seen.items():
+            if name in self._by_name and isinstance(t, (int, float)) and not isinstance(t, bool):
+                if t > self.last_used.get(name, 0.0) and t <= time.time() + 60:
+                    self.last_used[name] = float(t)
 
     def observe_peer(self, node_id: str, usage: Any) -> None:
         """Take what a peer admitted for each limited key since its last advert
