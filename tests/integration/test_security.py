@@ -203,6 +203,24 @@ def test_the_join_token_is_not_served_over_http(open_node: NodeProc) -> None:
     assert value not in open_node.log()
 
 
+def test_the_cli_finds_the_node_without_flags(tmp_path: Path) -> None:
+    """As an operator types it: no --data-dir, the node in the default data dir."""
+    home = {"HOME": str(tmp_path)}
+    n = start_node(tmp_path, "--engine", "mock", "--log-level", "warning", env=home,
+                   data_dir=tmp_path / ".ollama-distributed")
+    try:
+        token = cli("cluster", "token", env=home)
+        assert token.returncode == 0 and token.stdout.startswith("OD1:"), token.stderr
+        key = cli("keys", "create", "first", "--role", "admin", env=home)
+        assert key.returncode == 0, key.stderr
+        assert request(n.api_port, "GET", "/api/tags", headers=bearer(key.stdout.strip()))[0] == 200
+        assert request(n.api_port, "GET", "/api/tags")[0] == 401
+    finally:
+        n.stop()
+    gone = cli("keys", "list", env=home)  # stopped: the keys are in the Raft state, not listed offline
+    assert gone.returncode == 0 and "not running" in gone.stderr and "No API keys" not in gone.stdout
+
+
 def test_config_show_redacts_tokens(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     secret_token = "OD1:" + "ab" * 32 + ":verysecret"

@@ -84,6 +84,11 @@ def list_keys(data_dir: Path | None, as_json: bool) -> None:
     else:
         rows = [{**r.public(), "last_used": None} for r in sorted(_offline(where).read().values(),
                                                                    key=lambda r: r.name)]
+        if (where / "raft").is_dir():
+            click.echo(f"The node is not running: only keys waiting in {where / keymod.FILE} are listed; "
+                       "the cluster's keys are listed while it runs.", err=True)
+            if not rows and not as_json:
+                return
     if as_json:
         print_json({"keys": rows})
         return
