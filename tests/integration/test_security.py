@@ -302,6 +302,12 @@ def test_keys_roles_and_revocation(keyed: NodeProc) -> None:
     assert request(port, "GET", "/api/tags", headers=bearer(admin[:-1] + "x"))[0] == 401
     status, headers, out = request(port, "GET", "/v1/models")
     assert status == 401 and json.loads(out)["error"]["code"] == "invalid_api_key"
+    messages = json.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    status, _, out = request(port, "POST", "/v1/messages", messages.encode(), {"Content-Type": "application/json"})
+    assert status == 401 and json.loads(out)["error"]["type"] == "authentication_error"  # Anthropic's shape
+    status, _, out = request(port, "POST", "/v1/messages", messages.encode(),
+                             {"Content-Type": "application/json", "x-api-key": user})
+    assert status == 200 and json.loads(out)["type"] == "message", out
     for path in ("/health", "/health/live", "/health/ready", "/"):
         assert request(port, "GET", path)[0] == 200, path
 
