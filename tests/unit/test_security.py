@@ -9,7 +9,12 @@ import pytest
 from ollama_distributed import logs
 from ollama_distributed.security import redact
 from ollama_distributed.security.limits import Bucket, retry_after
-from ollama_distributed.security.origins import OriginPolicy, is_loopback_host, normalize_origin
+from ollama_distributed.security.origins import (
+    OriginPolicy,
+    interface_addresses,
+    is_loopback_host,
+    normalize_origin,
+)
 
 
 @pytest.mark.parametrize(("host", "loop"), [
@@ -39,6 +44,9 @@ def test_hosts() -> None:
     assert not loop.host_allowed("evil.example") and loop.host_allowed(None)
     anywhere = OriginPolicy("0.0.0.0", [8080])
     assert anywhere.host_allowed("evil.example")  # bound everywhere with no list: any Host
+    for ip in interface_addresses() - {"127.0.0.1", "::1"}:  # a page opened by the machine's address
+        host = f"[{ip}]" if ":" in ip else ip
+        assert anywhere.origin_allowed(f"http://{host}:8080") and not anywhere.origin_allowed(f"http://{host}:9")
     listed = OriginPolicy("0.0.0.0", [8080], allowed_hosts=["llm.internal"])
     assert listed.host_allowed("llm.internal:8080") and not listed.host_allowed("evil.example")
 

@@ -31,6 +31,21 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def interface_addresses() -> set[str]:
+    """This machine's IP addresses, as an Origin would spell them."""
+    import psutil
+
+    out: set[str] = set()
+    try:
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family in (socket.AF_INET, socket.AF_INET6):
+                    out.add(a.address.split("%", 1)[0].lower())
+    except (OSError, RuntimeError):
+        pass
+    return out
+
+
 def split_host(value: str) -> str:
     """The host part of a Host header value (`name:port`, `[::1]:8080`), lower case."""
     v = value.strip().lower()
@@ -78,6 +93,8 @@ class OriginPolicy:
         if self.bind_host in WILDCARD_BINDS or not is_loopback_host(self.bind_host):
             for name in (socket.gethostname(), socket.getfqdn()):
                 own.add(name.lower())
+        if self.bind_host in WILDCARD_BINDS:
+            own |= interface_addresses()  # a dashboard opened as http://192.0.2.7:8081
         self.own_hosts = own
         self.allowed = {split_host(h) for h in self.allowed_hosts if h.strip()}
         self.loopback_bind = self.bind_host not in WILDCARD_BINDS and is_loopback_host(self.bind_host)
