@@ -498,3 +498,49 @@ def test_p2p_host(tmp_path: Path) -> None:
         assert f"P2P:    quic://0.0.0.0:{n.p2p_port} (all interfaces" in n.log()
     finally:
         n.stop()
+
+
+def test_the_dashboard_in_chromium_asks_for_the_key(tmp_path: Path) -> None:
+    """The page on a keyed node: it says a key is needed, takes one in the API
+    key field, keeps it in sessionStorage (a reload needs no retyping), goes
+    live over /ws and streams a playground answer."""
+    chromium = "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.fail(f"{chromium} is missing: run scripts/apt-deps.sh (Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    n = start_node(tmp_path, "--engine", "mock", "--log-level", "warning")
+    try:
+        key = create_key(n, "browser")
+        node_id = json.loads(request(n.api_port, "GET", "/health")[2])["node_id"]
+        errors: list[str] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(f"http://127.0.0.1:{n.web_port}/", wait_until="load")
+                page.wait_for_function("() => document.getElementById('status').textContent === 'key needed'",
+                                       timeout=15_000)
+                assert page.is_visible("#play-token")
+                assert page.text_content("#node-id") == "?"  # nothing shown without the key
+                page.fill("#play-token", key)
+                page.dispatch_event("#play-token", "change")
+                live = "() => document.getElementById('conn').textContent === 'live updates: on'"
+                page.wait_for_function(live, timeout=15_000)
+                page.wait_for_function(f"() => document.getElementById('node-id').textContent === {node_id!r}",
+                                       timeout=15_000)
+                page.reload(wait_until="load")  # the tab keeps the key
+                page.wait_for_function(live, timeout=15_000)
+                page.select_option("#play-model", MODEL)
+                page.fill("#play-prompt", "hi")
+                page.click("#play-send")
+                page.wait_for_function("() => document.getElementById('answer').dataset.state === 'done'",
+                                       timeout=30_000)
+                assert int(page.get_attribute("#answer", "data-chunks") or 0) > 0
+            finally:
+                browser.close()
+        assert not errors, errors
+    finally:
+        n.stop()
