@@ -454,6 +454,23 @@ def test_keys_made_while_the_node_is_down(tmp_path: Path) -> None:
         n.stop()
 
 
+def test_keys_on_a_node_without_a_cluster(tmp_path: Path) -> None:
+    """p2p disabled: the keys live in <data dir>/keys.json, through the same socket."""
+    n = start_node(tmp_path, "--engine", "mock", "--log-level", "warning",
+                   env={"OLLAMA_DISTRIBUTED_P2P_ENABLED": "false"})
+    try:
+        key = create_key(n, "solo", "--role", "admin")
+        assert request(n.api_port, "GET", "/api/tags")[0] == 401
+        assert request(n.api_port, "GET", "/api/tags", headers=bearer(key))[0] == 200
+        stored = json.loads((n.data_dir / "keys.json").read_text())["keys"]
+        assert list(stored) == ["solo"] and key not in json.dumps(stored)
+        r = cli("keys", "revoke", "solo", "--data-dir", str(n.data_dir))
+        assert r.returncode == 0 and "open again" in r.stderr, r.stderr
+        assert request(n.api_port, "GET", "/api/tags")[0] == 200
+    finally:
+        n.stop()
+
+
 # ---- templates and the P2P bind --------------------------------------------------------
 
 
