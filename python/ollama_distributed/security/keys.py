@@ -45,6 +45,8 @@ REFRESH_S = 0.5
 # so `keys list` at any node shows a key's last use anywhere.
 LAST_USED_SHARED_S = 600.0
 LAST_USED_SHARED_MAX = 1000
+# How long a starting node waits for a leader to take its local keys.
+ATTACH_WAIT_S = 10.0
 # Keys moved from the local file into the Raft state per proposal: the core
 # takes at most 4096 catalogue keys and 4 MiB in one command.
 MOVE_BATCH = 1000
@@ -166,6 +168,8 @@ class KeyRing:
         self._by_name: dict[str, KeyRecord] = {}
         self._raw: dict[str, str] = {}
         self._catalog_text = ""
+        self._pending: dict[str, KeyRecord] = {}  # local keys still to move into the Raft state
+        self._move_failed = False
         self._file_mtime = -1.0
         self.last_used: dict[str, float] = {}
         self.buckets: dict[tuple[str, str], Bucket] = {}
@@ -203,10 +207,13 @@ class KeyRing:
         return {k: v for k, v in json.loads(text).items() if k.startswith(PREFIX)}
 
     def _install_raw(self, raw: dict[str, str] | None) -> None:
-        if raw is None or raw == self._raw:
+        if raw is None or (raw == self._raw and not self._pending):
             return
         self._raw = raw
-        self._install([r for r in (KeyRecord.loads(v) for v in raw.values()) if r is not None])
+        recs = {r.name: r for r in (KeyRecord.loads(v) for v in raw.values()) if r is not None}
+        for name, r in self._pending.items():  # not in the Raft state yet: in force here meanwhile
+            recs.setdefault(name, r)
+        self._install(list(recs.values()))
 
     def refresh(self) -> None:
         if self.cluster is not None:
@@ -227,41 +234,63 @@ class KeyRing:
     # ---- cluster -----------------------------------------------------------------
 
     async def attach(self, cluster: Catalogue) -> None:
-        """Keep the keys in the Raft state from now on; keys in the local file
-        move there in batches (the file keeps only those it could not move, so a
-        revoke in the cluster cannot be undone by it)."""
-        local = self.file.read()
-        if local:
-            current = cluster.catalog()
-            left = {n: r for n, r in local.items() if PREFIX + n in current}
-            if left:
-                logger.warning("keys %s in %s not moved to the cluster: those names are taken there",
-                               ", ".join(sorted(left)), self.file.path)
-            moving = sorted((n, r) for n, r in local.items() if n not in left)
-            for i in range(0, len(moving), MOVE_BATCH):
-                batch = moving[i:i + MOVE_BATCH]
-                expect: list[tuple[str, str | None]] = [(PREFIX + n, None) for n, _ in batch]
-                puts: list[tuple[str, str | None]] = [(PREFIX + n, r.dumps()) for n, r in batch]
-                try:
-                    ok = await cluster.propose_catalog(expect, puts)
-                except RuntimeError as e:
-                    logger.warning("keys in %s stay local for now: cannot reach the cluster (%s)",
-                                   self.file.path, e)
-                    ok = False
-                if not ok:
-                    left.update(dict(batch))
-            moved = len(local) - len(left)
-            if moved:
-                logger.info("moved %d API key(s) from %s into the cluster state", moved, self.file.path)
-            self.file.write(left)
+        """Keep the keys in the Raft state from now on. Keys in the local file
+        stay in force and move there in batches (waiting up to ATTACH_WAIT_S for
+        a leader; later passes retry); the file keeps only those not moved yet,
+        so a revoke in the cluster cannot be undone by it."""
         self.cluster = cluster
-        self._catalog_text = ""  # force a read
+        self._pending = self.file.read()
+        await self._move_pending(ATTACH_WAIT_S)
+        self._catalog_text, self._raw = "", {"\0": ""}  # read and install afresh
         self.refresh()
+
+    async def _move_pending(self, wait_s: float = 0.0) -> None:
+        if not self._pending or self.cluster is None:
+            return
+        deadline = time.monotonic() + wait_s
+        current = self.cluster.catalog()
+        taken = sorted(n for n in self._pending if PREFIX + n in current)
+        if taken:
+            logger.warning("keys %s in %s not moved to the cluster: those names are taken there (the "
+                           "cluster's keys of those names are in force)", ", ".join(taken), self.file.path)
+            for n in taken:
+                self._pending.pop(n)
+        moving = sorted(self._pending.items())
+        moved = 0
+        for i in range(0, len(moving), MOVE_BATCH):
+            batch = moving[i:i + MOVE_BATCH]
+            expect: list[tuple[str, str | None]] = [(PREFIX + n, None) for n, _ in batch]
+            puts: list[tuple[str, str | None]] = [(PREFIX + n, r.dumps()) for n, r in batch]
+            while True:
+                try:
+                    ok = await self.cluster.propose_catalog(expect, puts)
+                    break
+                except RuntimeError as e:  # no leader yet, no quorum
+                    if time.monotonic() < deadline:
+                        await asyncio.sleep(0.2)
+                        continue
+                    if not self._move_failed:
+                        logger.warning("keys in %s stay local (and in force here) until the cluster "
+                                       "takes them: %s", self.file.path, e)
+                    self._move_failed = True
+                    self.file.write(self._pending)
+                    return
+            if ok:
+                moved += len(batch)
+                for n, _ in batch:
+                    self._pending.pop(n)
+        if moved:
+            logger.info("moved %d API key(s) from %s into the cluster state", moved, self.file.path)
+        self._move_failed = False
+        self.file.write(self._pending)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
+                if self._pending:
+                    await self._move_pending()
+                    self._catalog_text, self._raw = "", {"\0": ""}  # install afresh
                 if self.cluster is not None:
                     # the whole catalogue crosses from Rust as JSON text (4 ms
                     # with 10,000 keys, 20 ms more to decode): read off the
