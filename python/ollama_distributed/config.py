@@ -47,7 +47,18 @@ class ApiSection:
     port: int = 8080
     auth_tokens: list[str] = field(default_factory=list)
     max_body_bytes: int = 32 * 1024 * 1024
+    # Browser origins allowed besides the node's own and localhost/127.0.0.1/[::1]
+    # on any port (Ollama's default set); a request with another Origin gets 403.
+    # Entries are "scheme://host[:port]", or "*" for any.
     cors_origins: list[str] = field(default_factory=list)
+    # Host header values accepted besides loopback names (DNS rebinding guard).
+    # While the API binds a loopback address only loopback names pass unless
+    # listed here; bound elsewhere, an empty list accepts any Host.
+    allowed_hosts: list[str] = field(default_factory=list)
+    # A per-request `template` (generate) is accepted, like Ollama, up to
+    # max_template_bytes; false refuses it with 400.
+    allow_request_templates: bool = True
+    max_template_bytes: int = 64 * 1024
 
 
 @dataclass
@@ -55,6 +66,8 @@ class WebSection:
     host: str = "127.0.0.1"
     port: int = 8081
     enabled: bool = True
+    # Dashboard WebSocket clients at once; more get 503.
+    max_clients: int = 32
 
 
 @dataclass
@@ -63,6 +76,9 @@ class P2PSection:
     port: int = 4001
     join: list[str] = field(default_factory=list)
     token: str = ""
+    # A file holding the join token (used when token is empty), so the token
+    # need not appear on a command line or in the config file.
+    token_file: str = ""
     enabled: bool = True
     # A peer silent this long is marked down (keep-alives go out 4 times within it).
     failure_timeout_ms: int = 2000
@@ -102,6 +118,10 @@ class ModelsSection:
     # Cap on peer-to-peer model transfers, in and out, in megabits per second,
     # so replication does not starve inference traffic; 0 = unlimited.
     replication_bandwidth_mbps: int = 0
+    # Registry hosts (host or host:port; an IP for a link-local address) that
+    # pull and push may reach, and that their redirects may go to. Empty: any
+    # host except link-local addresses.
+    registries: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -287,6 +307,8 @@ def _validate(cfg: Config) -> None:
         ("api", "max_body_bytes"),
         ("models", "replicas"),
         ("p2p", "failure_timeout_ms"),
+        ("web", "max_clients"),
+        ("api", "max_template_bytes"),
     ):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")
@@ -370,8 +392,39 @@ def load(
     if overrides:
         _apply(cfg, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()},
                "command line")
+    _read_token_file(cfg)
     _validate(cfg)
     return cfg
+
+
+def _read_token_file(cfg: Config) -> None:
+    """p2p.token from p2p.token_file, unless a token was given directly."""
+    if cfg.p2p.token or not cfg.p2p.token_file:
+        return
+    path = Path(cfg.p2p.token_file).expanduser()
+    try:
+        cfg.p2p.token = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"{cfg.source}: p2p.token_file: cannot read {path}: {e.strerror}") from None
+    if not cfg.p2p.token:
+        raise ConfigError(f"{cfg.source}: p2p.token_file: {path} is empty; write the output of "
+                          "`ollama-distributed cluster token` into it")
+
+
+# Keys whose values are secrets: `config show` and the logs never print them.
+SECRET_KEYS = (("api", "auth_tokens"), ("p2p", "token"))
+
+
+def redacted(data: dict[str, Any]) -> dict[str, Any]:
+    """A to_dict() copy with the secret values replaced."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, key in SECRET_KEYS:
+        value = out.get(section, {}).get(key)
+        if isinstance(value, list):
+            out[section][key] = ["<redacted>" for _ in value]
+        elif value:
+            out[section][key] = "<redacted>"
+    return out
 
 
 def validate_file(path: Path) -> Config:

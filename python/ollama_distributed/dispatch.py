@@ -34,6 +34,7 @@ from .errors import (
 from .metrics import Metrics
 from .models import names
 from .models.store import ModelRecord, Store
+from .security.limits import record_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ class Dispatcher:
             m.prompt_tokens.labels(rec.model).inc(rec.prompt_tokens)
         if rec.tokens:
             m.generated_tokens.labels(rec.model).inc(rec.tokens)
+        record_tokens(rec.prompt_tokens + rec.tokens)  # the API key's tokens-per-minute bucket, if any
 
     @contextlib.contextmanager
     def _tracked(self, req: InferenceRequest, endpoint: str) -> Iterator[RequestRecord]:

@@ -19,3 +19,4 @@ def get(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value else None
 API_TOKEN = "OLLAMA_DISTRIBUTED_API_TOKEN"  # bearer token the CLI sends
+JOIN_TOKEN = "OLLAMA_DISTRIBUTED_TOKEN"  # join token for `start --join` (instead of --token, seen in ps)

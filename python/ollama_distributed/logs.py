@@ -15,6 +15,7 @@ import threading
 import types
 
 from . import env
+from .security.redact import redact
 
 # syslog priorities, as sd-daemon(3) prefixes expect them
 _PRIORITY = {
@@ -52,7 +53,7 @@ class JournalFormatter(logging.Formatter):
         super().__init__("%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = redact(super().format(record))
         prefix = f"<{priority(record.levelno)}>"
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
@@ -60,6 +61,9 @@ class JournalFormatter(logging.Formatter):
 class HumanFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup(level: str = "info") -> None:
@@ -89,7 +93,7 @@ def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None,
 def fatal(message: str) -> None:
     """An error line on stderr before (or without) logging: at priority 3 under journald."""
     prefix = f"<{_PRIORITY[logging.ERROR]}>" if stderr_is_journal() else ""
-    sys.stderr.write("".join(f"{prefix}{line}\n" for line in message.splitlines() or [""]))
+    sys.stderr.write("".join(f"{prefix}{line}\n" for line in redact(message).splitlines() or [""]))
     sys.stderr.flush()
 
 

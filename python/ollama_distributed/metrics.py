@@ -130,6 +130,11 @@ class Metrics:
             ["phase"], registry=r)
         self.websocket_connections = Gauge(f"{p}_websocket_connections",
                                            "Dashboard WebSocket clients connected.", registry=r)
+        # key: the API key's name (never the key), "config" for api.auth_tokens,
+        # "-" when none was accepted; outcome: ok, unauthorized, forbidden,
+        # rate_limited, bad_origin, bad_host
+        self.auth_requests = Counter(f"{p}_auth_requests", "Requests checked at the HTTP ports, by API key "
+                                     "name and outcome.", ["key", "outcome"], registry=r)
         self.build_info = Info(f"{p}_build", "Version of this node.", registry=r)
         self.build_info.info({"version": __version__})
 

@@ -29,6 +29,9 @@ from .metrics import Metrics
 from .models import catalog
 from .models.fsutil import atomic_write
 from .models.store import Store
+from .security import redact
+from .security.keys import KeyRing
+from .security.origins import is_loopback_host
 from .supervise import Supervisor
 from .systemd import Notifier
 
@@ -103,6 +106,11 @@ class Node:
         self.notifier = Notifier()
         self.supervisor = Supervisor()
         self._adverts: dict[str, tuple[float, dict[str, Any] | None]] = {}  # peer -> (advert_at, checked)
+        self.keys = KeyRing(self.data_dir)  # API keys: a local file until the cluster core runs
+        self.http_ports: list[int] = []  # the API and web ports as bound: their origins are this node's
+        self.guards: list[Any] = []  # api.guard.Guard of each HTTP port, told of a reload
+        for secret in [*cfg.api.auth_tokens, cfg.p2p.token]:
+            redact.add_secret(secret)
         self.cluster: Any = None  # ClusterService once the cluster core runs
         self.replicator: Any = None  # cluster.replication.Replicator with the cluster core
         self.p2p_reason = ""
@@ -137,14 +145,20 @@ class Node:
             from .web.app import create_web_app
 
             self.web_url = await self._serve(create_web_app(self), self.cfg.web.host, self.cfg.web.port)
+        await self._serve_admin()
         await self._start_cluster()
-        if self.cfg.api.host not in ("127.0.0.1", "localhost", "::1") and not self.cfg.api.auth_tokens:
-            logger.warning("the API listens on %s without api.auth_tokens: anyone who can reach it "
-                           "can use it; set api.auth_tokens or bind to 127.0.0.1", self.cfg.api.host)
-        if self.web_url and self.cfg.web.host not in ("127.0.0.1", "localhost", "::1"):
-            logger.warning("the dashboard listens on %s: anyone who can reach it sees the cluster's state "
-                           "(its playground still needs api.auth_tokens when set); bind web.host to "
-                           "127.0.0.1 and reach it through an SSH tunnel or a proxy", self.cfg.web.host)
+        if self.cluster is not None:
+            await self.keys.attach(self.cluster)
+        self.supervisor.watch("keys", self.keys.run())
+        if not is_loopback_host(self.cfg.api.host) and not (self.cfg.api.auth_tokens or self.keys.active):
+            logger.warning("the API listens on %s without API keys: anyone who can reach it can use it; "
+                           "create an admin key (`ollama-distributed keys create admin --role admin`) "
+                           "or bind to 127.0.0.1", self.cfg.api.host)
+        if self.web_url and not is_loopback_host(self.cfg.web.host) and not (
+                self.cfg.api.auth_tokens or self.keys.active):
+            logger.warning("the dashboard listens on %s without API keys: anyone who can reach it sees the "
+                           "cluster's state; create a key (`ollama-distributed keys create NAME`) or bind "
+                           "web.host to 127.0.0.1", self.cfg.web.host)
         self.ready = True
         self.notifier.ready(f"serving on {self.api_url}")
         self.notifier.start_watchdog(healthy=lambda: self.supervisor.healthy)
@@ -188,6 +202,28 @@ class Node:
             self.supervisor.adopt("cluster-inbound", svc.inbound_task)
         self.dispatcher.remote = svc
 
+    async def _serve_admin(self) -> None:
+        """The local admin socket (api/admin.py) in the data dir."""
+        from .api import admin
+
+        path = self.data_dir / admin.SOCKET
+        try:
+            sock = admin.bind(path)
+        except OSError as e:
+            logger.warning("no admin socket at %s: %s; `keys` and `cluster token` cannot reach this node",
+                           path, e.strerror or e)
+            return
+        if sock is None:
+            return
+        runner = web.AppRunner(admin.create_admin_app(self), access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        self._runners.append(runner)
+        self.admin_socket = path
+
+    def keys_storage(self) -> str:
+        return "cluster" if self.keys.cluster is not None else f"local file {self.keys.file.path}"
+
     async def _serve(self, app: web.Application, host: str, port: int) -> str:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
@@ -200,6 +236,7 @@ class Node:
                               "the port (see `ss -ltnp`), or choose another port") from None
         self._runners.append(runner)
         bound = int(runner.addresses[-1][1]) if runner.addresses else port
+        self.http_ports.append(bound)
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "") else host
         return f"http://{shown}:{bound}"
 
@@ -213,6 +250,10 @@ class Node:
         if self.cluster is not None:
             await self.cluster.stop()
         await self.engine.stop()
+        admin_socket = getattr(self, "admin_socket", None)
+        if admin_socket is not None:
+            with contextlib.suppress(OSError):
+                admin_socket.unlink()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -229,6 +270,13 @@ class Node:
         logs.set_level(new.logging.level)
         self.cfg.logging = new.logging
         self.cfg.api.auth_tokens = new.api.auth_tokens
+        for secret in new.api.auth_tokens:
+            redact.add_secret(secret)
+        for key in ("cors_origins", "allowed_hosts", "allow_request_templates", "max_template_bytes"):
+            setattr(self.cfg.api, key, getattr(new.api, key))
+        self.cfg.web.max_clients = new.web.max_clients
+        for guard in self.guards:
+            guard.reconfigure()
         self.cfg.scheduler = new.scheduler
         self.cfg.engine.num_parallel = new.engine.num_parallel
         self.cfg.engine.max_queue = new.engine.max_queue
@@ -284,6 +332,7 @@ class Node:
             "max_loaded_models": self.cfg.engine.max_loaded_models,
             "busy": [m for m in loaded if not d.is_idle(m)],
             **(self.replicator.advert_fields() if self.replicator is not None else {}),
+            **self.keys.advert_fields(),
         }
 
     def _refresh_local_node(self) -> None:
@@ -314,13 +363,18 @@ class Node:
         """Feed the scheduler every peer's latest advert and liveness."""
         sched = self.dispatcher.scheduler
         seen: set[str] = set()
+        alive = 0
         for n in self.cluster.nodes():
             if n.get("local") or n["id"] == self.node_id:
                 continue
             seen.add(n["id"])
+            alive += bool(n.get("alive"))
             adv = self._checked_advert(n)
             if adv is None:
                 continue  # the peer's previous state stands (and goes stale)
+            if adv:  # the peer's API key use since its last advert counts here too
+                self.keys.observe_peer(n["id"], adv.get("key_usage", {}))
+                self.keys.observe_last_used(adv.get("key_last_used"))
             sched.update_node(n["id"], bool(n.get("alive")), int((n.get("advert_at") or 0) * 1000),
                               list(adv.get("models", [])), list(adv.get("loaded", [])),
                               int(adv.get("in_flight", 0)), int(adv.get("queue_depth", 0)),
@@ -331,6 +385,7 @@ class Node:
             sched.remove_node(gone)
             self._adverts.pop(gone, None)
         self._peers = seen
+        self.keys.set_entry_nodes(1 + alive)
 
     async def models_changed(self) -> None:
         self._refresh_local_node()

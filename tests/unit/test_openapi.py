@@ -10,6 +10,7 @@ import pytest
 from ollama_distributed.api.app import create_app
 from ollama_distributed.api.openapi import spec
 from ollama_distributed.config import Config
+from ollama_distributed.metrics import Metrics
 
 
 def _fields(doc: dict[str, Any], path: str, method: str = "post") -> set[str]:
@@ -18,7 +19,7 @@ def _fields(doc: dict[str, Any], path: str, method: str = "post") -> set[str]:
 
 
 def test_every_registered_route_and_method_is_described() -> None:
-    app = create_app(SimpleNamespace(cfg=Config()))  # type: ignore[arg-type]
+    app = create_app(SimpleNamespace(cfg=Config(), http_ports=[], metrics=Metrics()))  # type: ignore[arg-type]
     paths = spec()["paths"]
     missing = []
     for route in app.router.routes():

@@ -1,9 +1,9 @@
-"""The API application: routes, error mapping, body limit and bearer auth."""
+"""The API application: routes, error mapping, body limit, access log, and the
+guard (origin, host, API keys and limits: api/guard.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +14,7 @@ from aiohttp.typedefs import Middleware
 
 from ..dispatch import NOTE, RequestNote
 from ..errors import OllamaDistributedError, OverloadedError
-from . import anthropic, cluster, ollama, openai, openapi, responses
+from . import anthropic, cluster, guard, ollama, openai, openapi, responses
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -23,21 +23,7 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("ollama_distributed.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Reachable without a token even when api.auth_tokens is set: liveness probes.
-OPEN_PATHS = frozenset({"/", "/health/live", "/health/ready"})
-
-
-def _error(request: web.Request, status: int, message: str,
-           headers: dict[str, str] | None = None) -> web.Response:
-    if request.path.startswith("/v1/messages"):
-        body: dict[str, object] = anthropic.error_body(status, message)
-    elif request.path.startswith("/v1/"):
-        kind = "invalid_request_error" if status < 500 else "api_error"
-        body = {"error": {"message": message, "type": kind, "param": None,
-                                             "code": None}}
-    else:
-        body = {"error": message}
-    return web.json_response(body, status=status, headers=headers)
+_error = guard.error
 
 
 @web.middleware
@@ -114,30 +100,13 @@ def access_middleware(node: Node) -> Middleware:
     return access
 
 
-def auth_middleware(node: Node) -> Middleware:
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        tokens = node.cfg.api.auth_tokens  # read live: SIGHUP can change it
-        if tokens and request.path not in OPEN_PATHS:
-            header = request.headers.get("Authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not given:  # Anthropic's clients send the key as x-api-key
-                given = request.headers.get("x-api-key", "")
-            if not any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
-                return _error(request, 401, "unauthorized: send 'Authorization: Bearer <token>' (or "
-                              "'x-api-key: <token>') with one of api.auth_tokens",
-                              {"WWW-Authenticate": "Bearer"})
-        return await handler(request)
-
-    return auth
-
-
 def create_app(node: Node) -> web.Application:
     app = web.Application(
         client_max_size=node.cfg.api.max_body_bytes,
-        middlewares=[access_middleware(node), errors, auth_middleware(node)],
+        middlewares=[access_middleware(node), errors],
     )
     app["node"] = node
+    guard.install(app, node, node.cfg.api.host, node.http_ports)
     ollama.add_routes(app)
     openai.add_routes(app)
     anthropic.add_routes(app)

@@ -190,17 +190,11 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 async def token(request: web.Request) -> web.Response:
-    """The join token, to loopback callers only: it admits new nodes."""
-    peer = request.remote or ""
-    if not (peer.startswith("127.") or peer == "::1"):
-        return web.json_response({"error": "the join token is only given to local callers; run "
-                                  "`ollama-distributed cluster token` on the node itself"}, status=403)
-    node = _node(request)
-    value = node.cluster.join_token() if node.cluster is not None else None
-    if not value:
-        return web.json_response({"error": f"no cluster is running on this node ({node.p2p_reason})"},
-                                 status=409)
-    return web.json_response({"token": value})
+    """The join token admits nodes to the cluster: it is never served over HTTP
+    (a DNS-rebound page could read it). The CLI reads it locally."""
+    return web.json_response({"error": "the join token is not served over HTTP; run `ollama-distributed "
+                              "cluster token` on the node (it reads the data dir or the admin socket)"},
+                             status=410)
 
 
 def add_routes(app: web.Application) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..engines.base import InferenceRequest
+from ..engines.templates import _is_jinja as is_jinja  # the test the engine renders by
 from ..errors import BadRequestError, ModelNotFoundError, NotAvailableError
 from ..models import catalog, gguf_info, names, registry
 from ..models.fsutil import storage_error
@@ -81,6 +82,27 @@ def _final_stats(final: dict[str, Any]) -> dict[str, Any]:
 # ---- generate / chat -----------------------------------------------------------
 
 
+def _request_template(request: web.Request, body: dict[str, Any]) -> str | None:
+    """A per-request `template`: refused when api.allow_request_templates is
+    false, and capped at api.max_template_bytes (rendering it is work the
+    caller chooses)."""
+    template: str | None = field(body, "template", str)
+    if not template:
+        return template
+    api = _node(request).cfg.api
+    if not api.allow_request_templates:
+        raise BadRequestError("a per-request template is not allowed on this node "
+                              "(api.allow_request_templates is false); use the model's own template")
+    if len(template.encode("utf-8", "surrogatepass")) > api.max_template_bytes:
+        raise BadRequestError(f"template is longer than api.max_template_bytes ({api.max_template_bytes} bytes)")
+    if is_jinja(template):
+        # Jinja has loops: a few bytes can render for hours. Ollama's Go
+        # subset here has none, so its rendering time is bounded by its size.
+        raise BadRequestError("a per-request template uses Ollama's Go template syntax ({{ .System }}, "
+                              "{{ .Prompt }}, {{ if }}); Jinja is accepted only in a model's own template")
+    return template
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = field(body, "model", str, required=True)
@@ -95,7 +117,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         model=model,
         prompt=field(body, "prompt", str, ""),
         system=field(body, "system", str),
-        template=field(body, "template", str),
+        template=_request_template(request, body),
         raw=field(body, "raw", bool, False),
         options=_options(body),
         format=_format(body),
@@ -414,9 +436,10 @@ async def _transfer(request: web.Request, kind: str) -> web.StreamResponse:
         raise NotAvailableError(f"{kind} is not available for models of the {node.engine.kind} upstream")
     if kind == "pull":
         peers = node.replicator.fetch_blob_for if node.replicator is not None else None
-        transfer = registry.pull(node.store, model, insecure=insecure, from_peers=peers)
+        transfer = registry.pull(node.store, model, insecure=insecure, from_peers=peers,
+                                 registries=node.cfg.models.registries)
     else:
-        transfer = registry.push(node.store, model, insecure=insecure)
+        transfer = registry.push(node.store, model, insecure=insecure, registries=node.cfg.models.registries)
 
     async def source() -> AsyncGenerator[dict[str, Any], None]:
         async for event in transfer:

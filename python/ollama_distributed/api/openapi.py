@@ -192,8 +192,9 @@ def spec() -> dict[str, Any]:
             "delete": _op("Remove a node that is down for good from the cluster's membership",
                           errors=(404, 409, 503))},
         "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
-        "/api/distributed/token": {"get": _op("The cluster's join token (as `cluster token` prints it)",
-                                              errors=(409,))},
+        "/api/distributed/token": {"get": {
+            "summary": "Gone: the join token is never served over HTTP; `cluster token` on the node reads it",
+            "responses": {"410": {"description": "Always", "content": {"application/json": {"schema": _ERR}}}}}},
         "/api/distributed/models": {"get": _op("Models and the nodes holding them", errors=())},
         "/api/distributed/replication/status": {"get": _op(
             "Peer-to-peer model replication: blob transfers in progress (direction, peer, digest, offset, "

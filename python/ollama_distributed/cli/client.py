@@ -16,6 +16,8 @@ import click
 from .. import env
 
 DEFAULT_API = "http://127.0.0.1:8080"
+KEY_HINT = (f"{env.API_TOKEN}=<an API key (`ollama-distributed keys create NAME` on the node) "
+            "or one of its api.auth_tokens>")
 
 
 def default_api() -> str:
@@ -86,7 +88,7 @@ class Client:
                 pass
             hint = ""
             if e.code == 401:
-                hint = f" (set ${env.API_TOKEN} to one of the node's api.auth_tokens)"
+                hint = f" (set {KEY_HINT})"
             raise ApiError(f"{msg or e.reason}{hint}", status=e.code) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)

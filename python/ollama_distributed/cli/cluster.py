@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from . import admin_client
 from .client import Client, print_json
 from .options import api_option
 
@@ -20,26 +21,45 @@ def cluster() -> None:
 
 @cluster.command("token")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Read the token from this node data dir instead of asking the running node.")
-@api_option
+              help="The node's data dir (default: the config's, then /var/lib/ollama-distributed).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def token(data_dir: Path | None, api: str, as_json: bool) -> None:
-    """Print the join token. Give it to a new node:
-    `ollama-distributed start --join HOST:4001 --token TOKEN`."""
-    if data_dir is not None:
-        from ..cluster.service import ClusterService
+def token(data_dir: Path | None, as_json: bool) -> None:
+    """Print the join token. Give it to a new node, e.g. in a file:
+    `ollama-distributed start --join HOST:4001 --token-file FILE`.
 
-        value = ClusterService(node_id="cli", data_dir=data_dir, host="127.0.0.1", port=0, join=[],
-                               token=None, api_address="").join_token()
-        if not value:
-            raise click.ClickException(f"no cluster credentials in {data_dir / 'tls'}: start the node "
-                                       "once so it creates the cluster, or check --data-dir")
-    else:
-        value = Client(api).get("/api/distributed/token")["token"]
+    It is read from the running node's admin socket, or from the data dir's
+    TLS files; never over HTTP. Run it as the node's user or root."""
+    value = _token(admin_client.data_dirs(data_dir))
     if as_json:
         print_json({"token": value})
     else:
         click.echo(value)
+
+
+def _token(dirs: list[Path]) -> str:
+    sock = admin_client.find_socket(dirs)
+    if sock is not None:
+        try:
+            return str(admin_client.request(sock, "GET", "/token")["token"])
+        except admin_client.AdminError as e:
+            if e.status != 409 and e.status is not None:
+                raise
+            # 409: the node runs without a cluster; a stale socket: not running
+    from ..cluster.service import ClusterService
+
+    for d in dirs:
+        if not (d / "tls").is_dir():
+            continue
+        try:
+            value = ClusterService(node_id="cli", data_dir=d, host="127.0.0.1", port=0, join=[],
+                                   token=None, api_address="").join_token()
+        except (OSError, RuntimeError) as e:
+            raise click.ClickException(f"cannot read the cluster credentials in {d / 'tls'}: {e}; run this "
+                                       "as the node's user or root") from None
+        if value:
+            return value
+    raise click.ClickException(f"no cluster credentials in {' or '.join(str(d / 'tls') for d in dirs)}: "
+                               "start the node once so it creates the cluster, or pass --data-dir")
 
 
 @cluster.command("rebalance")

@@ -55,14 +55,15 @@ def validate(path: Path | None) -> None:
 @click.option("--config", "path", type=click.Path(dir_okay=False), help="Config file to use.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
 def show(path: str | None, as_json: bool) -> None:
-    """Print the effective configuration (file, environment and defaults merged)."""
+    """Print the effective configuration (file, environment and defaults merged),
+    with api.auth_tokens and p2p.token shown as <redacted>."""
     try:
         cfg = cfgmod.load(path)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    data = {"source": cfg.source, **cfg.to_dict()}
+    values = cfgmod.redacted(cfg.to_dict())  # tokens never reach a terminal or a pasted bug report
     if as_json:
-        print_json(data)
+        print_json({"source": cfg.source, **values})
     else:
         click.echo(f"# source: {cfg.source}")
-        click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
+        click.echo(yaml.safe_dump(values, sort_keys=False), nl=False)

@@ -8,6 +8,7 @@ from .. import __version__
 from . import (  # operator surface
     cluster,
     config_cmd,
+    keys,
     models,
     nodes,
     run,
@@ -40,6 +41,7 @@ cli.add_command(status.status)
 cli.add_command(troubleshoot.troubleshoot)
 cli.add_command(nodes.nodes)
 cli.add_command(cluster.cluster)
+cli.add_command(keys.keys)
 
 
 def main() -> None:

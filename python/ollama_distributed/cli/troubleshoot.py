@@ -30,7 +30,7 @@ import psutil
 from .. import config as cfgmod
 from ..config import Config
 from ..errors import ConfigError
-from .client import ApiError, Client, checked_api, human_bytes, print_json, use_color
+from .client import KEY_HINT, ApiError, Client, checked_api, human_bytes, print_json, use_color
 from .options import api_option, json_option
 
 # A pull or an upload needs room for a whole model; 1 GiB holds the default
@@ -110,8 +110,7 @@ def check_service(ctx: Context) -> list[Check]:
                                      f"{sick['status']}",
                                "read the node's log (`journalctl -u ollama-distributed -e`) for why")]
         if e.status == 401:
-            return [failed(name, f"{ctx.client.base} refuses us: {e.message}",
-                           "export OLLAMA_DISTRIBUTED_API_TOKEN=<one of the node's api.auth_tokens>")]
+            return [failed(name, f"{ctx.client.base} refuses us: {e.message}", f"export {KEY_HINT}")]
         return [failed(name, f"{ctx.client.base}/health answered HTTP {e.status}, not a node's health",
                        "point --api at the node's API port (api.port, default 8080), not another server")]
     if not isinstance(health, dict) or not isinstance(health.get("node_id"), str):
@@ -119,9 +118,14 @@ def check_service(ctx: Context) -> list[Check]:
         return [failed(name, f"{ctx.client.base}/health answered JSON that is not a node's health",
                        "point --api at the node's API port (api.port, default 8080), not another server")]
     ctx.health = health
-    with contextlib.suppress(ApiError):
+    try:
         st = ctx.client.get("/api/distributed/status", timeout=PEER_TIMEOUT)
         ctx.status = st if isinstance(st, dict) else None
+    except ApiError as e:
+        if e.status == 401:  # /health is open to probes; the rest needs a key
+            ctx.node_error = e.message
+            return [failed(name, f"{ctx.client.base} answers /health but refuses the rest without an API key",
+                           f"export {KEY_HINT}")]
     with contextlib.suppress(ApiError):
         nodes = ctx.client.get("/api/distributed/nodes", timeout=PEER_TIMEOUT)
         if isinstance(nodes, dict) and isinstance(nodes.get("nodes"), list):

@@ -126,9 +126,12 @@ def _versions(nodes: list[NodeInfo]) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def loads(catalog: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """The catalogue's JSON values, parsed; an unreadable one is skipped."""
+    """The catalogue's model and policy entries, parsed; an unreadable one is
+    skipped, and other entries (API keys, `key/`) are not parsed at all."""
     out: dict[str, dict[str, Any]] = {}
     for k, v in catalog.items():
+        if not k.startswith((MODEL, POLICY)):
+            continue
         try:
             d = json.loads(v)
         except ValueError:

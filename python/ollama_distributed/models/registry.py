@@ -26,7 +26,15 @@ unverified TLS. A registry that asks for a token (`WWW-Authenticate: Bearer
 realm=...`) gets a token request, as Docker clients make it; a username and
 password (Basic, or for the token service) come from ~/.netrc or $NETRC.
 Registry failures are 502s, never 401s: a 401 from the node means its own
-API token.
+API token. Their messages name the host and the status, and at most the OCI
+error codes; never the remote body, which could be anything.
+
+Outbound requests are guarded (SSRF): `models.registries`, when set, lists the
+only hosts a pull or push may reach, redirects included (followed by hand, each
+hop checked, at most MAX_REDIRECTS); a token realm must be https unless the
+request is `insecure`, and on an allowed host; link-local addresses
+(169.254.0.0/16, fe80::/10: cloud metadata services) are refused, whether
+named in a URL or resolved from a name, unless listed by address.
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +58,8 @@ from typing import Any
 
 import aiohttp
 import yarl
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 
 from ..errors import BadRequestError, DigestMismatchError, ModelNotFoundError, OllamaDistributedError
 from . import names
@@ -86,6 +98,74 @@ class RegistryError(OllamaDistributedError):
     status = 502
 
 
+class RegistryForbiddenError(OllamaDistributedError):
+    """This node's config does not let it reach that host (models.registries,
+    a link-local address, a plain-HTTP token realm)."""
+
+    status = 403
+
+
+MAX_REDIRECTS = 10
+_OCI_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+
+
+def _link_local(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_link_local
+    except ValueError:
+        return False
+
+
+class Policy:
+    """Where a pull or push may go: `allowed` is models.registries (host, or
+    host:port; empty: any host but a link-local address)."""
+
+    def __init__(self, allowed: list[str] | None = None) -> None:
+        self.entries: set[tuple[str, int | None]] = set()
+        for entry in allowed or []:
+            u = yarl.URL(f"//{entry.strip()}")
+            if u.host:
+                self.entries.add((u.host.lower().strip("[]"), u.explicit_port))
+
+    def _listed(self, host: str, port: int | None) -> bool:
+        h = host.lower().strip("[]")
+        return (h, None) in self.entries or (h, port) in self.entries
+
+    def ip_allowed(self, ip: str) -> bool:
+        """A resolved or literal address: link-local only when listed by address."""
+        return not _link_local(ip) or any(h == ip.strip("[]").lower() for h, _ in self.entries)
+
+    def check(self, url: yarl.URL, what: str) -> None:
+        host = (url.host or "").lower()
+        if self.entries and not self._listed(host, url.port):
+            raise RegistryForbiddenError(f"{what} goes to {url.host}:{url.port}, which is not in "
+                                         "models.registries; add it there to allow it")
+        if not self.ip_allowed(host):
+            raise RegistryForbiddenError(f"{what} goes to the link-local address {url.host}; list that "
+                                         "address in models.registries to allow it")
+
+
+class _GuardedResolver(AbstractResolver):
+    """Name resolution that drops link-local answers the policy does not allow,
+    so a name that resolves to a metadata service gets nowhere."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._inner = ThreadedResolver()
+        self._policy = policy
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        ok = [r for r in found if self._policy.ip_allowed(str(r["host"]))]
+        if found and not ok:
+            raise OSError(f"{host} resolves only to link-local addresses, which models.registries "
+                          "does not list")
+        return ok
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 # ---- talking to a registry --------------------------------------------------------------
 
 
@@ -95,12 +175,41 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 class Registry:
     """One registry host: its scheme (found on first contact) and its bearer token."""
 
-    def __init__(self, session: aiohttp.ClientSession, host: str, insecure: bool) -> None:
+    def __init__(self, session: aiohttp.ClientSession, host: str, insecure: bool,
+                 policy: Policy | None = None) -> None:
         self.session = session
         self.host = host
         self.insecure = insecure
         self.scheme: str | None = None
         self.token: str | None = None
+        self.policy = policy or Policy()
+        self.policy.check(yarl.URL(f"https://{host}/"), f"registry {host}")
+
+    async def _send(self, method: str, url: yarl.URL, headers: dict[str, str],
+                    data: Callable[[], Any] | None) -> aiohttp.ClientResponse:
+        """One request, following redirects by hand: each hop is checked
+        against the policy, never downgraded to plain HTTP unless `insecure`,
+        and loses the Authorization header when it leaves the registry's host."""
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = await self.session.request(method, url, headers=headers, data=data() if data else None,
+                                              ssl=not self.insecure, allow_redirects=False)
+            location = resp.headers.get("Location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                return resp
+            resp.release()
+            nxt = url.join(yarl.URL(location))
+            self.policy.check(nxt, f"a redirect from registry {self.host}")
+            if nxt.scheme == "http" and url.scheme == "https" and not self.insecure:
+                raise RegistryForbiddenError(f"registry {self.host} redirected to plain HTTP ({nxt.host}); "
+                                             "retry with insecure: true if you trust that path")
+            if nxt.scheme not in ("http", "https"):
+                raise RegistryError(f"registry {self.host} redirected to a {nxt.scheme or 'relative'} URL")
+            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                method, data = "GET", None
+            if nxt.host != url.host:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = nxt
+        raise RegistryError(f"registry {self.host} redirected more than {MAX_REDIRECTS} times")
 
     def url(self, path: str) -> yarl.URL:
         return yarl.URL(f"{self.scheme or 'https'}://{self.host}{path}")
@@ -117,9 +226,7 @@ class Registry:
             if self.token:
                 hdrs["Authorization"] = f"Bearer {self.token}"
             try:
-                resp = await self.session.request(
-                    method, url, headers=hdrs, data=data() if data else None,
-                    ssl=not self.insecure, allow_redirects=True)
+                resp = await self._send(method, url, hdrs, data)
             except aiohttp.ClientSSLError as e:
                 raise RegistryError(f"TLS with registry {self.host} failed: {e}") from None
             if resp.status == 401 and attempt == 0 and "WWW-Authenticate" in resp.headers:
@@ -134,7 +241,7 @@ class Registry:
         """https first; plain HTTP only when `insecure` allows it."""
         try:
             async with self.session.get(yarl.URL(f"https://{self.host}/v2/"),
-                                        ssl=not self.insecure) as resp:
+                                        ssl=not self.insecure, allow_redirects=False) as resp:
                 await resp.read()
             self.scheme = "https"
             return
@@ -147,7 +254,7 @@ class Registry:
                     f"plain-HTTP registry you trust, retry with insecure: true (--insecure)")
             raise RegistryError(f"cannot reach registry {self.host} over https: {_reason(https_error)}")
         try:
-            async with self.session.get(yarl.URL(f"http://{self.host}/v2/")) as resp:
+            async with self.session.get(yarl.URL(f"http://{self.host}/v2/"), allow_redirects=False) as resp:
                 await resp.read()
         except (TimeoutError, aiohttp.ClientError) as e:
             raise RegistryError(f"cannot reach registry {self.host}: {_reason(e)}") from None
@@ -168,14 +275,20 @@ class Registry:
         params = dict(_CHALLENGE_PARAM.findall(rest))
         realm = params.pop("realm", "")
         if not realm.startswith(("https://", "http://")):
-            raise RegistryError(f"registry {self.host} sent an unusable auth challenge: {challenge[:200]}")
+            raise RegistryError(f"registry {self.host} sent an unusable auth challenge (realm is not a URL)")
+        realm_url = yarl.URL(realm)
+        if realm_url.scheme != "https" and not self.insecure:
+            raise RegistryForbiddenError(f"registry {self.host} sent a plain-HTTP token realm ({realm_url.host}); "
+                                         "a token over plain HTTP is refused unless the pull or push is "
+                                         "insecure: true")
+        self.policy.check(realm_url, f"the token service of registry {self.host}")
         try:
-            async with self.session.get(yarl.URL(realm).update_query(params),
-                                        ssl=not self.insecure) as resp:
+            async with self.session.get(realm_url.update_query(params), ssl=not self.insecure,
+                                        allow_redirects=False) as resp:
                 raw = await resp.content.read(MAX_MANIFEST)
                 if resp.status != 200:
-                    raise RegistryError(f"registry {self.host}: token service answered {resp.status}: "
-                                        f"{_snippet(raw)}")
+                    raise RegistryError(f"registry {self.host}: token service {realm_url.host} answered "
+                                        f"{resp.status}")
         except aiohttp.ClientError as e:
             raise RegistryError(f"registry {self.host}: cannot reach its token service: {_reason(e)}") from None
         try:
@@ -202,8 +315,12 @@ def _answers_http(e: BaseException) -> bool:
 
 
 def _snippet(raw: bytes) -> str:
-    text = raw[:200].decode("utf-8", "replace").strip()
-    return repr(text) if text else "(empty body)"
+    """What a body was, without echoing it: a remote body could be anything
+    (an internal page reached by a redirect, a secret)."""
+    if not raw.strip():
+        return "(empty body)"
+    kind = "JSON" if raw.lstrip()[:1] in (b"{", b"[") else "text" if b"\0" not in raw[:512] else "binary"
+    return f"({len(raw)} bytes of {kind}, not shown)"
 
 
 def _repo(name: names.ModelName) -> str:
@@ -219,20 +336,24 @@ def _remote_tag(raw_name: object, name: names.ModelName) -> str:
     return tag if tag.lower() == name.tag else name.tag
 
 
-def _session() -> aiohttp.ClientSession:
+def _session(policy: Policy | None = None) -> aiohttp.ClientSession:
     # Digests are over the bytes as stored: ask for them unencoded, and never
     # let a transparent gzip change what gets hashed. trust_env: HTTPS_PROXY and
     # NO_PROXY apply, as they do for Ollama.
+    connector = aiohttp.TCPConnector(resolver=_GuardedResolver(policy or Policy()))
     return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False, trust_env=True,
-                                 headers={"Accept-Encoding": "identity"})
+                                 headers={"Accept-Encoding": "identity"}, connector=connector)
 
 
 async def _error_body(resp: aiohttp.ClientResponse) -> str:
+    """The OCI error codes of an error answer (`MANIFEST_UNKNOWN`), never its text."""
     with contextlib.suppress(Exception):
         raw = await resp.content.read(4096)
         with contextlib.suppress(ValueError, AttributeError, KeyError, IndexError, TypeError):
-            errs = json.loads(raw)["errors"]
-            return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errs)
+            codes = [str(e.get("code")) for e in json.loads(raw)["errors"]]
+            shown = [c for c in codes if _OCI_CODE.match(c)]
+            if shown:
+                return ", ".join(shown[:5])
         return _snippet(raw)
     return ""
 
@@ -534,7 +655,8 @@ FromPeers = Callable[[str, str], Awaitable[bool]]
 
 
 async def pull(store: Store, raw_name: object, insecure: bool = False,
-               from_peers: FromPeers | None = None) -> AsyncIterator[dict[str, Any]]:
+               from_peers: FromPeers | None = None,
+               registries: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
     """Pull a model, yielding Ollama's progress statuses. The manifest is fetched
     before the first status, so a missing model or a bad registry fails with its
     own status code before anything is streamed. With `from_peers`, a layer a
@@ -542,8 +664,9 @@ async def pull(store: Store, raw_name: object, insecure: bool = False,
     QUIC instead of the registry: one download serves every box."""
     name = names.parse(raw_name)
     store.tmp.mkdir(parents=True, exist_ok=True)
-    async with _session() as session:
-        reg = Registry(session, name.host, insecure)
+    policy = Policy(registries)
+    async with _session(policy) as session:
+        reg = Registry(session, name.host, insecure, policy)
         raw, manifest = await fetch_manifest(reg, name, _remote_tag(raw_name, name))
         await asyncio.to_thread(_check_space, store, manifest)
         yield {"status": "pulling manifest"}
@@ -692,7 +815,8 @@ async def _upload_blob(reg: Registry, name: names.ModelName, path: Path, hex_dig
         await _expect(resp, (201,), f"completing the upload of {digest[:19]}", reg.host)
 
 
-async def push(store: Store, raw_name: object, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
+async def push(store: Store, raw_name: object, insecure: bool = False,
+               registries: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
     """Push a local model, yielding Ollama's push statuses."""
     name = names.parse(raw_name)
     if not store.exists(name.short):
@@ -708,8 +832,9 @@ async def push(store: Store, raw_name: object, insecure: bool = False) -> AsyncI
             raise BadRequestError(f"{name.short}: layer sha256:{hex_digest[:12]} is missing from the store; "
                                   "pull or create the model again")
         blobs.append((hex_digest, path, path.stat().st_size))
-    async with _session() as session:
-        reg = Registry(session, name.host, insecure)
+    policy = Policy(registries)
+    async with _session(policy) as session:
+        reg = Registry(session, name.host, insecure, policy)
         try:
             # Contact first, so an unreachable registry fails before anything is streamed.
             async with await reg.request("GET", "/v2/"):

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
+from ..api import guard
 from ..engines.base import InferenceRequest
 from ..errors import OllamaDistributedError
 
@@ -76,7 +75,7 @@ async def snapshot(node: Node) -> dict[str, Any]:
         "recent": [vars(r) for r in list(d.recent)[-RECENT_SHOWN:]][::-1],
         "websocket_connections": node.websocket_connections,
         "services": node.services(),
-        "auth_required": bool(node.cfg.api.auth_tokens),
+        "auth_required": bool(node.cfg.api.auth_tokens) or node.keys.active,
     }
 
 
@@ -94,20 +93,36 @@ async def state(request: web.Request) -> web.Response:
     return web.json_response(await snapshot(request.app["node"]))
 
 
-async def ws(request: web.Request) -> web.WebSocketResponse:
+def key_protocol(request: web.Request) -> str | None:
+    """The `bearer.<key>` subprotocol a browser offers to prove its key (a
+    WebSocket cannot carry an Authorization header); the guard checked it."""
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    for p in (x.strip() for x in offered.split(",")):
+        if p.startswith(guard.WS_KEY_PROTOCOL):
+            return p
+    return None
+
+
+async def ws(request: web.Request) -> web.StreamResponse:
     node: Node = request.app["node"]
-    sock = web.WebSocketResponse(heartbeat=15)
-    await sock.prepare(request)
-    node.websocket_connections += 1
-    logger.debug("dashboard client %s connected (%d now)", request.remote, node.websocket_connections)
+    if node.websocket_connections >= node.cfg.web.max_clients:
+        return web.json_response({"error": f"too many dashboard clients ({node.cfg.web.max_clients}, "
+                                  "web.max_clients); close another dashboard tab or raise the limit"},
+                                 status=503, headers={"Retry-After": "5"})
+    proto = key_protocol(request)
+    sock = web.WebSocketResponse(heartbeat=15, protocols=(proto,) if proto else ())
+    node.websocket_connections += 1  # counted before the first await, so the cap holds
+    reader: asyncio.Task[None] | None = None
 
     async def drain() -> None:  # notice a close from the browser
         async for msg in sock:
             if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                 break
 
-    reader = asyncio.create_task(drain())
     try:
+        await sock.prepare(request)
+        logger.debug("dashboard client %s connected (%d now)", request.remote, node.websocket_connections)
+        reader = asyncio.create_task(drain())
         while not sock.closed and not reader.done():
             try:
                 snap = await snapshot(node)
@@ -122,9 +137,10 @@ async def ws(request: web.Request) -> web.WebSocketResponse:
             await asyncio.sleep(PUSH_INTERVAL)
     finally:
         node.websocket_connections -= 1
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reader
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
     return sock
 
 
@@ -140,17 +156,9 @@ def _refuse(status: int, message: str) -> web.Response:
 async def playground(request: web.Request) -> web.StreamResponse:
     """POST {"model", "prompt", "num_predict"?}: NDJSON lines {"text"} then {"done", ...}."""
     node: Node = request.app["node"]
-    origin = request.headers.get("Origin")
-    if origin and urlsplit(origin).netloc != request.host:
-        return _refuse(403, "cross-origin requests to the playground are refused")
+    # Origin, Host and the key are checked by the guard (api/guard.py).
     if request.content_type != "application/json":
         return _refuse(415, "send the prompt as application/json")
-    tokens = node.cfg.api.auth_tokens
-    if tokens:
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
-            return _refuse(401, "this node has api.auth_tokens: enter one in the token field")
     try:
         body = await request.json()
     except ValueError:
@@ -195,6 +203,7 @@ async def playground(request: web.Request) -> web.StreamResponse:
 def create_web_app(node: Node) -> web.Application:
     app = web.Application(client_max_size=1 << 20)
     app["node"] = node
+    guard.install(app, node, node.cfg.web.host, node.http_ports)
     app.router.add_get("/", index)
     app.router.add_get("/api/state", state)
     app.router.add_get("/ws", ws)
