@@ -9,6 +9,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -97,11 +98,12 @@ def status_of(node: NodeProc, token: str | None = None) -> dict[str, Any]:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
-def open_ws(node: NodeProc) -> socket.socket:
+def open_ws(node: NodeProc, token: str | None = None) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", node.web_port), timeout=10)
     key = base64.b64encode(os.urandom(16)).decode()
+    proto = f"Sec-WebSocket-Protocol: bearer.{token}\r\n" if token else ""  # how the dashboard proves its key
     s.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{proto}\r\n").encode())
     assert b"101" in s.recv(4096)
     return s
 
@@ -136,7 +138,10 @@ def test_notify_lifecycle(notify: NotifySocket, tmp_path: Path) -> None:
         with urllib.request.urlopen(urllib.request.Request(node.url + "/api/generate", data=body),
                                     timeout=30) as r:
             assert json.loads(r.read())["done"]
-        notify.wait(lambda m: "STATUS" in m and "1 served" in m["STATUS"], after=mark, timeout=10)
+        # every request on the API counts (the readiness polls too), the generate among them
+        notify.wait(lambda m: "STATUS" in m and "loaded: smollm2" in m["STATUS"]
+                    and int(re.search(r"(\d+) served", m["STATUS"]).group(1)) >= 1,  # type: ignore[union-attr]
+                    after=mark, timeout=10)
 
         # === SIGHUP: RELOADING=1, then READY=1, and the new keys are in force
         assert get(node.url + "/api/tags") == 200
@@ -154,7 +159,7 @@ def test_notify_lifecycle(notify: NotifySocket, tmp_path: Path) -> None:
         assert get(node.url + "/api/tags", token="s3cret") == 200
         assert get(node.url + "/health/ready") == 200  # probes stay open
         assert status_of(node, "s3cret")["scheduler_stats"]["num_parallel"] == 2  # a scheduler knob
-        open_ws(node).close()
+        open_ws(node, token="s3cret").close()
         deadline = time.monotonic() + 5
         while "dashboard client" not in node.log() and time.monotonic() < deadline:
             time.sleep(0.1)
