@@ -20,6 +20,8 @@ pub use types::{raft_id, Command, NodeMeta, TypeConfig};
 
 /// An odd number that survives two failures; more voters only slow commits.
 pub const MAX_VOTERS: usize = 5;
+/// Log entries in one AppendEntries at most (see `raft_config`).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 3;
 
 pub type RaftNode = openraft::Raft<TypeConfig>;
 
@@ -37,6 +39,10 @@ pub fn raft_config() -> Arc<openraft::Config> {
         // state file stays small.
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(200),
         max_in_snapshot_log_to_keep: 50,
+        // Few entries per AppendEntries, so a batch of the largest commands
+        // fits in one frame (types::MAX_COMMAND_BYTES); entries are small and
+        // rare, so this costs nothing in practice.
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     };
     Arc::new(cfg.validate().expect("static raft config is valid"))

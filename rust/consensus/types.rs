@@ -22,6 +22,11 @@ impl fmt::Display for NodeMeta {
     }
 }
 
+/// A catalogue command's keys and values together, at most. With
+/// [`super::MAX_PAYLOAD_ENTRIES`] of them in one AppendEntries and JSON's
+/// escaping (at worst doubling a value), a batch stays under the frame limit.
+pub const MAX_COMMAND_BYTES: usize = 2 << 20;
+
 /// A change to the replicated state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
@@ -62,8 +67,8 @@ impl Command {
                     .chain(puts)
                     .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
                     .sum();
-                if bytes > 4 << 20 {
-                    return Err("catalogue command over 4 MiB".into());
+                if bytes > MAX_COMMAND_BYTES {
+                    return Err("catalogue command over 2 MiB".into());
                 }
                 if expect
                     .iter()
@@ -94,4 +99,36 @@ openraft::declare_raft_types!(
 pub fn raft_id(name: &str) -> u64 {
     let h = crate::transport::tls::sha256(name.as_bytes());
     u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::frame::MAX_PAYLOAD;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    #[test]
+    fn the_largest_append_batch_fits_in_one_frame() {
+        // the worst value for JSON: every character escaped
+        let value = "\"".repeat(MAX_COMMAND_BYTES - 600);
+        let cmd = Command::Catalog {
+            expect: vec![],
+            puts: vec![("k".repeat(600), Some(value))],
+        };
+        cmd.check().unwrap();
+        let entries: Vec<Entry<TypeConfig>> = (0..super::super::MAX_PAYLOAD_ENTRIES)
+            .map(|i| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+                payload: EntryPayload::Normal(cmd.clone()),
+            })
+            .collect();
+        let req = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new(1, 1),
+            prev_log_id: None,
+            entries,
+            leader_commit: None,
+        };
+        let bytes = serde_json::to_vec(&req).unwrap().len();
+        assert!(bytes <= MAX_PAYLOAD, "{bytes} bytes");
+    }
 }
