@@ -61,7 +61,7 @@ class Guest:
         self.leader = 0
 
     # -- lifecycle -------------------------------------------------------------
-    def boot(self, timeout: float = 60) -> None:
+    def boot(self, timeout: float = 240) -> None:  # liveness: a loaded machine boots slowly
         for d in ("upper", "work", "merged"):
             (self.dir / d).mkdir()
         subprocess.run(
@@ -80,16 +80,11 @@ class Guest:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not self.leader:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nspawn did not start {self.name}: {self.log.read_text()}")
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-            pids = children.read_text().split() if children.exists() else []
-            if pids:
-                self.leader = int(pids[0])
-            else:
-                time.sleep(0.1)
+        self._find_leader(deadline)
         while True:
+            if not Path(f"/proc/{self.leader}").exists():
+                # nspawn's first child can be a helper that exits: the guest's init is the one
+                self._find_leader(deadline)
             r = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=timeout)
             state = r.stdout.strip()
             if state in ("running", "degraded"):
@@ -100,6 +95,24 @@ class Guest:
         if state == "degraded":
             failed = self.run("systemctl", "--failed", "--no-legend", check=False).stdout
             print(f"{self.name}: boot degraded: {failed}")
+
+    def _find_leader(self, deadline: float) -> None:
+        """The guest's init (its systemd, pid 1 inside): nsenter's target."""
+        assert self.proc is not None
+        self.leader = 0
+        while not self.leader:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nspawn did not start {self.name}: {self.log.read_text()}")
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+            try:
+                pids = children.read_text().split() if children.exists() else []
+                inits = [int(p) for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "systemd"]
+            except OSError:  # a child came and went while we looked
+                inits = []
+            if inits:
+                self.leader = inits[0]
+            else:
+                time.sleep(0.1)
 
     def shutdown(self) -> None:
         if self.proc and self.proc.poll() is None:
