@@ -90,7 +90,7 @@ def test_watch_redraws_and_ctrl_c_is_clean(node: NodeProc) -> None:
     for _ in range(3):
         stamps.append(json.loads(p.stdout.readline())["timestamp"])
     p.send_signal(signal.SIGINT)
-    _out, err = p.communicate(timeout=10)
+    _out, err = p.communicate(timeout=60)  # liveness: a loaded machine is slow to unwind
     assert p.returncode == 0 and "Traceback" not in err, err
     assert len(set(stamps)) == 3  # each refresh asked the node again
 
@@ -98,7 +98,7 @@ def test_watch_redraws_and_ctrl_c_is_clean(node: NodeProc) -> None:
 def test_watch_on_a_tty_redraws_in_place_with_colour(node: NodeProc) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     child = pexpect.spawn(CLI[0], [*CLI[1:], "status", "--api", node.url, "--watch", "--interval", "0.5"],
-                          env=env, encoding="utf-8", timeout=30)
+                          env=env, encoding="utf-8", timeout=90)
     child.expect("refreshing every")
     child.expect("\x1b\\[H\x1b\\[2J")  # the second frame starts by clearing the screen
     child.expect("refreshing every")
