@@ -56,7 +56,7 @@ def until(what: str, timeout: float, check: Callable[[], bool]) -> float:
         time.sleep(0.05)
 
 
-def post(url: str, obj: Any, timeout: float = 120) -> Any:
+def post(url: str, obj: Any, timeout: float = 300) -> Any:
     req = urllib.request.Request(url, data=json.dumps(obj).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         body = r.read()
@@ -189,7 +189,7 @@ def test_concurrent_requests_at_a_spread_to_b_and_c(trio: dict[str, NodeProc]) -
     for t in threads:
         t.start()
     for t in threads:
-        t.join(180)
+        t.join(400)
     assert not errors, errors
     after = {k: served_for_peers(n, MODEL) for k, n in (("b", b), ("c", c))}
     print("served for a:", {k: after[k] - before[k] for k in after})
