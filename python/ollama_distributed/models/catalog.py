@@ -160,7 +160,7 @@ def create(store: Store, body: dict[str, Any], progress: Callable[[str], None]) 
     params = body.get("parameters")
     if params is not None:
         merged = dict(inherited.parameters) if inherited else {}
-        merged.update(opt.normalise(params))  # refuses unknown or mistyped parameters
+        merged.update(opt.normalise(params, strict=True))  # refuses unknown or mistyped parameters
         progress("creating parameters layer")
         replace(PARAMS_MEDIA, _text_layer(store, PARAMS_MEDIA, json.dumps(merged, sort_keys=True)))
     progress("writing manifest")
