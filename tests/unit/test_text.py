@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 from ollama_distributed.duration import parse_keep_alive
 from ollama_distributed.engines.options import normalise
-from ollama_distributed.engines.templates import render_go
 from ollama_distributed.engines.textstream import StopStream
 from ollama_distributed.errors import BadRequestError
 
@@ -59,14 +58,3 @@ def test_options() -> None:
         normalise({"temprature": 1}, strict=True)  # a model's own parameters at create
     with pytest.raises(BadRequestError):
         normalise([1])
-
-
-def test_go_template_subset() -> None:
-    t = "{{ if .System }}<s>{{ .System }}</s>{{ end }}[U]{{ .Prompt }}[A]{{ .Response }}"
-    assert render_go(t, {"System": "be nice", "Prompt": "hi", "Response": ""}) == "<s>be nice</s>[U]hi[A]"
-    assert render_go(t, {"Prompt": "hi"}) == "[U]hi[A]"
-    assert render_go("a {{- .Prompt -}} b", {"Prompt": "X"}) == "aXb"
-    assert render_go("{{ if .System }}S{{ else }}N{{ end }}", {}) == "N"
-    for bad in ("{{ range .Messages }}x{{ end }}", "{{ if .System }}x", "{{ end }}", "{{ .Foo }}"):
-        with pytest.raises(BadRequestError):
-            render_go(bad, {})
