@@ -26,6 +26,7 @@ from . import options as opt
 from .base import CancelToken, InferenceRequest, LoadedModel
 from .templates import render_prompt
 from .textstream import StopStream
+from .toolcalls import OutputReader, call_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -249,9 +250,9 @@ class LlamaCppEngine:
     ) -> None:
         llama_cpp = _import_llama()
         t0 = time.perf_counter()
-        prompt_text, template_stops, add_bos = render_prompt(llama, lm.record, req)
+        prompt = render_prompt(llama, lm.record, req)
         tokens: list[int] = list(req.context or [])
-        tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
+        tokens += llama.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_bos and not tokens, special=True)
         n_ctx = llama.n_ctx()
         num_predict = int(opt.get(opts, "num_predict"))
         if len(tokens) >= n_ctx:
@@ -259,8 +260,16 @@ class LlamaCppEngine:
             logger.warning("prompt of %d tokens truncated to the last %d (num_ctx %d)", len(tokens), keep, n_ctx)
             tokens = tokens[-keep:]
         grammar = None
-        if req.format:
+        tools = req.tools if prompt.tool_tag else None
+        if tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
+            # a call is due: decode only what parses as one, so even a tiny model makes a valid call
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(
+                call_grammar(tools, req.tool_choice, prompt.tool_tag or "{", prompt.tool_style), verbose=False)
+        elif req.format:
             grammar = _grammar(llama_cpp, req.format)
+        reader = OutputReader(prompt.think_tags, prompt.thinking_open, prompt.tool_tag, tools)
         seed = int(opt.get(opts, "seed"))
         if seed >= 0:
             llama.set_seed(seed)
@@ -269,7 +278,7 @@ class LlamaCppEngine:
             llama.reset()
         else:
             llama.set_seed(int.from_bytes(os.urandom(4), "little"))
-        stream = StopStream(list(opts.get("stop", [])) + template_stops)
+        stream = StopStream(list(opts.get("stop", [])) + prompt.stops)
         vocab = llama._model.vocab
         generated: list[int] = []
         first_at: float | None = None
@@ -308,7 +317,8 @@ class LlamaCppEngine:
                 generated.append(token)
                 text = stream.feed(llama.detokenize([token]))
                 if text:
-                    emit({"text": text})
+                    for chunk in reader.feed(text):
+                        emit(chunk)
                 if stream.stopped:
                     break
                 if len(generated) >= budget:
@@ -324,8 +334,8 @@ class LlamaCppEngine:
         if done_reason == "cancel":
             return
         tail = stream.flush()
-        if tail:
-            emit({"text": tail})
+        for chunk in [*reader.feed(tail), *reader.finish()] if tail else reader.finish():
+            emit(chunk)
         end = time.perf_counter()
         first = first_at or end
         emit(
