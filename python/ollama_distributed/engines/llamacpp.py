@@ -216,6 +216,9 @@ class LlamaCppEngine:
         def run() -> None:
             try:
                 self._generate_blocking(llama, lm, req, opts, cancel, emit)
+            except BadRequestError as e:  # the client's mistake (a 400), not the engine's
+                logger.debug("refused a request for %s: %s", req.model, e)
+                emit(e)
             except BaseException as e:  # crosses to the event loop as an error chunk
                 logger.exception("generation failed for %s", req.model)
                 emit(e if isinstance(e, (BadRequestError, EngineError))
