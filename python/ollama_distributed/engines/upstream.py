@@ -164,11 +164,18 @@ class OpenAIUpstreamEngine(_Upstream):
         if req.kind == "generate" and req.raw:
             body["prompt"] = req.prompt
             return "/v1/completions", body
-        msgs = [{"role": m.get("role", "user"), "content": m.get("content") or ""} for m in req.messages] \
+        msgs = [_openai_message(m) for m in req.messages] \
             if req.kind == "chat" else [{"role": "user", "content": req.prompt}]
         if req.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": req.system})
         body["messages"] = msgs
+        if req.tools:  # passed through as they came; the upstream decides what it supports
+            body["tools"] = req.tools
+            if req.tool_choice is not None:
+                body["tool_choice"] = req.tool_choice
+        if req.think is not None:
+            body["reasoning_effort"] = ("none" if req.think is False else
+                                        "medium" if req.think is True else req.think)
         return "/v1/chat/completions", body
 
     async def generate(
@@ -180,6 +187,7 @@ class OpenAIUpstreamEngine(_Upstream):
         reason = "stop"
         usage: dict[str, Any] = {}
         count = 0
+        calls: dict[int, dict[str, Any]] = {}  # streamed tool calls, their arguments in fragments
         try:
             async with self._post(path, body, req.model) as resp:
                 async for raw in resp.content:
@@ -196,9 +204,15 @@ class OpenAIUpstreamEngine(_Upstream):
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices") or []:
+                        delta = choice.get("delta") or choice.get("message") or {}
+                        reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+                        if reasoning:
+                            yield {"thinking": reasoning}
+                        for tc in delta.get("tool_calls") or []:
+                            _merge_call(calls, tc)
                         text = choice.get("text")
                         if text is None:
-                            text = (choice.get("delta") or {}).get("content")
+                            text = delta.get("content")
                         if text:
                             if first is None:
                                 first = time.perf_counter()
@@ -208,6 +222,8 @@ class OpenAIUpstreamEngine(_Upstream):
                             reason = "length" if choice["finish_reason"] == "length" else "stop"
         except aiohttp.ClientError as e:
             raise EngineError(f"upstream stream broke: {e}") from e
+        if calls:
+            yield {"tool_calls": [_ollama_call(calls[i], n) for n, i in enumerate(sorted(calls))]}
         end = time.perf_counter()
         first = first or end
         yield {
@@ -234,6 +250,47 @@ class OpenAIUpstreamEngine(_Upstream):
         return {"embeddings": vecs,
                 "prompt_eval_count": int((data.get("usage") or {}).get("prompt_tokens") or 0),
                 "load_duration": 0, "total_duration": int((time.perf_counter() - t0) * 1e9)}
+
+
+def _openai_message(m: dict[str, Any]) -> dict[str, Any]:
+    """An internal (Ollama-shaped) message as OpenAI's chat API takes it."""
+    out: dict[str, Any] = {"role": m.get("role", "user"), "content": m.get("content") or ""}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [
+            {"id": c.get("id") or f"call_{i}", "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": json.dumps(c["function"].get("arguments") or {})}}
+            for i, c in enumerate(m["tool_calls"])]
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    if m.get("thinking"):
+        out["reasoning_content"] = m["thinking"]
+    return out
+
+
+def _merge_call(calls: dict[int, dict[str, Any]], tc: dict[str, Any]) -> None:
+    """One streamed tool-call delta into the call at its index."""
+    idx = tc.get("index", len(calls)) if isinstance(tc.get("index"), int) else len(calls)
+    call = calls.setdefault(idx, {"id": "", "name": "", "arguments": ""})
+    if tc.get("id"):
+        call["id"] = tc["id"]
+    fn = tc.get("function") or {}
+    if fn.get("name"):
+        call["name"] += fn["name"]
+    args = fn.get("arguments")
+    if isinstance(args, dict):
+        call["arguments"] = json.dumps(args)
+    elif isinstance(args, str):
+        call["arguments"] += args
+
+
+def _ollama_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+    try:
+        args = json.loads(call["arguments"]) if call["arguments"].strip() else {}
+    except ValueError:
+        raise EngineError(f"upstream sent tool call arguments that are not JSON: {call['arguments'][:200]}") from None
+    return {"id": call["id"] or f"call_{index}", "function": {"index": index, "name": call["name"],
+                                                              "arguments": args if isinstance(args, dict) else {}}}
 
 
 def _l2(v: list[float]) -> list[float]:
@@ -290,9 +347,15 @@ class OllamaUpstreamEngine(_Upstream):
             body["format"] = req.format
         if req.keep_alive is not None:
             body["keep_alive"] = req.keep_alive
+        if req.think is not None:
+            body["think"] = req.think
         if req.kind == "chat":
             path = "/api/chat"
             body["messages"] = req.messages
+            if req.tools:
+                body["tools"] = req.tools
+                if req.tool_choice is not None:  # Ollama ignores it; a node of ours honours it
+                    body["tool_choice"] = req.tool_choice
         else:
             path = "/api/generate"
             body.update(prompt=req.prompt, raw=req.raw)
@@ -311,8 +374,14 @@ class OllamaUpstreamEngine(_Upstream):
                     if "error" in chunk:
                         raise EngineError(f"upstream: {chunk['error']}")
                     text = chunk.get("response")
+                    message = chunk.get("message") or {}
                     if text is None:
-                        text = (chunk.get("message") or {}).get("content")
+                        text = message.get("content")
+                    thinking = chunk.get("thinking") or message.get("thinking")
+                    if thinking:
+                        yield {"thinking": thinking}
+                    if message.get("tool_calls"):
+                        yield {"tool_calls": message["tool_calls"]}
                     if chunk.get("done"):
                         if text:
                             yield {"text": text}
