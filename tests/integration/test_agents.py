@@ -196,3 +196,18 @@ def test_upstream_engines_pass_tools_and_think_through(node: NodeProc, tmp_path:
         assert status == 400 and "does not support thinking" in body["error"]  # the upstream's own answer
     finally:
         n.stop()
+
+
+def test_openapi_describes_tools_and_think(node: NodeProc) -> None:
+    spec: Any = node.get("/api/openapi.json")
+
+    def props(path: str) -> dict[str, Any]:
+        p: dict[str, Any] = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"][
+            "properties"]
+        return p
+
+    assert {"tools", "tool_choice", "think"} <= set(props("/api/chat"))
+    assert {"tools", "tool_choice"} <= set(props("/v1/chat/completions"))
+    assert "think" in props("/api/generate")
+    assert {"tool_calls", "tool_name", "tool_call_id", "thinking"} <= set(
+        props("/api/chat")["messages"]["items"]["properties"])

@@ -14,9 +14,36 @@ _OPTIONS = {"type": "object", "description": "Ollama options: temperature, top_p
 _KEEP_ALIVE = {"oneOf": [{"type": "string"}, {"type": "number"}],
                "description": "How long the model stays loaded: '5m', 0 unloads, -1 keeps it"}
 _FORMAT = {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]}
+_TOOL_CALL = {"type": "object", "properties": {
+    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "properties": {
+        "index": {"type": "integer"}, "name": {"type": "string"},
+        "arguments": {"oneOf": [{"type": "object"}, {"type": "string"}],
+                      "description": "an object (Ollama) or its JSON text (OpenAI)"}},
+        "required": ["name"]}}, "required": ["function"]}
 _MESSAGE = {"type": "object", "properties": {"role": {"type": "string",
-            "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"}},
+            "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"},
+            "thinking": {"type": "string"},
+            "tool_calls": {"type": "array", "items": _TOOL_CALL},
+            "tool_name": {"type": "string", "description": "role tool: the function whose result this is"},
+            "tool_call_id": {"type": "string", "description": "role tool: the call it answers (must match one)"}},
             "required": ["role"]}
+_TOOLS = {"type": "array", "description": "Functions the model may call; parameters is a JSON Schema object",
+          "items": {"type": "object", "properties": {
+              "type": {"type": "string", "enum": ["function"]},
+              "function": {"type": "object", "properties": {
+                  "name": {"type": "string"}, "description": {"type": "string"},
+                  "parameters": {"type": "object"}}, "required": ["name"]}},
+              "required": ["function"]}}
+_TOOL_CHOICE = {"oneOf": [{"type": "string", "enum": ["auto", "none", "required"]},
+                          {"type": "object", "properties": {"type": {"type": "string", "enum": ["function"]},
+                           "function": {"type": "object", "properties": {"name": {"type": "string"}},
+                                        "required": ["name"]}}}],
+                "description": "required or a named function constrains decoding to one valid call "
+                               "(on /api/chat an extension: Ollama has none)"}
+_THINK = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["low", "medium", "high", "max"]}],
+          "description": "Thinking models: the thinking comes apart in message.thinking (thinking on "
+                         "/api/generate); 400 for a model without a thinking template"}
 _OBJ = {"type": "object", "additionalProperties": True}
 
 
@@ -54,10 +81,14 @@ def spec() -> dict[str, Any]:
     gen = _body({"model": {"type": "string"}, "prompt": {"type": "string"}, "system": {"type": "string"},
                  "template": {"type": "string"}, "raw": {"type": "boolean"}, "stream": {"type": "boolean"},
                  "format": _FORMAT, "options": _OPTIONS, "keep_alive": _KEEP_ALIVE,
-                 "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
+                 "context": {"type": "array", "items": {"type": "integer"}},
+                 "think": _THINK}, ["model"])
     chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _MESSAGE},
                   "stream": {"type": "boolean"}, "format": _FORMAT, "options": _OPTIONS,
-                  "keep_alive": _KEEP_ALIVE}, ["model"])
+                  "keep_alive": _KEEP_ALIVE,
+                  "tools": _TOOLS, "tool_choice": _TOOL_CHOICE, "think": _THINK,
+                  "reasoning_effort": {"type": "string", "description": "OpenAI: as think (none is false)"}},
+                 ["model"])
     model_only = _body({"model": {"type": "string"}}, ["model"])
     transfer = _body({"model": {"type": "string"}, "insecure": {"type": "boolean"},
                       "stream": {"type": "boolean"}}, ["model"])
