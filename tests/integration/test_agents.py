@@ -211,3 +211,52 @@ def test_openapi_describes_tools_and_think(node: NodeProc) -> None:
     assert "think" in props("/api/generate")
     assert {"tool_calls", "tool_name", "tool_call_id", "thinking"} <= set(
         props("/api/chat")["messages"]["items"]["properties"])
+
+
+JINJA_TOOLS = """\
+{%- if tools %}<|im_start|>system
+You can call functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Answer a call as <tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.tool_calls %}<|im_start|>assistant
+{%- for tc in message.tool_calls %}
+<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}<|im_start|>assistant
+"""
+
+
+def test_tools_with_a_jinja_template(node: NodeProc) -> None:
+    """A model whose template is Jinja (as a GGUF's is): tools rendered into it, the call read by its <tool_call>."""
+    status, _ = post(node, "/api/create", {"model": "smol-jinja", "from": MODEL, "template": JINJA_TOOLS,
+                                          "stream": False})
+    assert status == 200
+    status, shown = post(node, "/api/show", {"model": "smol-jinja"})
+    assert shown["capabilities"] == ["completion", "embedding", "tools"]
+    status, first = post(node, "/api/chat", {"model": "smol-jinja", "messages": [QUESTION], "tools": TOOLS,
+                                             "tool_choice": "required", "stream": False, "options": OPTS})
+    assert status == 200, first
+    calls = first["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    msgs = [QUESTION, {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "content": RESULT, "tool_call_id": calls[0]["id"]}]
+    status, second = post(node, "/api/chat", {"model": "smol-jinja", "messages": msgs, "tools": TOOLS,
+                                              "stream": False, "options": OPTS})
+    assert status == 200 and second["prompt_eval_count"] > first["prompt_eval_count"] + 20
