@@ -196,3 +196,10 @@ def test_default_model_template_renders_tools_and_calls() -> None:
     assert "<|im_start|>user\n<tool_response>\n22\n</tool_response><|im_end|>\n" in got
     assert got.endswith("<|im_start|>user\nWhat's the weather like today in San Francisco and Toronto?"
                         "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_hostile_template_is_bounded() -> None:
+    with pytest.raises(gt.TemplateError, match="iterations"):
+        run("{{ range 100000000 }}x{{ end }}")
+    with pytest.raises(gt.TemplateError, match="output exceeds"):
+        run('{{ $s := "xxxxxxxxxxxxxxxx" }}{{ range 1048576 }}{{ $s }}{{ $s }}{{ end }}')

@@ -593,6 +593,22 @@ def _number(s: str) -> int | float:
 # ---- running ---------------------------------------------------------------------------
 
 
+# A template comes with a model from a registry: bound what one run may produce,
+# so a hostile one cannot exhaust memory (a real prompt is far below these).
+MAX_OUTPUT = 16 << 20  # characters
+MAX_RANGE = 1 << 20  # iterations of one range
+
+
+class _Out(list[str]):
+    size = 0
+
+    def add(self, s: str) -> None:
+        self.size += len(s)
+        if self.size > MAX_OUTPUT:
+            raise TemplateError(f"template output exceeds {MAX_OUTPUT} characters")
+        self.append(s)
+
+
 class _BreakSignal(Exception):
     pass
 
@@ -619,7 +635,7 @@ class Template:
                 raise TemplateError(f'function "{n.name}" not defined')
 
     def execute(self, data: Any, root: list[Any] | None = None) -> str:
-        out: list[str] = []
+        out = _Out()
         vars_: list[tuple[str, Any]] = [("$", data)]
         try:
             self._list(self.root if root is None else root, data, vars_, out)
@@ -631,14 +647,14 @@ class Template:
 
     # statements
 
-    def _list(self, nodes: list[Any], dot: Any, vars_: list[tuple[str, Any]], out: list[str]) -> None:
+    def _list(self, nodes: list[Any], dot: Any, vars_: list[tuple[str, Any]], out: _Out) -> None:
         for n in nodes:
             if isinstance(n, Text):
-                out.append(n.text)
+                out.add(n.text)
             elif isinstance(n, Action):
                 v = self._pipe(n.pipe, dot, vars_)
                 if not n.pipe.decl:
-                    out.append(go_str(v))
+                    out.add(go_str(v))
             elif isinstance(n, Branch):
                 self._branch(n, dot, vars_, out)
             elif isinstance(n, Break):
@@ -646,7 +662,7 @@ class Template:
             elif isinstance(n, Continue):
                 raise _ContinueSignal()
 
-    def _branch(self, n: Branch, dot: Any, vars_: list[tuple[str, Any]], out: list[str]) -> None:
+    def _branch(self, n: Branch, dot: Any, vars_: list[tuple[str, Any]], out: _Out) -> None:
         mark = len(vars_)
         try:
             if n.kind == "range":
@@ -660,7 +676,7 @@ class Template:
         finally:
             del vars_[mark:]
 
-    def _range(self, n: Branch, dot: Any, vars_: list[tuple[str, Any]], out: list[str]) -> None:
+    def _range(self, n: Branch, dot: Any, vars_: list[tuple[str, Any]], out: _Out) -> None:
         v = self._pipe(Pipe([], False, n.pipe.cmds), dot, vars_)
         if isinstance(v, dict):
             pairs: list[tuple[Any, Any]] = [(k, v[k]) for k in sorted(v, key=_sort_key)]
@@ -669,6 +685,8 @@ class Template:
         elif isinstance(v, int) and not isinstance(v, bool):
             if n.pipe.decl and len(n.pipe.decl) > 1:
                 raise TemplateError("can't use a second variable ranging over an integer")
+            if v > MAX_RANGE:
+                raise TemplateError(f"range over {v}: more than {MAX_RANGE} iterations")
             pairs = [(i, i) for i in range(v)]
         elif v is None:
             pairs = []
