@@ -115,6 +115,10 @@ def test_tool_choice_and_tool_messages() -> None:
     check_tool_messages(msgs)
     with pytest.raises(BadRequestError, match=r"messages\[1\].tool_call_id 'call_2' matches no tool call"):
         check_tool_messages([msgs[0], {**msgs[1], "tool_call_id": "call_2"}])
+    with pytest.raises(BadRequestError, match="matches no tool call"):
+        check_tool_messages([{"role": "user", "content": "q"}, msgs[1]])
+    # calls whose ids a client dropped cannot be matched: any id goes
+    check_tool_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "get"}}]}, msgs[1]])
 
 
 def test_call_grammar_wraps_a_call_in_the_template_tag() -> None:

@@ -116,14 +116,19 @@ def validate_tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> Any
 
 
 def check_tool_messages(messages: list[dict[str, Any]]) -> None:
-    """Every `tool_call_id` of a tool result answers a call an earlier assistant message made."""
+    """Every `tool_call_id` of a tool result answers a call an earlier assistant
+    message made. Calls without ids (a client that drops them, as the `ollama`
+    Python client does) cannot be matched, so they make any id acceptable."""
     issued: set[str] = set()
+    anonymous = False
     for i, m in enumerate(messages):
         for c in m.get("tool_calls") or []:
             if c.get("id"):
                 issued.add(c["id"])
+            else:
+                anonymous = True
         tcid = m.get("tool_call_id")
-        if m.get("role") == "tool" and tcid and tcid not in issued:
+        if m.get("role") == "tool" and tcid and tcid not in issued and not anonymous:
             raise BadRequestError(f"messages[{i}].tool_call_id {tcid!r} matches no tool call "
                                   "of an earlier assistant message")
 
