@@ -127,3 +127,13 @@ def test_call_grammar_wraps_a_call_in_the_template_tag() -> None:
     assert "get_weather" in g and "tool-call ::= " in g
     named = call_grammar(TOOLS, {"type": "function", "function": {"name": "get_weather"}}, "{", "parameters")
     assert named.startswith("root ::= tool-call\n") and '\\"get\\"' not in named and "parameters" in named
+
+
+def test_call_grammar_keeps_schema_references() -> None:
+    """Pydantic-made schemas refer to "#/$defs/...": they still resolve inside the call."""
+    tools = validate_tools([{"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "$defs": {"Seat": {"type": "string", "enum": ["aisle", "window"]}},
+        "properties": {"seat": {"$ref": "#/$defs/Seat"}}, "required": ["seat"]}}}])
+    assert tools is not None
+    g = call_grammar(tools, "required", "<tool_call>")
+    assert '\\"aisle\\"' in g or "aisle" in g

@@ -427,14 +427,21 @@ def call_schema(tools: list[dict[str, Any]], choice: Any, style: str = "argument
     if isinstance(choice, dict):
         tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
     alts = []
+    defs: dict[str, Any] = {}
     for t in tools:
         params = dict(t["function"].get("parameters") or {"type": "object"})
+        # "#/$defs/X" refers to the document's root, which is now the call: hoist them there
+        defs.update(params.pop("$defs", None) or {})
+        defs.update(params.pop("definitions", None) or {})
         if "properties" in params and "additionalProperties" not in params:
             params["additionalProperties"] = False  # only the declared arguments
         alts.append({"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                        style: params},
                      "required": ["name", style]})
-    return alts[0] if len(alts) == 1 else {"anyOf": alts}
+    schema: dict[str, Any] = alts[0] if len(alts) == 1 else {"anyOf": alts}
+    if defs:
+        schema = {**schema, "$defs": defs, "definitions": defs}
+    return schema
 
 
 def call_grammar(tools: list[dict[str, Any]], choice: Any, tag: str, style: str = "arguments") -> str:
