@@ -114,6 +114,8 @@ def test_create_refuses_what_it_cannot_honour(store: Store) -> None:
         ({"model": "x", "files": {"a.gguf": "sha256:" + "0" * 64}}, "was not uploaded"),
         ({"model": "../x", "from": "base"}, "invalid model name"),
         ({"model": "x", "from": "base", "parameters": {"nope": 1}}, "invalid option"),
+        ({"model": "x", "from": "base", "template": "{{ range .Messages }}{{ $last }}{{ end }}"},
+         "template: undefined variable"),
     ):
         with pytest.raises(BadRequestError, match=needle):
             catalog.create(store, body, events.append)

@@ -137,6 +137,9 @@ def test_language(src: str, data: Any, want: str) -> None:
     ("{{ nope .X }}", 'function "nope" not defined'),
     ('{{define "x"}}{{end}}', "not supported"),
     ("{{ .X | .Y }}", "non-function .Y"),
+    ("{{ range .X }}{{ $last }}{{ end }}", "undefined variable: \\$last"),
+    ("{{ if .X }}{{ $v := 1 }}{{ end }}{{ $v }}", "undefined variable: \\$v"),
+    ("{{ $w = 1 }}", "undefined variable: \\$w"),
 ])
 def test_parse_errors(src: str, needle: str) -> None:
     with pytest.raises(gt.TemplateError, match=needle):

@@ -628,6 +628,7 @@ class Template:
         self.funcs: dict[str, Callable[..., Any]] = {**BUILTINS, **(funcs or {})}
         self.root: list[Any] = _Parser(_items(source)).parse()
         self._check_funcs(self.root)
+        _check_vars(self.root, ["$"])
 
     def _check_funcs(self, nodes: list[Any]) -> None:
         for n in walk(nodes):
@@ -795,6 +796,37 @@ class Template:
                 raise TemplateError(f"wrong number of args for {a.name}: want at least 1 got 0")
             return self.funcs[a.name]()
         raise TemplateError(f"can't evaluate {a!r}")
+
+
+def _check_vars(nodes: list[Any], scope: list[str]) -> None:
+    """Variables are declared before use, in the scope of their {{end}}, as Go's parser requires."""
+
+    def pipe(p: Pipe, inner: list[str]) -> None:
+        for c in p.cmds:
+            for a in c.args:
+                if isinstance(a, Variable) and a.name not in inner:
+                    raise TemplateError(f"undefined variable: {a.name}")
+                if isinstance(a, Pipe):
+                    pipe(a, inner)
+                    inner.extend(a.decl if not a.assign else [])
+                elif isinstance(a, Chain):
+                    pipe(a.node, inner)
+        if p.assign and p.decl[0] not in inner:
+            raise TemplateError(f"undefined variable: {p.decl[0]}")
+
+    for n in nodes:
+        if isinstance(n, Action):
+            pipe(n.pipe, scope)
+            if not n.pipe.assign:
+                scope.extend(n.pipe.decl)
+        elif isinstance(n, Branch):
+            inner = list(scope)
+            pipe(n.pipe, inner)
+            if not n.pipe.assign:
+                inner.extend(n.pipe.decl)
+            _check_vars(n.body, list(inner))
+            if n.else_body is not None:
+                _check_vars(n.else_body, list(inner))
 
 
 def _describe(a: Any) -> str:

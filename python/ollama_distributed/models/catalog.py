@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engines import options as opt
+from ..engines import templates
 from ..errors import BadRequestError, ModelNotFoundError
 from . import gguf_info, names
 from .store import (
@@ -207,6 +208,8 @@ def create(store: Store, body: dict[str, Any], progress: Callable[[str], None]) 
             continue
         if not isinstance(text, str):
             raise BadRequestError(f"create: '{key}' must be a string")
+        if key == "template" and not templates.is_jinja(text):
+            templates.parse(text)  # a Go template that does not parse is refused here, as Ollama does
         progress(f"creating {key} layer")
         replace(media, _text_layer(store, media, text))
     lic = body.get("license")
