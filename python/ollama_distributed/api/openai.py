@@ -133,7 +133,7 @@ def _think(body: dict[str, Any]) -> Any:
         return None
     mapping = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                "max": "max", "xhigh": "max", "ultra": "max"}
-    if effort not in mapping:
+    if not isinstance(effort, str) or effort not in mapping:
         raise BadRequestError(f'invalid reasoning value: "{effort}" (must be "minimal", "low", "medium", '
                               '"high", "xhigh", "ultra", "max", or "none")')
     return mapping[effort]
