@@ -142,6 +142,16 @@ def test_thinking_split_from_content(node: NodeProc) -> None:
     assert "".join(p.message.thinking or "" for p in streamed) == thought.message.thinking
     plain = client.chat("smol-think", messages=[{"role": "user", "content": "Hi"}], options=opts, think=False)
     assert plain.message.content.strip() and not plain.message.thinking
+    status, gen = post(node, "/api/generate", {"model": "smol-think", "prompt": "Hi", "stream": False,
+                                               "think": "high", "options": opts})
+    assert status == 200 and gen["thinking"].strip() and gen["response"] == ""
+    status, oa = post(node, "/v1/chat/completions", {"model": "smol-think", "max_tokens": 8, "seed": 1,
+                                                     "temperature": 0, "reasoning_effort": "low",
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and oa["choices"][0]["message"]["reasoning"].strip()
+    status, oa = post(node, "/v1/chat/completions", {"model": "smol-think", "max_tokens": 8, "reasoning_effort": "none",
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and "reasoning" not in oa["choices"][0]["message"]
     status, body = post(node, "/api/chat", {"model": "smol-think", "messages": [QUESTION], "tools": TOOLS})
     assert status == 400 and body["error"] == "smol-think:latest does not support tools"
 
