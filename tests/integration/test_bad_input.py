@@ -46,7 +46,7 @@ def test_malformed_json_is_400(node: NodeProc, path: str) -> None:
     ("/api/generate", {"prompt": "hi"}, "model is required"),
     ("/api/generate", {"model": MODEL, "prompt": 5}, "prompt has the wrong type"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "options": "hot"}, "options has the wrong type"),
-    ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"temprature": 1}}, "invalid option"),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"top_k": "many"}}, "option top_k must be"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "stream": "yes"}, "stream has the wrong type"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": "soon"}, "invalid keep_alive"),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, "format must be"),

@@ -90,6 +90,18 @@ def test_default_model_registration_is_idempotent(store: Store) -> None:
     again = catalog.register_default(store, "smollm2:135m")
     assert again is not None and again.digest == rec.digest
     assert (store.root / "manifests/registry.ollama.ai/library/smollm2/135m").stat().st_mtime == mtime
+    assert rec.template == catalog.DEFAULT_TEMPLATE  # tools-capable, as Ollama's library SmolLM2
+
+
+def test_default_model_registered_before_gets_the_tools_template(store: Store) -> None:
+    rec = catalog.register_default(store, "smollm2:135m")
+    assert rec is not None and rec.model_path is not None
+    old = [lyr for lyr in rec.manifest["layers"] if lyr["mediaType"] == MODEL_MEDIA]
+    store.write_manifest(rec.name, old, rec.config)  # as an older version wrote it
+    assert store.get("smollm2:135m").template is None
+    again = catalog.register_default(store, "smollm2:135m")
+    assert again is not None and again.template == catalog.DEFAULT_TEMPLATE
+    assert again.model_digest == rec.model_digest
 
 
 def test_create_refuses_what_it_cannot_honour(store: Store) -> None:
@@ -102,6 +114,8 @@ def test_create_refuses_what_it_cannot_honour(store: Store) -> None:
         ({"model": "x", "files": {"a.gguf": "sha256:" + "0" * 64}}, "was not uploaded"),
         ({"model": "../x", "from": "base"}, "invalid model name"),
         ({"model": "x", "from": "base", "parameters": {"nope": 1}}, "invalid option"),
+        ({"model": "x", "from": "base", "template": "{{ range .Messages }}{{ $last }}{{ end }}"},
+         "template: undefined variable"),
     ):
         with pytest.raises(BadRequestError, match=needle):
             catalog.create(store, body, events.append)

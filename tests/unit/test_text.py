@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 from ollama_distributed.duration import parse_keep_alive
 from ollama_distributed.engines.options import normalise
-from ollama_distributed.engines.templates import render_go
 from ollama_distributed.engines.textstream import StopStream
 from ollama_distributed.errors import BadRequestError
 
@@ -49,20 +48,13 @@ def test_keep_alive_bad(bad: object) -> None:
 def test_options() -> None:
     assert normalise({"temperature": 0, "num_predict": 5.0, "stop": "x"}, {"top_k": 3}) == {
         "top_k": 3, "temperature": 0.0, "num_predict": 5, "stop": ["x"]}
-    for bad in ({"temprature": 1}, {"num_predict": "5"}, {"top_k": 1.5}, {"stop": [1]},
-                {"penalize_newline": 1}):
-        with pytest.raises(BadRequestError):
+    for bad, name in (({"num_predict": "5"}, "num_predict"), ({"top_k": 1.5}, "top_k"),
+                      ({"stop": [1]}, "stop"), ({"penalize_newline": 1}, "penalize_newline")):
+        with pytest.raises(BadRequestError, match=name):
             normalise(bad)
+    # As Ollama: null is unset, an unknown option is ignored (LangChain sends both)
+    assert normalise({"stop": None, "temperature": None, "top_k": 2, "temprature": 1}) == {"top_k": 2}
+    with pytest.raises(BadRequestError, match="temprature"):
+        normalise({"temprature": 1}, strict=True)  # a model's own parameters at create
     with pytest.raises(BadRequestError):
         normalise([1])
-
-
-def test_go_template_subset() -> None:
-    t = "{{ if .System }}<s>{{ .System }}</s>{{ end }}[U]{{ .Prompt }}[A]{{ .Response }}"
-    assert render_go(t, {"System": "be nice", "Prompt": "hi", "Response": ""}) == "<s>be nice</s>[U]hi[A]"
-    assert render_go(t, {"Prompt": "hi"}) == "[U]hi[A]"
-    assert render_go("a {{- .Prompt -}} b", {"Prompt": "X"}) == "aXb"
-    assert render_go("{{ if .System }}S{{ else }}N{{ end }}", {}) == "N"
-    for bad in ("{{ range .Messages }}x{{ end }}", "{{ if .System }}x", "{{ end }}", "{{ .Foo }}"):
-        with pytest.raises(BadRequestError):
-            render_go(bad, {})

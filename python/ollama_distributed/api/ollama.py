@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .. import __version__
+from ..engines import templates
 from ..engines.base import InferenceRequest
-from ..engines.templates import _is_jinja as is_jinja  # the test the engine renders by
+from ..engines.templates import is_jinja  # the test the engine renders by
+from ..engines.toolcalls import validate_tool_choice, validate_tools
 from ..errors import BadRequestError, ModelNotFoundError, NotAvailableError
 from ..models import catalog, gguf_info, names, registry
 from ..models.fsutil import storage_error
@@ -32,13 +34,13 @@ from .common import (
     stream_lines,
     top_logprobs,
 )
+from .messages import ollama_messages, parse_think
 
 if TYPE_CHECKING:
     from ..node import Node
 
 logger = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
-ROLES = ("system", "user", "assistant", "tool")
 
 
 def _node(request: web.Request) -> Node:
@@ -129,6 +131,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         suffix=field(body, "suffix", str, ""),
         shift=field(body, "shift", bool, True),
         truncate=field(body, "truncate", bool, True),
+        think=parse_think(body),
     )
     if req.raw and (req.template or req.system or req.context):
         raise BadRequestError("raw mode does not support template, system, or context")
@@ -145,6 +148,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         out.update(response=chunk.get("text", ""), done=False)
         if chunk.get("logprobs"):
             out["logprobs"] = chunk["logprobs"]
+        if chunk.get("thinking"):
+            out["thinking"] = chunk["thinking"]
         return _ndjson(out)
 
     if req.stream:
@@ -152,8 +157,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
                                   on_error=lambda e: _ndjson({"error": e.message}))
     got = await gather(source)
     final = got.final
-    out = {"model": req.model, "created_at": now_iso(), "response": got.text, "done": True,
-           **_final_stats(final)}
+    out: dict[str, Any] = {"model": req.model, "created_at": now_iso(), "response": got.text}
+    if got.thinking:
+        out["thinking"] = got.thinking
+    out.update(done=True, **_final_stats(final))
     if "context" in final:
         out["context"] = final["context"]
     if req.logprobs:
@@ -161,36 +168,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
     return web.json_response(out)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    msgs = field(body, "messages", list, [])
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise BadRequestError(f"messages[{i}] must be an object")
-        role = m.get("role")
-        if role not in ROLES:
-            raise BadRequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        content = m.get("content", "")
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise BadRequestError(f"messages[{i}].content must be a string")
-        if images(m.get("images"), f"messages[{i}].images"):
-            refuse_images(str(body.get("model")))
-        out.append({"role": role, "content": content})
-    return out
-
-
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = field(body, "model", str, required=True)
     names.parse(model)
-    if body.get("tools"):
-        raise BadRequestError(f"{model} does not support tools")
+    tools = validate_tools(body.get("tools")) or None
     req = InferenceRequest(
         kind="chat",
         model=model,
-        messages=_messages(body),
+        messages=ollama_messages(body),
         options=_options(body),
         format=_format(body),
         keep_alive=_keep_alive(body),
@@ -199,6 +185,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         top_logprobs=top_logprobs(body),
         shift=field(body, "shift", bool, True),
         truncate=field(body, "truncate", bool, True),
+        tools=tools,
+        # not in Ollama's API (which ignores it): OpenAI's tool_choice, so an
+        # Ollama client can ask for a call too
+        tool_choice=validate_tool_choice(body.get("tool_choice"), tools),
+        think=parse_think(body),
     )
     node = _node(request)
     source = node.dispatcher.stream(req, "/api/chat")
@@ -208,7 +199,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if chunk.get("done"):
             out.update(message={"role": "assistant", "content": ""}, done=True, **_final_stats(chunk))
             return _ndjson(out)
-        out.update(message={"role": "assistant", "content": chunk.get("text", "")}, done=False)
+        message: dict[str, Any] = {"role": "assistant", "content": chunk.get("text", "")}
+        if chunk.get("thinking"):
+            message["thinking"] = chunk["thinking"]
+        if chunk.get("tool_calls"):
+            message["tool_calls"] = chunk["tool_calls"]
+        out.update(message=message, done=False)
         if chunk.get("logprobs"):
             out["logprobs"] = chunk["logprobs"]
         return _ndjson(out)
@@ -217,8 +213,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await stream_lines(request, source, render, NDJSON,
                                   on_error=lambda e: _ndjson({"error": e.message}))
     got = await gather(source)
-    answer = {"model": req.model, "created_at": now_iso(),
-              "message": {"role": "assistant", "content": got.text}, "done": True,
+    message: dict[str, Any] = {"role": "assistant", "content": got.text}
+    if got.thinking:
+        message["thinking"] = got.thinking
+    if got.tool_calls:
+        message["tool_calls"] = got.tool_calls
+    answer = {"model": req.model, "created_at": now_iso(), "message": message, "done": True,
               **_final_stats(got.final)}
     if req.logprobs:
         answer["logprobs"] = got.logprobs
@@ -326,6 +326,17 @@ def _modelfile(rec: ModelRecord, template: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _capabilities(template: str, info: dict[str, Any]) -> list[str]:
+    """As Ollama derives them: `completion` (`embedding` alone for a pooling-only
+    model), what the template allows (`tools`, `insert`, `thinking`); and
+    `embedding`, since this engine embeds with any model (mean pooling)."""
+    pooling = "pooling_type" in {k.rsplit(".", 1)[-1] for k in info.get("model_info", {})}
+    caps = templates.capabilities(template, embedding_only=pooling)
+    if "embedding" not in caps:
+        caps.insert(1, "embedding")
+    return caps
+
+
 async def show(request: web.Request) -> web.Response:
     body = await read_json(request)
     model = body.get("model") or body.get("name")
@@ -348,7 +359,7 @@ async def show(request: web.Request) -> web.Response:
         "template": template,
         "details": rec.details,
         "model_info": model_info,
-        "capabilities": ["completion", "embedding"],
+        "capabilities": _capabilities(template, info),
         "modified_at": iso(rec.modified_at),
     }
     if rec.system:

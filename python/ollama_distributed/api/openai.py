@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..engines.base import InferenceRequest
+from ..engines.toolcalls import check_tool_messages, parse_tool_calls, validate_tool_choice, validate_tools
 from ..errors import BadRequestError, ModelNotFoundError
 from .common import (
     MAX_TOP_LOGPROBS,
@@ -90,8 +91,11 @@ def _finish(final: dict[str, Any]) -> str:
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI messages in Ollama's shape: tool calls with their arguments as
+    objects, and a tool result named after the call it answers."""
     msgs = field(body, "messages", list, required=True)
-    out = []
+    out: list[dict[str, Any]] = []
+    names_by_id: dict[str, str] = {}
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise BadRequestError(f"messages[{i}] must be an object with a valid role")
@@ -116,20 +120,62 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(content, str):
             raise BadRequestError(f"messages[{i}].content must be a string")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = parse_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+            for c in msg["tool_calls"]:
+                if c.get("id"):
+                    names_by_id[c["id"]] = c["function"]["name"]
+        reasoning = m.get("reasoning") or m.get("reasoning_content")
+        if role == "assistant" and isinstance(reasoning, str) and reasoning:
+            msg["thinking"] = reasoning
+        if role == "tool":
+            tcid = m.get("tool_call_id")
+            if tcid is not None and not isinstance(tcid, str):
+                raise BadRequestError(f"messages[{i}].tool_call_id must be a string")
+            if tcid:
+                msg["tool_call_id"] = tcid
+                if tcid in names_by_id:
+                    msg["tool_name"] = names_by_id[tcid]
+            if isinstance(m.get("name"), str) and m["name"]:
+                msg["tool_name"] = m["name"]
+        out.append(msg)
+    check_tool_messages(out)
     return out
+
+
+def _think(body: dict[str, Any]) -> Any:
+    """reasoning_effort (or reasoning.effort) as Ollama's think, clamped to its levels as Ollama does."""
+    reasoning = field(body, "reasoning", dict)
+    effort = reasoning.get("effort") if reasoning else field(body, "reasoning_effort", str)
+    if effort in (None, ""):
+        return None
+    mapping = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+               "max": "max", "xhigh": "max", "ultra": "max"}
+    if not isinstance(effort, str) or effort not in mapping:
+        raise BadRequestError(f'invalid reasoning value: "{effort}" (must be "minimal", "low", "medium", '
+                              '"high", "xhigh", "ultra", "max", or "none")')
+    return mapping[effort]
+
+
+def _openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": c.get("id", ""), "index": c["function"].get("index", i), "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": json.dumps(c["function"].get("arguments") or {},
+                                                  separators=(",", ":"), ensure_ascii=False)}}
+            for i, c in enumerate(calls)]
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = field(body, "model", str, required=True)
-    if body.get("tools"):
-        raise BadRequestError(f"{model} does not support tools")
     stream = field(body, "stream", bool, False)
     logprobs = field(body, "logprobs", bool, False)
+    tools = validate_tools(body.get("tools")) or None
     req = InferenceRequest(kind="chat", model=model, messages=_messages(body), options=_options(body),
                            format=_format(body), stream=stream, logprobs=logprobs,
-                           top_logprobs=top_logprobs(body))
+                           top_logprobs=top_logprobs(body), tools=tools,
+                           tool_choice=validate_tool_choice(body.get("tool_choice"), tools), think=_think(body))
     node = _node(request)
     source = node.dispatcher.stream(req, "/v1/chat/completions")
     cid = "chatcmpl-" + secrets.token_hex(12)
@@ -139,20 +185,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if stream:
         include_usage = bool((field(body, "stream_options", dict) or {}).get("include_usage"))
         sent_role = False
+        sent_calls = False
 
         def render(chunk: dict[str, Any]) -> bytes:
-            nonlocal sent_role
+            nonlocal sent_role, sent_calls
             if chunk.get("done"):
                 if chunk.get("done_reason") in ("load", "unload"):
                     return b""
-                out = _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(chunk)}]})
+                reason = "tool_calls" if sent_calls and _finish(chunk) == "stop" else _finish(chunk)
+                out = _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
                 if include_usage:
                     out += _sse({**base, "choices": [], "usage": _usage(chunk)})
                 return out
-            delta: dict[str, Any] = {"content": chunk.get("text", "")}
+            delta: dict[str, Any] = {}
             if not sent_role:
                 delta["role"] = "assistant"
                 sent_role = True
+            if chunk.get("thinking"):
+                delta["reasoning"] = chunk["thinking"]
+            if chunk.get("tool_calls"):
+                delta["tool_calls"] = _openai_calls(chunk["tool_calls"])
+                sent_calls = True
+            if "text" in chunk or not delta.keys() - {"role"}:
+                delta["content"] = chunk.get("text", "")
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
             if req.logprobs:
                 choice["logprobs"] = _chat_logprobs(chunk.get("logprobs") or [])
@@ -161,11 +216,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await stream_lines(request, source, render, SSE, trailer=b"data: [DONE]\n\n",
                                   on_error=lambda e: _sse({"error": {"message": e.message}}))
     got = await gather(source)
+    message: dict[str, Any] = {"role": "assistant", "content": got.text}
+    if got.thinking:
+        message["reasoning"] = got.thinking
+    finish = _finish(got.final)
+    if got.tool_calls:
+        message["tool_calls"] = _openai_calls(got.tool_calls)
+        finish = "tool_calls" if finish == "stop" else finish
     return web.json_response({
         **base, "object": "chat.completion",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": got.text},
+        "choices": [{"index": 0, "message": message,
                      "logprobs": _chat_logprobs(got.logprobs) if req.logprobs else None,
-                     "finish_reason": _finish(got.final)}],
+                     "finish_reason": finish}],
         "usage": _usage(got.final),
     })
 

@@ -14,29 +14,45 @@ _OPTIONS = {"type": "object", "description": "Ollama options: temperature, top_p
 _KEEP_ALIVE = {"oneOf": [{"type": "string"}, {"type": "number"}],
                "description": "How long the model stays loaded: '5m', 0 unloads, -1 keeps it"}
 _FORMAT = {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]}
+_TOOL_CALL = {"type": "object", "properties": {
+    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "properties": {
+        "index": {"type": "integer"}, "name": {"type": "string"},
+        "arguments": {"oneOf": [{"type": "object"}, {"type": "string"}],
+                      "description": "an object (Ollama) or its JSON text (OpenAI)"}},
+        "required": ["name"]}}, "required": ["function"]}
+_MESSAGE = {"type": "object", "properties": {"role": {"type": "string",
+            "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"},
+            "images": {"type": "array", "items": {"type": "string"}}, "thinking": {"type": "string"},
+            "tool_calls": {"type": "array", "items": _TOOL_CALL},
+            "tool_name": {"type": "string", "description": "role tool: the function whose result this is"},
+            "tool_call_id": {"type": "string", "description": "role tool: the call it answers (must match one)"}},
+            "required": ["role"]}
+_TOOLS = {"type": "array", "description": "Functions the model may call; parameters is a JSON Schema object",
+          "items": {"type": "object", "properties": {
+              "type": {"type": "string", "enum": ["function"]},
+              "function": {"type": "object", "properties": {
+                  "name": {"type": "string"}, "description": {"type": "string"},
+                  "parameters": {"type": "object"}}, "required": ["name"]}},
+              "required": ["function"]}}
+_TOOL_CHOICE = {"oneOf": [{"type": "string", "enum": ["auto", "none", "required"]},
+                          {"type": "object", "properties": {"type": {"type": "string", "enum": ["function"]},
+                           "function": {"type": "object", "properties": {"name": {"type": "string"}},
+                                        "required": ["name"]}}}],
+                "description": "required or a named function constrains decoding to one valid call "
+                               "(on /api/chat an extension: Ollama has none)"}
+_THINK = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["low", "medium", "high", "max"]}],
+          "description": "Thinking models: the thinking comes apart in message.thinking (thinking on "
+                         "/api/generate); 400 for a model without a thinking template"}
 _OBJ = {"type": "object", "additionalProperties": True}
-_MESSAGE = {"type": "object", "properties": {
-    "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"},
-    "images": {"type": "array", "items": {"type": "string"}}, "thinking": {"type": "string"},
-    "tool_calls": {"type": "array", "items": {"type": "object"}}, "tool_name": {"type": "string"},
-    "tool_call_id": {"type": "string"}}, "required": ["role"]}
 _IMAGES = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"},
            "description": "Parsed and checked; refused, as no served model has vision"}
-_TOOLS = {"type": "array", "items": {"type": "object", "properties": {
-    "type": {"type": "string", "enum": ["function"]},
-    "function": {"type": "object", "properties": {"name": {"type": "string"}, "description": {"type": "string"},
-                                                  "parameters": {"type": "object"}}, "required": ["name"]}}}}
-_TOOL_CHOICE = {"oneOf": [{"type": "string", "enum": ["auto", "none", "required"]}, {"type": "object"}]}
-_THINK = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["low", "medium", "high"]}]}
 _LOGPROBS = {"type": "boolean", "description": "Return each token's log probability (from the logits)"}
 _TOP_LOGPROBS = {"type": "integer", "minimum": 0, "maximum": 20,
                  "description": "How many likeliest alternatives to return per token"}
 _TRUNCATE = {"type": "boolean", "description": "Keep the end of an input longer than the context "
              "(default); false: a 400 instead"}
 _SHIFT = {"type": "boolean", "description": "Shift the context window when it is full instead of stopping"}
-_TOOL_CALL = {"type": "object", "properties": {"id": {"type": "string"}, "function": {"type": "object",
-              "properties": {"index": {"type": "integer"}, "name": {"type": "string"},
-                             "arguments": {"type": "object"}}}}}
 
 
 def _body(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -80,7 +96,9 @@ def spec() -> dict[str, Any]:
                  "truncate": _TRUNCATE, "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
     chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _MESSAGE},
                   "stream": {"type": "boolean"}, "format": _FORMAT, "options": _OPTIONS,
-                  "keep_alive": _KEEP_ALIVE, "tools": _TOOLS, "think": _THINK, "logprobs": _LOGPROBS,
+                  "keep_alive": _KEEP_ALIVE, "tools": _TOOLS, "tool_choice": _TOOL_CHOICE, "think": _THINK,
+                  "reasoning_effort": {"type": "string", "description": "OpenAI: as think (none is false)"},
+                  "logprobs": _LOGPROBS,
                   "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT, "truncate": _TRUNCATE}, ["model"])
     oa_chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _OBJ},
                      "stream": {"type": "boolean"}, "stream_options": _OBJ, "temperature": {"type": "number"},

