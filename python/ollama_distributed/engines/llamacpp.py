@@ -73,6 +73,7 @@ def _import_llama() -> Any:
 class LlamaCppEngine:
     kind = "llamacpp"
     uses_store = True
+    continues = True
 
     def __init__(
         self,
@@ -333,6 +334,10 @@ class LlamaCppEngine:
         if bad is not None:  # llama.cpp would abort the process on it
             raise BadRequestError(f"context holds token id {bad}, outside this model's vocabulary "
                                   f"(0-{n_vocab - 1}); send back the context this model returned")
+        resumed = list(req.continuation)  # a migrated stream: what another node already generated
+        bad = next((t for t in resumed if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise BadRequestError(f"continuation holds token id {bad}, outside this model's vocabulary")
         fim = _fill_in_middle(llama_cpp, llama, lm.record, req) if req.suffix else None
         template_stops: list[str] = []
         if fim is not None:
@@ -340,6 +345,7 @@ class LlamaCppEngine:
         else:
             prompt_text, template_stops, add_bos = render_prompt(llama, lm.record, req)
             tokens += llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos and not tokens, special=True)
+        tokens += resumed  # raw continuation: no template re-render, the same token ids
         n_ctx = llama.n_ctx()
         num_predict = int(opt.get(opts, "num_predict"))
         if len(tokens) >= n_ctx and not req.truncate:
@@ -360,8 +366,13 @@ class LlamaCppEngine:
         else:
             llama.set_seed(int.from_bytes(os.urandom(4), "little"))
         stream = StopStream(list(opts.get("stop", [])) + template_stops)
+        for token in resumed:
+            # The client has this text already: replay it only to put the stop
+            # sequence and UTF-8 state where the other node left it.
+            stream.feed(llama.detokenize([token]))
         vocab = llama._model.vocab
         generated: list[int] = []
+        unsent: list[int] = []  # ids fed since the last text chunk: carried on the next one
         pending_lp: list[dict[str, Any]] = []  # tokens whose text the stop-sequence stream still holds
         first_at: float | None = None
         done_reason = "stop"
@@ -403,11 +414,13 @@ class LlamaCppEngine:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     break
                 generated.append(token)
+                unsent.append(token)
                 if req.logprobs:
                     pending_lp.append(_logprob(llama_cpp, llama, token, req.top_logprobs))
                 text = stream.feed(llama.detokenize([token]))
                 if text:
-                    emit(_with_logprobs({"text": text}, pending_lp))
+                    emit(_with_logprobs({"text": text, "tokens": unsent}, pending_lp))
+                    unsent = []
                 if stream.stopped:
                     break
                 if len(generated) >= budget:
@@ -424,14 +437,14 @@ class LlamaCppEngine:
             return
         tail = stream.flush()
         if tail:
-            emit(_with_logprobs({"text": tail}, pending_lp))
+            emit(_with_logprobs({"text": tail, "tokens": unsent}, pending_lp))
         end = time.perf_counter()
         first = first_at or end
         emit(
             {
                 "done": True,
                 "done_reason": done_reason,
-                "prompt_eval_count": len(tokens),
+                "prompt_eval_count": max(0, len(tokens) - len(resumed)),  # the prompt proper
                 "prompt_eval_duration": int((first - t0) * 1e9),
                 "eval_count": len(generated),
                 "eval_duration": int((end - first) * 1e9),
