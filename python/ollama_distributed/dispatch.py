@@ -416,7 +416,7 @@ class Dispatcher:
         tried: list[str] = []
         last: OllamaDistributedError | None = None
         while True:
-            node = self._next_holder(req.model, tried, last)
+            node = self._next_holder(req.model, tried, last, revisit=progress.sent)
             if node is None:
                 assert last is not None
                 raise last
@@ -453,10 +453,12 @@ class Dispatcher:
                     progress.migrations += 1
                 last = e
 
-    def _next_holder(self, model: str, tried: list[str],
-                     last: OllamaDistributedError | None) -> str | None:
-        """The best holder not tried yet for this request; None when none is
-        left. The first choice raises the scheduler's own error (404, 503)."""
+    def _next_holder(self, model: str, tried: list[str], last: OllamaDistributedError | None,
+                     revisit: bool = False) -> str | None:
+        """The best holder not tried yet for this request, else, for a
+        migration (`revisit`: two holders, a transient failure on each), the
+        best but the one that just failed; None when none is left. The first choice raises the scheduler's own
+        error (404, 503)."""
         self.update_local()
         try:
             order = self.scheduler.route(model, int(time.time() * 1000))
@@ -464,7 +466,10 @@ class Dispatcher:
             if last is None:
                 raise
             return None  # nowhere else to go: the failure that brought us here is the answer
-        return next((n for n in order if n not in tried), None)
+        fresh = [n for n in order if n not in tried]
+        if fresh or not tried or not revisit:
+            return fresh[0] if fresh else None
+        return next((n for n in order if n != tried[-1]), None)
 
     async def _attempt(self, node: str, req: InferenceRequest, record: ModelRecord | None,
                        progress: Progress) -> AsyncIterator[dict[str, Any]]:

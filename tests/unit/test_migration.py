@@ -142,6 +142,33 @@ async def test_the_migration_limit_bounds_the_moves(tmp_path: Path) -> None:
     assert text(got) == "w0 w1 w2 w3 w4 " and [n for n, _ in peers.asked] == ["b", "c"]
 
 
+async def test_the_default_limit_is_3(tmp_path: Path) -> None:
+    fail = (1, errors.EngineError("flaky"))
+    peers = Peers({"b": fail, "c": fail, "d": fail})
+    with pytest.raises(errors.EngineError):
+        await run(dispatcher(tmp_path, peers))
+    assert [n for n, _ in peers.asked] == ["b", "c", "d", "b"]  # the first try and 3 migrations
+
+
+async def test_two_holders_a_transient_failure_on_each(tmp_path: Path) -> None:
+    """b fails, c fails: back to b (not to the one that just failed)."""
+    peers = Peers({"b": (3, errors.PeerUnavailableError("b lost")), "c": (2, errors.EngineError("c oom"))})
+    d = dispatcher(tmp_path, peers, nodes=("b", "c"))
+    peers.fail["b"] = (3, errors.PeerUnavailableError("b lost"))
+    asked: list[str] = []
+    orig = peers.forward
+
+    def forward(node_id: str, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        asked.append(node_id)
+        if asked.count("b") == 2:
+            peers.fail.pop("b", None)  # its trouble has passed
+        return orig(node_id, request)
+
+    peers.forward = forward  # type: ignore[method-assign]
+    chunks = await run(d)
+    assert text(chunks) == WHOLE and asked == ["b", "c", "b"]
+
+
 async def test_no_migration_when_the_limit_is_0(tmp_path: Path) -> None:
     peers = Peers({"b": (3, errors.PeerUnavailableError("b lost"))})
     with pytest.raises(errors.PeerUnavailableError):

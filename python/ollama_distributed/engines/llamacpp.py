@@ -398,12 +398,16 @@ class LlamaCppEngine:
             penalize_nl=bool(opt.get(opts, "penalize_newline")),
             grammar=grammar,
         )
+        if resumed and budget > 0:
+            _replay(llama, tokens, len(resumed), exact=float(opt.get(opts, "temperature")) == 0 or seed >= 0)
         if budget <= 0:
             gen: Iterator[int] = iter(())
         elif req.shift:
             gen = _shifting(start, tokens, n_ctx, max(0, int(opt.get(opts, "num_keep"))))
         else:
             gen = start(tokens)
+        if resumed:
+            _remember(llama, resumed)
         try:
             for token in gen:
                 if first_at is None:
@@ -433,6 +437,7 @@ class LlamaCppEngine:
             close = getattr(gen, "close", None)
             if close:
                 close()
+            llama.__dict__.pop("_init_sampler", None)  # undo _remember
         if done_reason == "cancel":
             return
         tail = stream.flush()
@@ -501,6 +506,42 @@ class LlamaCppEngine:
             "load_duration": int(load_s * 1e9),
             "total_duration": int((time.perf_counter() - t0) * 1e9),
         }
+
+
+def _replay(llama: Any, tokens: list[int], resumed: int, exact: bool) -> None:
+    """Evaluate a continuation's context as the node that began it did: the
+    prompt in one batch, then (`exact`: a greedy or seeded request, whose
+    client may expect the very same text) each generated token alone, as it
+    was fed back after its sampling. Batching them instead is faster but
+    rounds differently and can tip a close greedy choice. `generate` then
+    finds the whole context cached and samples from these logits."""
+    prompt = len(tokens) - resumed
+    if prompt <= 0:
+        return  # truncated into the generated part: generate evaluates it all
+    llama.reset()
+    llama.eval(tokens[:prompt])
+    if exact:
+        for token in tokens[prompt:]:
+            llama.eval([token])
+    else:
+        llama.eval(tokens[prompt:])
+
+
+def _remember(llama: Any, history: list[int]) -> None:
+    """Give the sampler `generate` builds the penalty history the first
+    node's had: llama.cpp's repeat penalties count the tokens the sampler
+    accepted (the last 64 it sampled), and a fresh sampler has none, so a
+    continuation would otherwise choose differently. Undone by deleting the
+    instance attribute once the generation ends."""
+    make = type(llama)._init_sampler
+
+    def init_sampler(*args: Any, **kwargs: Any) -> Any:
+        sampler = make(llama, *args, **kwargs)
+        for token in history:
+            sampler.accept(token)
+        return sampler
+
+    llama._init_sampler = init_sampler
 
 
 def _shifting(start: Callable[[list[int]], Iterator[int]], tokens: list[int], n_ctx: int,
