@@ -39,6 +39,11 @@ class NodeSection:
     # Free-form labels (gpu: "a100", zone: "rack1"); a model's placement policy
     # can require some (POST /api/distributed/placement).
     labels: dict[str, str] = field(default_factory=dict)
+    # On SIGTERM (systemctl stop/restart, a package upgrade) or `cluster drain`,
+    # requests under way get this long to finish; those still running after it
+    # resume on another node (mid-stream migration). Keep the systemd unit's
+    # TimeoutStopSec above it.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass
@@ -297,6 +302,8 @@ def _validate(cfg: Config) -> None:
     ):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")
+    if cfg.node.drain_timeout_s < 0:
+        raise ConfigError(f"{where}: node.drain_timeout_s: expected a number of seconds >= 0")
     for key in ("first_token_timeout_s", "stream_idle_timeout_s"):
         if getattr(cfg.scheduler, key) <= 0:
             raise ConfigError(f"{where}: scheduler.{key}: expected a number of seconds > 0")

@@ -26,6 +26,7 @@ from .duration import parse_keep_alive
 from .engines.base import CancelToken, Engine, InferenceRequest
 from .errors import (
     BadRequestError,
+    DrainingError,
     EngineError,
     ModelNotFoundError,
     OllamaDistributedError,
@@ -126,6 +127,13 @@ class Dispatcher:
         self.text_chunks = 0  # streamed text chunks, live (tokens_total counts at the end)
         self.started_at = time.time()
         self.advertised_models: list[str] = []  # this node's models, as its last advert said
+        # Graceful drain (Node.drain): routing sends nothing new here while peers
+        # can take it, queued requests go elsewhere, and at the deadline the
+        # generations still running here are cut so their entry nodes migrate them.
+        self.draining = False
+        self.active = 0  # generate/chat/embed requests under way here, as the entry or for a peer
+        self._waiting: dict[int, str] = {}  # ticket -> slot key, of requests queued for a slot
+        self._cuts: set[Cut] = set()  # local generations running now
         metrics.bind(queue_depth=self.scheduler.queue_depth,
                      in_flight=self.scheduler.total_in_flight,
                      models_loaded=lambda: len(self.engine.loaded()))
@@ -191,9 +199,11 @@ class Dispatcher:
         """This node's own entry in the router, from live counts rather than
         the last advert (a second old), so routing sees its real load."""
         loaded = [m.name for m in self.engine.loaded()]
+        # Draining: shown to the router as saturated, so a peer that holds the
+        # model is chosen, and this node only when none can take it.
+        depth, bound = (1, 1) if self.draining else (self.scheduler.queue_depth(), self.cfg.engine.max_queue)
         self.scheduler.update_node(self.node_id, True, int(time.time() * 1000), self.advertised_models,
-                                   loaded, self.scheduler.total_in_flight(), self.scheduler.queue_depth(),
-                                   self.cfg.engine.max_queue,
+                                   loaded, self.scheduler.total_in_flight(), depth, bound,
                                    max_loaded_models=self.cfg.engine.max_loaded_models,
                                    busy=[m for m in loaded if not self.is_idle(m)])
 
@@ -215,6 +225,7 @@ class Dispatcher:
             )
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = fut
+        self._waiting[ticket] = key
         try:
             return await fut
         except asyncio.CancelledError:
@@ -224,6 +235,39 @@ class Dispatcher:
             raise
         finally:
             self._waiters.pop(ticket, None)
+            self._waiting.pop(ticket, None)
+
+    def elsewhere(self, model: str) -> bool:
+        """Can a peer take a request for `model` now (while this node drains)?"""
+        if self.remote is None:
+            return False
+        self.update_local()
+        try:
+            order = self.scheduler.route(model, int(time.time() * 1000))
+        except OllamaDistributedError:
+            return False
+        return any(n != self.node_id for n in order)
+
+    def shed_queue(self) -> int:
+        """Draining: the requests queued here for a slot leave the queue with a
+        503 their entry node retries on another holder (nothing was sent yet).
+        Those for a model no peer can take stay and are served here."""
+        shed = 0
+        for ticket, key in list(self._waiting.items()):
+            fut = self._waiters.get(ticket)
+            if fut is None or fut.done() or not self.elsewhere(key.split("#", 1)[0]):
+                continue
+            if self.scheduler.cancel(key, ticket):
+                fut.set_exception(DrainingError(f"node {self.node_id} is draining; another node will take this"))
+                shed += 1
+        return shed
+
+    def cut_local(self) -> int:
+        """The drain deadline: end every generation running here with an error
+        that makes its entry node resume it elsewhere (mid-stream migration)."""
+        for cut in list(self._cuts):
+            cut.fire()
+        return len(self._cuts)
 
     def _release(self, key: str, slot: int) -> None:
         handed = self.scheduler.release(key, slot, int(time.monotonic() * 1000))
@@ -280,6 +324,14 @@ class Dispatcher:
             rec.duration = time.perf_counter() - rec.started
             self._record(rec)
 
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
     def keep_alive(self, req: InferenceRequest) -> float | None:
         default = parse_keep_alive(self.cfg.engine.keep_alive)
         if req.keep_alive is None:
@@ -295,7 +347,7 @@ class Dispatcher:
         Errors before the first chunk raise, so the API can still answer with a
         status code; after it they end the stream.
         """
-        with self._tracked(req, endpoint) as rec:
+        with self._tracked(req, endpoint) as rec, self._counted():
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
             if is_empty(req):
@@ -518,6 +570,9 @@ class Dispatcher:
         if record is None and self.engine.uses_store:
             _, record = await self.resolve(req.model, local_only=True)
         keep_alive = self.keep_alive(req)
+        if self.draining and self.elsewhere(req.model):
+            # sent here before this node's draining advert reached the sender
+            raise DrainingError(f"node {self.node_id} is draining; another node will take this")
         resumed: int | None = None
         if req.continuation:
             if not getattr(self.engine, "continues", False):
@@ -525,9 +580,11 @@ class Dispatcher:
             resumed = len(req.continuation)
         slot = await self._acquire(req.model)
         cancel = CancelToken()
+        cut = Cut()
+        self._cuts.add(cut)
         try:
             async with contextlib.aclosing(self.engine.generate(req, record, slot, cancel)) as chunks:
-                async for chunk in chunks:
+                async for chunk in cut.guard(chunks):
                     if resumed is not None:  # tells the entry node this node understood the continuation
                         chunk["continued"] = resumed
                         resumed = None
@@ -535,7 +592,13 @@ class Dispatcher:
                         # this request paid for a cold load: count it once, here, on the loading node
                         self.metrics.model_load.labels(req.model).observe(chunk["load_duration"] / 1e9)
                     yield chunk
+        except TimeoutError:
+            if not cut.fired:
+                raise
+            raise PeerUnavailableError(f"node {self.node_id} is shutting down (node.drain_timeout_s passed); "
+                                       "the stream resumes on another node") from None
         finally:
+            self._cuts.discard(cut)
             cancel.cancel()
             self._release(req.model, slot)
             self.engine.touch(req.model, keep_alive)
@@ -543,7 +606,7 @@ class Dispatcher:
                 await self.engine.unload(req.model)
 
     async def embed(self, req: InferenceRequest, endpoint: str) -> dict[str, Any]:
-        with self._tracked(req, endpoint) as rec:
+        with self._tracked(req, endpoint) as rec, self._counted():
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
             if self.remote is None:
@@ -581,7 +644,7 @@ class Dispatcher:
     async def handle_inbound(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A request forwarded by a peer: run it here, counted here."""
         req = InferenceRequest.from_dict(request)
-        with self._tracked(req, f"peer:{req.kind}") as rec:
+        with self._tracked(req, f"peer:{req.kind}") as rec, self._counted():
             _, record = await self.resolve(req.model, local_only=True)
             if is_empty(req):
                 yield await self._load_or_unload(req, record)
@@ -598,6 +661,36 @@ class Dispatcher:
                     rec.tokens = int(chunk.get("eval_count") or 0)
                 elif rec.ttft is None:
                     rec.ttft = time.perf_counter() - rec.started
+                yield chunk
+
+
+class Cut:
+    """Lets the drain end one local generation between two chunks: `guard`
+    passes its chunks through and raises TimeoutError once `fire` is called
+    (at once when waiting for the engine, else before the next chunk)."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._timeout: asyncio.Timeout | None = None
+        self._waiting = False
+
+    def fire(self) -> None:
+        self.fired = True
+        if self._waiting and self._timeout is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
+    async def guard(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        async with asyncio.timeout(None) as self._timeout:
+            while True:
+                if self.fired:
+                    raise TimeoutError
+                self._waiting = True
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self._waiting = False
                 yield chunk
 
 
