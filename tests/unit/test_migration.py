@@ -251,3 +251,81 @@ async def test_the_mock_engine_resumes_exactly(tmp_path: Path) -> None:
     assert "".join(c.get("text", "") for c in whole[:4]) + "".join(c.get("text", "") for c in rest) == \
         "".join(c.get("text", "") for c in whole)
     assert rest[-1]["eval_count"] == 6
+
+
+# ---- the drain's cut -------------------------------------------------------------
+
+
+async def test_a_cut_ends_a_generation_waiting_for_its_next_chunk() -> None:
+    from ollama_distributed.dispatch import Cut
+
+    async def slow() -> AsyncGenerator[dict[str, Any], None]:
+        yield {"text": "one "}
+        await asyncio.sleep(3600)
+        yield {"text": "never "}
+
+    cut = Cut()
+    got: list[dict[str, Any]] = []
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(10):
+            async for c in cut.guard(slow()):
+                got.append(c)
+                asyncio.get_running_loop().call_later(0.05, cut.fire)
+    assert got == [{"text": "one "}] and cut.fired
+
+
+async def test_a_cut_fired_while_the_consumer_works_ends_before_the_next_chunk() -> None:
+    from ollama_distributed.dispatch import Cut
+
+    async def fast() -> AsyncGenerator[dict[str, Any], None]:
+        for i in range(5):
+            yield {"text": f"{i} "}
+
+    cut = Cut()
+    got: list[dict[str, Any]] = []
+    with pytest.raises(TimeoutError):
+        async for c in cut.guard(fast()):
+            got.append(c)
+            if len(got) == 2:
+                cut.fire()  # not waiting for the engine now: the consumer is not interrupted
+                await asyncio.sleep(0.01)
+    assert len(got) == 2
+
+
+async def test_an_unfired_cut_passes_everything() -> None:
+    from ollama_distributed.dispatch import Cut
+
+    async def fast() -> AsyncGenerator[dict[str, Any], None]:
+        for i in range(3):
+            yield {"text": f"{i} "}
+
+    assert len([c async for c in Cut().guard(fast())]) == 3
+
+
+async def test_a_draining_node_sheds_its_queue_when_a_peer_can_take_it(tmp_path: Path) -> None:
+    d = dispatcher(tmp_path, Peers({}), nodes=("b",))
+    d.cfg.engine.num_parallel = 1
+    d.reconfigure(d.cfg)
+    first = await d._acquire("m:latest")
+    waiter = asyncio.create_task(d._acquire("m:latest"))
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and d.scheduler.queue_depth() == 1
+    d.draining = True
+    assert d.shed_queue() == 1
+    with pytest.raises(errors.DrainingError) as e:
+        await waiter
+    assert e.value.status == 503 and d.scheduler.queue_depth() == 0
+    d._release("m:latest", first)
+
+
+async def test_with_no_peer_to_take_it_the_queue_stays(tmp_path: Path) -> None:
+    d = dispatcher(tmp_path, Peers({}), nodes=())
+    d.cfg.engine.num_parallel = 1
+    d.reconfigure(d.cfg)
+    first = await d._acquire("m:latest")
+    waiter = asyncio.create_task(d._acquire("m:latest"))
+    await asyncio.sleep(0.01)
+    d.draining = True
+    assert d.shed_queue() == 0
+    d._release("m:latest", first)
+    assert await asyncio.wait_for(waiter, 5) >= 0  # served here once the slot frees
