@@ -277,6 +277,8 @@ class Node:
         """Take requests again. False when this node was not draining."""
         if not self.draining:
             return False
+        if self._stop.is_set():
+            raise ConflictError(f"node {self.node_id} is stopping: its drain cannot be undone")
         if self._drain_task is not None:
             self._drain_task.cancel()
             self._drain_task = None
