@@ -231,8 +231,9 @@ def test_sigstop_the_serving_worker_mid_stream(mock_trio: dict[str, NodeProc]) -
     nodes = mock_trio
     refs = references(nodes)
     rng = random.Random(14)
-    for trial in range(3):
-        api = APIS[(trial * 3) % len(APIS)]
+    before = metric(nodes["a"], "ollama_distributed_migrations_total", type="ongoing")
+    for trial in range(10):
+        api = APIS[trial % len(APIS)]
         at = rng.randint(1, N - 5)
         step(f"trial {trial}: {api}, SIGSTOP the serving worker after token {at}")
         t0 = time.monotonic()
@@ -244,6 +245,9 @@ def test_sigstop_the_serving_worker_mid_stream(mock_trio: dict[str, NodeProc]) -
         print(f"  completed in {took:.1f}s")
         until(f"{victim} routed again", 60, lambda: both_route(nodes))
         time.sleep(1.5)
+    moved = metric(nodes["a"], "ollama_distributed_migrations_total", type="ongoing") - before
+    print(f"10/10 streams complete and identical to the reference; {moved:.0f} migrations")
+    assert moved == 10
     assert nodes["a"].proc.poll() is None and "Traceback" not in nodes["a"].log()
 
 
