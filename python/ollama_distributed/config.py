@@ -39,6 +39,11 @@ class NodeSection:
     # Free-form labels (gpu: "a100", zone: "rack1"); a model's placement policy
     # can require some (POST /api/distributed/placement).
     labels: dict[str, str] = field(default_factory=dict)
+    # On SIGTERM (systemctl stop/restart, a package upgrade) or `cluster drain`,
+    # requests under way get this long to finish; those still running after it
+    # resume on another node (mid-stream migration). Keep the systemd unit's
+    # TimeoutStopSec above it.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass
@@ -98,6 +103,9 @@ class EngineSection:
     mock_ttft_ms: float = 0.0
     mock_tokens_per_second: float = 0.0
     mock_tokens: int = 16
+    # mock engine only: end a stream with an engine error after this many
+    # tokens (0: never), to test mid-stream migration; a continuation never fails
+    mock_fail_after_tokens: int = 0
 
 
 @dataclass
@@ -109,6 +117,10 @@ class SchedulerSection:
     # included) ends with a clear error; between chunks, stream_idle_timeout_s.
     first_token_timeout_s: float = 300.0
     stream_idle_timeout_s: float = 60.0
+    # How many times one request may move to another holder after its first
+    # chunk (a worker lost, wedged or failing mid-stream): the entry node resends
+    # the prompt and the tokens already generated, and splices the streams.
+    migration_limit: int = 3
 
 
 @dataclass
@@ -312,11 +324,14 @@ def _validate(cfg: Config) -> None:
     ):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")
+    if cfg.node.drain_timeout_s < 0:
+        raise ConfigError(f"{where}: node.drain_timeout_s: expected a number of seconds >= 0")
     for key in ("first_token_timeout_s", "stream_idle_timeout_s"):
         if getattr(cfg.scheduler, key) <= 0:
             raise ConfigError(f"{where}: scheduler.{key}: expected a number of seconds > 0")
-    if cfg.scheduler.retries < 0:
-        raise ConfigError(f"{where}: scheduler.retries: expected an integer >= 0")
+    for key in ("retries", "migration_limit"):
+        if getattr(cfg.scheduler, key) < 0:
+            raise ConfigError(f"{where}: scheduler.{key}: expected an integer >= 0")
     if cfg.engine.max_queue < 0:
         raise ConfigError(f"{where}: engine.max_queue: expected an integer >= 0")
     if cfg.models.replication_bandwidth_mbps < 0:

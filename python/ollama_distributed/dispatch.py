@@ -12,11 +12,12 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _core
@@ -25,6 +26,8 @@ from .duration import parse_keep_alive
 from .engines.base import CancelToken, Engine, InferenceRequest
 from .errors import (
     BadRequestError,
+    DrainingError,
+    EngineError,
     ModelNotFoundError,
     OllamaDistributedError,
     OverloadedError,
@@ -125,6 +128,13 @@ class Dispatcher:
         self.text_chunks = 0  # streamed text chunks, live (tokens_total counts at the end)
         self.started_at = time.time()
         self.advertised_models: list[str] = []  # this node's models, as its last advert said
+        # Graceful drain (Node.drain): routing sends nothing new here while peers
+        # can take it, queued requests go elsewhere, and at the deadline the
+        # generations still running here are cut so their entry nodes migrate them.
+        self.draining = False
+        self.active = 0  # generate/chat/embed requests under way here, as the entry or for a peer
+        self._waiting: dict[int, str] = {}  # ticket -> slot key, of requests queued for a slot
+        self._cuts: set[Cut] = set()  # local generations running now
         metrics.bind(queue_depth=self.scheduler.queue_depth,
                      in_flight=self.scheduler.total_in_flight,
                      models_loaded=lambda: len(self.engine.loaded()))
@@ -190,9 +200,11 @@ class Dispatcher:
         """This node's own entry in the router, from live counts rather than
         the last advert (a second old), so routing sees its real load."""
         loaded = [m.name for m in self.engine.loaded()]
+        # Draining: shown to the router as saturated, so a peer that holds the
+        # model is chosen, and this node only when none can take it.
+        depth, bound = (1, 1) if self.draining else (self.scheduler.queue_depth(), self.cfg.engine.max_queue)
         self.scheduler.update_node(self.node_id, True, int(time.time() * 1000), self.advertised_models,
-                                   loaded, self.scheduler.total_in_flight(), self.scheduler.queue_depth(),
-                                   self.cfg.engine.max_queue,
+                                   loaded, self.scheduler.total_in_flight(), depth, bound,
                                    max_loaded_models=self.cfg.engine.max_loaded_models,
                                    busy=[m for m in loaded if not self.is_idle(m)])
 
@@ -214,6 +226,7 @@ class Dispatcher:
             )
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = fut
+        self._waiting[ticket] = key
         try:
             return await fut
         except asyncio.CancelledError:
@@ -223,6 +236,39 @@ class Dispatcher:
             raise
         finally:
             self._waiters.pop(ticket, None)
+            self._waiting.pop(ticket, None)
+
+    def elsewhere(self, model: str) -> bool:
+        """Can a peer take a request for `model` now (while this node drains)?"""
+        if self.remote is None:
+            return False
+        self.update_local()
+        try:
+            order = self.scheduler.route(model, int(time.time() * 1000))
+        except OllamaDistributedError:
+            return False
+        return any(n != self.node_id for n in order)
+
+    def shed_queue(self) -> int:
+        """Draining: the requests queued here for a slot leave the queue with a
+        503 their entry node retries on another holder (nothing was sent yet).
+        Those for a model no peer can take stay and are served here."""
+        shed = 0
+        for ticket, key in list(self._waiting.items()):
+            fut = self._waiters.get(ticket)
+            if fut is None or fut.done() or not self.elsewhere(key.split("#", 1)[0]):
+                continue
+            if self.scheduler.cancel(key, ticket):
+                fut.set_exception(DrainingError(f"node {self.node_id} is draining; another node will take this"))
+                shed += 1
+        return shed
+
+    def cut_local(self) -> int:
+        """The drain deadline: end every generation running here with an error
+        that makes its entry node resume it elsewhere (mid-stream migration)."""
+        for cut in list(self._cuts):
+            cut.fire()
+        return len(self._cuts)
 
     def _release(self, key: str, slot: int) -> None:
         handed = self.scheduler.release(key, slot, int(time.monotonic() * 1000))
@@ -280,6 +326,14 @@ class Dispatcher:
             rec.duration = time.perf_counter() - rec.started
             self._record(rec)
 
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
     def keep_alive(self, req: InferenceRequest) -> float | None:
         default = parse_keep_alive(self.cfg.engine.keep_alive)
         if req.keep_alive is None:
@@ -295,7 +349,7 @@ class Dispatcher:
         Errors before the first chunk raise, so the API can still answer with a
         status code; after it they end the stream.
         """
-        with self._tracked(req, endpoint) as rec:
+        with self._tracked(req, endpoint) as rec, self._counted():
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
             if is_empty(req):
@@ -313,6 +367,7 @@ class Dispatcher:
                     rec.tokens = int(chunk.get("eval_count") or 0)
                     if first:
                         rec.ttft = time.perf_counter() - rec.started
+                chunk.pop("tokens", None)  # for migration (see Progress), not for the client
                 yield chunk
 
     async def preload(self, req: InferenceRequest, endpoint: str) -> dict[str, Any]:
@@ -403,39 +458,116 @@ class Dispatcher:
 
     async def _run_routed(self, req: InferenceRequest,
                           record: ModelRecord | None) -> AsyncIterator[dict[str, Any]]:
-        """Try nodes best first; move on while nothing has been sent to the client."""
+        """Try holders best first. Before the first chunk a failure moves the
+        request to the next holder (up to scheduler.retries); after it, the
+        stream migrates (up to scheduler.migration_limit): the next holder gets
+        the prompt plus the token ids generated so far and goes on from there,
+        and its chunks are spliced into the client's stream (see `Progress`)."""
         assert self.remote is not None
-        self.update_local()
-        order = self.scheduler.route(req.model, int(time.time() * 1000))
-        tries = order[: 1 + max(0, self.cfg.scheduler.retries)]
-        if self.node_id in order and self.node_id not in tries:
-            tries.append(self.node_id)  # this node holds it too: the last resort needs no network
+        sc = self.cfg.scheduler
+        progress = Progress(resumable=req.kind in ("generate", "chat") and not req.format)
+        retries_left = max(0, sc.retries)
+        tried: list[str] = []
         last: OllamaDistributedError | None = None
-        for node in tries:
-            sent = False
-            remote = node != self.node_id
-            self.scheduler.dispatched(node)
+        force: str | None = None
+        while True:
+            node = force or self._next_holder(req.model, tried, last, revisit=progress.sent)
+            force = None
+            if node is None:
+                assert last is not None
+                raise last
+            if last is not None:
+                kind = "ongoing" if progress.sent else "new"
+                self.metrics.migrations.labels(kind).inc()
+                logger.warning("%s of %s moves from node %s to node %s after %d tokens (%s: %s)",
+                               "stream" if progress.sent else "request", req.model, tried[-1], node,
+                               len(progress.tokens), last.status, last)
+            tried.append(node)
+            sub: InferenceRequest | None = continued(req, progress.tokens) if progress.sent else req
+            if sub is None:  # every token asked for is already out: only the final chunk was lost
+                yield progress.final()
+                return
             try:
-                source = self.remote.forward(node, req.to_dict()) if remote else self._local_source(req, record)
-                async with contextlib.aclosing(source) as chunks:
-                    async for chunk in self._timed(chunks, node):
-                        sent = True
-                        yield chunk
-                if remote:
-                    self.metrics.forwarded.labels(node, "ok").inc()
+                async for chunk in self._attempt(node, sub, record, progress):
+                    yield chunk
                 return
             except OllamaDistributedError as e:
-                if remote:
-                    self.metrics.forwarded.labels(node, "retry" if not sent else "failed").inc()
-                if sent or not retryable(e):
+                progress.lost()
+                if not retryable(e):
                     raise
-                logger.warning("node %s could not take %s (%s: %s); trying the next holder",
-                               node, req.model, e.status, e)
+                if not progress.sent:
+                    if retries_left <= 0:
+                        if self.node_id in tried or not self._holds(req.model):
+                            raise
+                        force = self.node_id  # this node holds it too: the last resort needs no network
+                    retries_left -= 1
+                elif not progress.resumable or progress.migrations >= sc.migration_limit:
+                    if progress.resumable:
+                        logger.warning("stream of %s lost at node %s after %d tokens: "
+                                       "scheduler.migration_limit (%d) reached", req.model, node,
+                                       len(progress.tokens), sc.migration_limit)
+                    raise
+                else:
+                    progress.migrations += 1
                 last = e
-            finally:
-                self.scheduler.finished(node)
-        assert last is not None
-        raise last
+
+    def _holds(self, model: str) -> bool:
+        """This node is among the model's holders the router knows."""
+        try:
+            return self.node_id in self.scheduler.route(model, int(time.time() * 1000))
+        except OllamaDistributedError:
+            return False
+
+    def _next_holder(self, model: str, tried: list[str], last: OllamaDistributedError | None,
+                     revisit: bool = False) -> str | None:
+        """The best holder not tried yet for this request, else, for a
+        migration (`revisit`: two holders, a transient failure on each), the
+        best but the one that just failed; None when none is left. The first choice raises the scheduler's own
+        error (404, 503)."""
+        self.update_local()
+        try:
+            order = self.scheduler.route(model, int(time.time() * 1000))
+        except OllamaDistributedError:
+            if last is None:
+                raise
+            return None  # nowhere else to go: the failure that brought us here is the answer
+        fresh = [n for n in order if n not in tried]
+        if fresh or not tried or not revisit:
+            return fresh[0] if fresh else None
+        return next((n for n in order if n != tried[-1]), None)
+
+    async def _attempt(self, node: str, req: InferenceRequest, record: ModelRecord | None,
+                       progress: Progress) -> AsyncIterator[dict[str, Any]]:
+        """One node's run of `req`, its chunks noted in `progress`."""
+        assert self.remote is not None
+        remote = node != self.node_id
+        resumed = len(req.continuation)
+        confirm = resumed > 0
+        self.scheduler.dispatched(node)
+        try:
+            source = self.remote.forward(node, req.to_dict()) if remote else self._local_source(req, record)
+            async with contextlib.aclosing(source) as chunks:
+                async for chunk in self._timed(chunks, node):
+                    if confirm:
+                        if chunk.pop("continued", None) != resumed:
+                            # a node from before migration existed: it ignored the
+                            # tokens and started over, which would repeat the text
+                            raise PeerUnavailableError(f"node {node} cannot resume a stream (an older version?)")
+                        confirm = False
+                    progress.note(chunk)
+                    if chunk.get("done") and progress.migrations:
+                        chunk = progress.merged(chunk, resumed)
+                    yield chunk
+            if remote:
+                self.metrics.forwarded.labels(node, "ok").inc()
+        except OllamaDistributedError as e:
+            if remote:
+                self.metrics.forwarded.labels(node, "retry" if not progress.sent else "failed").inc()
+            if not progress.sent:
+                logger.warning("node %s could not take %s (%s: %s)", node, req.model, e.status, e)
+            raise
+        finally:
+            self.scheduler.finished(node)
 
     async def _local_source(self, req: InferenceRequest,
                             record: ModelRecord | None) -> AsyncGenerator[dict[str, Any], None]:
@@ -451,16 +583,35 @@ class Dispatcher:
         if record is None and self.engine.uses_store:
             _, record = await self.resolve(req.model, local_only=True)
         keep_alive = self.keep_alive(req)
+        if self.draining and self.elsewhere(req.model):
+            # sent here before this node's draining advert reached the sender
+            raise DrainingError(f"node {self.node_id} is draining; another node will take this")
+        resumed: int | None = None
+        if req.continuation:
+            if not getattr(self.engine, "continues", False):
+                raise EngineError(f"the {self.engine.kind} engine cannot resume a stream another node began")
+            resumed = len(req.continuation)
         slot = await self._acquire(req.model)
         cancel = CancelToken()
+        cut = Cut()
+        self._cuts.add(cut)
         try:
             async with contextlib.aclosing(self.engine.generate(req, record, slot, cancel)) as chunks:
-                async for chunk in chunks:
+                async for chunk in cut.guard(chunks):
+                    if resumed is not None:  # tells the entry node this node understood the continuation
+                        chunk["continued"] = resumed
+                        resumed = None
                     if chunk.get("done") and chunk.get("load_duration"):
                         # this request paid for a cold load: count it once, here, on the loading node
                         self.metrics.model_load.labels(req.model).observe(chunk["load_duration"] / 1e9)
                     yield chunk
+        except TimeoutError:
+            if not cut.fired:
+                raise
+            raise PeerUnavailableError(f"node {self.node_id} is shutting down (node.drain_timeout_s passed); "
+                                       "the stream resumes on another node") from None
         finally:
+            self._cuts.discard(cut)
             cancel.cancel()
             self._release(req.model, slot)
             self.engine.touch(req.model, keep_alive)
@@ -468,7 +619,7 @@ class Dispatcher:
                 await self.engine.unload(req.model)
 
     async def embed(self, req: InferenceRequest, endpoint: str) -> dict[str, Any]:
-        with self._tracked(req, endpoint) as rec:
+        with self._tracked(req, endpoint) as rec, self._counted():
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
             if self.remote is None:
@@ -506,7 +657,7 @@ class Dispatcher:
     async def handle_inbound(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """A request forwarded by a peer: run it here, counted here."""
         req = InferenceRequest.from_dict(request)
-        with self._tracked(req, f"peer:{req.kind}") as rec:
+        with self._tracked(req, f"peer:{req.kind}") as rec, self._counted():
             _, record = await self.resolve(req.model, local_only=True)
             if is_empty(req):
                 yield await self._load_or_unload(req, record)
@@ -524,6 +675,103 @@ class Dispatcher:
                 elif rec.ttft is None:
                     rec.ttft = time.perf_counter() - rec.started
                 yield chunk
+
+
+class Cut:
+    """Lets the drain end one local generation between two chunks: `guard`
+    passes its chunks through and raises TimeoutError once `fire` is called
+    (at once when waiting for the engine, else before the next chunk)."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._timeout: asyncio.Timeout | None = None
+        self._waiting = False
+
+    def fire(self) -> None:
+        self.fired = True
+        if self._waiting and self._timeout is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
+    async def guard(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        async with asyncio.timeout(None) as self._timeout:
+            while True:
+                if self.fired:
+                    raise TimeoutError
+                self._waiting = True
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self._waiting = False
+                yield chunk
+
+
+@dataclass
+class Progress:
+    """What the entry node keeps of one routed stream so that another holder
+    can resume it: the token ids the client's text came from. `resumable`
+    turns False once a chunk arrives without its ids (an upstream engine, a
+    tool call) or the request cannot be replayed token for token (a `format`
+    grammar restarts from its first state)."""
+
+    resumable: bool = True
+    sent: bool = False  # a chunk reached the client: a failure now is a migration, not a retry
+    tokens: list[int] = field(default_factory=list)
+    migrations: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_chunk_at: float | None = None
+    last_chunk_at: float = 0.0
+    eval_s: float = 0.0  # generation time on the nodes that failed (their final never came)
+
+    def note(self, chunk: dict[str, Any]) -> None:
+        ids = chunk.get("tokens")
+        if isinstance(ids, list):
+            self.tokens.extend(ids)
+        elif "text" in chunk or "thinking" in chunk or "tool_calls" in chunk:
+            self.resumable = False
+        now = time.perf_counter()
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        self.last_chunk_at = now
+        if not self.sent and not self.tokens and not chunk.get("done"):
+            self.resumable = False  # something went out that no token id stands for
+        self.sent = True
+
+    def lost(self) -> None:
+        """The node serving this stream failed: count its generation time."""
+        if self.first_chunk_at is not None:
+            self.eval_s += self.last_chunk_at - self.first_chunk_at
+            self.first_chunk_at = None
+
+    def merged(self, final: dict[str, Any], resumed: int) -> dict[str, Any]:
+        """The last node's final chunk, its counts made the whole request's:
+        `eval_count` the total, durations from the entry node's clock where
+        a lost node's own figures never came; done_reason stays the last node's."""
+        out = dict(final)
+        out["eval_count"] = int(final.get("eval_count") or 0) + resumed
+        out["eval_duration"] = int(final.get("eval_duration") or 0) + int(self.eval_s * 1e9)
+        out["total_duration"] = int((time.perf_counter() - self.started) * 1e9)
+        return out
+
+    def final(self) -> dict[str, Any]:
+        """The final chunk when the stream broke after its last token but before it."""
+        return {"done": True, "done_reason": "length", "prompt_eval_count": 0, "prompt_eval_duration": 0,
+                "eval_count": len(self.tokens), "eval_duration": int(self.eval_s * 1e9), "load_duration": 0,
+                "total_duration": int((time.perf_counter() - self.started) * 1e9)}
+
+
+def continued(req: InferenceRequest, tokens: list[int]) -> InferenceRequest | None:
+    """`req` resumed after `tokens`: the same prompt and options, the ids
+    appended (raw, no template re-render) and num_predict reduced by them;
+    None when num_predict is already used up."""
+    options = dict(req.options)
+    n = options.get("num_predict")
+    if isinstance(n, int | float) and not isinstance(n, bool) and n > 0:
+        if n - len(tokens) <= 0:
+            return None
+        options["num_predict"] = int(n) - len(tokens)
+    return dataclasses.replace(req, continuation=list(tokens), options=options)
 
 
 def req_s(seconds: float) -> str:

@@ -49,6 +49,11 @@ class OverloadedError(OllamaDistributedError):
     retry_after = 1
 
 
+class DrainingError(OverloadedError):
+    """This node is draining (SIGTERM or `cluster drain`) and a peer can take
+    the request: its entry node retries it there, as for any 503."""
+
+
 class PeerUnavailableError(OllamaDistributedError):
     """A peer could not take the request before any token was sent: retryable."""
 

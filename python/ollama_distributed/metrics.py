@@ -128,6 +128,10 @@ class Metrics:
         self.stream_timeouts = Counter(
             f"{p}_stream_timeouts", "Streams ended because no chunk came in time, by phase.",
             ["phase"], registry=r)
+        self.migrations = Counter(
+            f"{p}_migrations", "Requests moved to another holder after a node failed them: before their "
+            "first chunk (new) or mid-stream, resumed after the tokens already sent (ongoing).",
+            ["type"], registry=r)
         self.websocket_connections = Gauge(f"{p}_websocket_connections",
                                            "Dashboard WebSocket clients connected.", registry=r)
         # key: the API key's name (never the key), "config" for api.auth_tokens,

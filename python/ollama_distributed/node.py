@@ -12,7 +12,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from .cluster import advert
 from .config import Config
 from .dispatch import Dispatcher
 from .engines.base import Engine
-from .errors import ConfigError
+from .errors import BadRequestError, ConfigError, ConflictError, NotFoundError
 from .metrics import Metrics
 from .models import catalog
 from .models.fsutil import atomic_write
@@ -120,6 +120,8 @@ class Node:
         self.websocket_connections = 0
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: stop without waiting for the drain
+        self._drain_task: asyncio.Task[None] | None = None
         self.api_url = ""
         self.web_url = ""
         psutil.cpu_percent(interval=None)  # prime: the first reading is meaningless
@@ -187,7 +189,7 @@ class Node:
         except (RuntimeError, OSError) as e:
             raise ConfigError(f"cannot start the P2P listener on {p2p.host}:{p2p.port}/udp: {e}; "
                               "free the port or set p2p.port (--p2p-port)") from None
-        svc.set_inbound_handler(self.dispatcher.handle_inbound)
+        svc.set_inbound_handler(self.handle_inbound)
         svc.configure_blobs(self.store.root, self.cfg.models.replication_bandwidth_mbps)
         self.cluster = svc
         if self.engine.uses_store:
@@ -256,7 +258,112 @@ class Node:
                 admin_socket.unlink()
 
     def request_stop(self) -> None:
+        if self._stop.is_set():
+            logger.warning("asked again to stop: not waiting for the drain")
+            self._hurry.set()
         self._stop.set()
+
+    # ---- drain -------------------------------------------------------------------
+
+    async def handle_inbound(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """What a peer sends over QUIC: an inference request for the
+        dispatcher, or a drain/undrain of this node (`cluster drain NODE` at
+        any member travels here over the cluster's mTLS link)."""
+        if request.get("kind") == "control":
+            yield self.control(str(request.get("action", "")))
+            return
+        async for chunk in self.dispatcher.handle_inbound(request):
+            yield chunk
+
+    def control(self, action: str) -> dict[str, Any]:
+        if action == "drain":
+            changed = self.start_drain()
+        elif action == "undrain":
+            changed = self.undrain()
+        else:
+            raise BadRequestError(f"unknown control action {action!r}: expected drain or undrain")
+        return {"done": True, "node": self.node_id, "draining": self.draining, "changed": changed,
+                "in_flight": self.dispatcher.active}
+
+    async def control_node(self, node_id: str, action: str) -> dict[str, Any]:
+        """Drain or undrain `node_id` (this node, or a peer through the cluster)."""
+        if node_id in ("", self.node_id, self.name):
+            return self.control(action)
+        known = {n["id"]: n for n in self.cluster_nodes()}
+        by_name = {n["name"]: i for i, n in known.items()}
+        target = node_id if node_id in known else by_name.get(node_id)
+        if target is None or self.cluster is None:
+            raise NotFoundError(f"no node '{node_id}' in this cluster (see `ollama-distributed nodes`)")
+        if known[target]["status"] != "active":
+            raise ConflictError(f"node '{node_id}' is down")
+        out: dict[str, Any] = {}
+        async for chunk in self.cluster.forward(target, {"kind": "control", "action": action}):
+            out = chunk
+        return out
+
+    @property
+    def draining(self) -> bool:
+        return self.dispatcher.draining
+
+    def start_drain(self) -> bool:
+        """`cluster drain`: drain in the background, the process kept. False
+        when already draining."""
+        if self.draining:
+            return False
+        self.dispatcher.draining = True  # at once: readiness and routing follow before the task runs
+        self._drain_task = asyncio.create_task(self.drain(), name="drain")
+        return True
+
+    def undrain(self) -> bool:
+        """Take requests again. False when this node was not draining."""
+        if not self.draining:
+            return False
+        if self._stop.is_set():
+            raise ConflictError(f"node {self.node_id} is stopping: its drain cannot be undone")
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+        self.dispatcher.draining = False
+        self._refresh_local_node()
+        logger.info("drain ended: taking requests again")
+        self.notifier.status(f"serving on {self.api_url}")
+        return True
+
+    async def drain(self, stopping: bool = False) -> None:
+        """Stop taking requests and let those under way finish: readiness 503
+        at once, the advert says draining (peers route elsewhere within an
+        advert interval), queued requests go back to their entry nodes to be
+        retried on a peer, running ones get node.drain_timeout_s, then the ones
+        still generating here are cut and resume elsewhere (their entry nodes
+        migrate them). A stream this node is the entry of cannot move (the
+        client is connected here): it gets the whole timeout."""
+        d = self.dispatcher
+        d.draining = True
+        self._refresh_local_node()  # the advert says so now, not at the next interval
+        loop = asyncio.get_running_loop()
+        timeout = self.cfg.node.drain_timeout_s
+        deadline = loop.time() + timeout
+        shed = d.shed_queue()
+        logger.info("draining: %d request(s) under way, %d queued one(s) sent elsewhere; waiting up to %gs "
+                    "(node.drain_timeout_s)", d.active, shed, timeout)
+        verb = "stopping" if stopping else "draining"
+        while d.active > 0 and loop.time() < deadline and not self._hurry.is_set():
+            self.notifier.status(f"{verb}: waiting for {d.active} request(s) under way, "
+                                 f"{max(0, deadline - loop.time()):.0f}s left")
+            d.shed_queue()  # any that queued since (a peer had not seen the advert yet)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), 0.1)
+        if d.active > 0:
+            cut = d.cut_local()
+            logger.warning("drain timeout: %d request(s) still under way; %d generation(s) here move to "
+                           "other nodes", d.active, cut)
+            # the cut ones end at their next chunk; give their errors a moment to reach their entries
+            end = loop.time() + 2.0
+            while d._cuts and loop.time() < end:
+                await asyncio.sleep(0.05)
+        else:
+            logger.info("drained: nothing under way")
+        self.notifier.status(f"{verb}: drained" if d.active == 0 else f"{verb}: {d.active} request(s) left")
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and apply the keys that can change live."""
@@ -297,6 +404,11 @@ class Node:
                 on_started(self)
             await self._stop.wait()
             logger.info("shutting down")
+            self.ready = False
+            self.notifier.stopping()
+            if self._drain_task is not None:
+                self._drain_task.cancel()
+            await self.drain(stopping=True)
         finally:
             await self.stop()
 
@@ -328,6 +440,7 @@ class Node:
             "in_flight": d.scheduler.total_in_flight(), "queue_depth": d.scheduler.queue_depth(),
             "max_queue": self.cfg.engine.max_queue, "engine": self.engine.kind,
             "labels": dict(self.cfg.node.labels),
+            "draining": d.draining,
             # whether a model can load here without evicting one a request is running on
             "max_loaded_models": self.cfg.engine.max_loaded_models,
             "busy": [m for m in loaded if not d.is_idle(m)],
@@ -375,10 +488,12 @@ class Node:
             if adv:  # the peer's API key use since its last advert counts here too
                 self.keys.observe_peer(n["id"], adv.get("key_usage", {}))
                 self.keys.observe_last_used(adv.get("key_last_used"))
+            # a draining peer looks saturated: chosen only when no other holder can take it
+            depth, bound = ((1, 1) if adv.get("draining")
+                            else (int(adv.get("queue_depth", 0)), int(adv.get("max_queue", 0))))
             sched.update_node(n["id"], bool(n.get("alive")), int((n.get("advert_at") or 0) * 1000),
                               list(adv.get("models", [])), list(adv.get("loaded", [])),
-                              int(adv.get("in_flight", 0)), int(adv.get("queue_depth", 0)),
-                              int(adv.get("max_queue", 0)),
+                              int(adv.get("in_flight", 0)), depth, bound,
                               max_loaded_models=int(adv.get("max_loaded_models", 0)),
                               busy=list(adv.get("busy", [])))
         for gone in self._peers - seen:
@@ -423,7 +538,7 @@ class Node:
             "api_address": self.api_url, "models": me["models"], "loaded_models": me["loaded"],
             "resources": me["resources"], "in_flight": me["in_flight"],
             "queue_depth": me["queue_depth"], "last_seen": time.time(), "local": True,
-            "version": __version__,
+            "version": __version__, "draining": self.draining,
         }
         out = [local]
         if self.cluster is not None:
@@ -442,7 +557,7 @@ class Node:
                     "models": adv.get("models", []), "loaded_models": adv.get("loaded", []),
                     "resources": adv.get("resources", {}), "in_flight": adv.get("in_flight", 0),
                     "queue_depth": adv.get("queue_depth", 0), "last_seen": n.get("last_seen"),
-                    "local": False, "version": adv.get("version"),
+                    "local": False, "version": adv.get("version"), "draining": bool(adv.get("draining")),
                 })
         return out
 
@@ -533,6 +648,7 @@ class Node:
         degraded = bool(c.get("degraded")) or not self.ready or not self.supervisor.healthy
         return {
             "status": "degraded" if degraded else "healthy",
+            "draining": self.draining,
             # background tasks that ended for good: name -> why (systemd restarts the node)
             "failed_tasks": dict(self.supervisor.dead),
             "timestamp": now_iso(),

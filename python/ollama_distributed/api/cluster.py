@@ -33,9 +33,9 @@ async def live(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     node = _node(request)
-    ok = node.ready
-    return web.json_response({"status": "ready" if ok else "starting", "timestamp": now_iso()},
-                             status=200 if ok else 503)
+    ok = node.ready and not node.draining  # a draining node takes nothing new: balancers move on
+    state = "ready" if ok else "draining" if node.draining else "starting"
+    return web.json_response({"status": state, "timestamp": now_iso()}, status=200 if ok else 503)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -180,6 +180,17 @@ async def remove_node(request: web.Request) -> web.Response:
     return web.json_response({"removed": node_id, "timestamp": now_iso()})
 
 
+async def drain_node(request: web.Request) -> web.Response:
+    """Drain a node (this one, or any member by id or name) without stopping
+    it: it takes nothing new, queued requests go to peers, running ones get
+    node.drain_timeout_s to finish, then move. POST .../undrain ends it."""
+    node = _node(request)
+    action = request.path.rsplit("/", 1)[1]
+    out = await node.control_node(request.match_info["node_id"], action)
+    return web.json_response({**{k: v for k, v in out.items() if k != "done"}, "timestamp": now_iso()},
+                             status=202 if action == "drain" else 200)
+
+
 async def prometheus(request: web.Request) -> web.Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -205,6 +216,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/distributed/status", status)
     r.add_get("/api/distributed/nodes", nodes)
     r.add_delete("/api/distributed/nodes/{node_id}", remove_node)
+    r.add_post("/api/distributed/nodes/{node_id}/drain", drain_node)
+    r.add_post("/api/distributed/nodes/{node_id}/undrain", drain_node)
     r.add_get("/api/distributed/metrics", metrics)
     r.add_get("/api/distributed/models", models)
     r.add_get("/api/distributed/replication/status", replication_status)

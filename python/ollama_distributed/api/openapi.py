@@ -202,13 +202,22 @@ def spec() -> dict[str, Any]:
                                "get": _op("One model", errors=(404,))},
         "/health": {"get": _op("Node health with service flags", errors=())},
         "/health/live": {"get": _op("Liveness", errors=())},
-        "/health/ready": {"get": _op("Readiness: 503 until started", errors=(503,))},
+        "/health/ready": {"get": _op("Readiness: 503 until started and while draining", errors=(503,))},
         "/api/distributed/status": {"get": _op("Cluster status", errors=())},
         "/api/distributed/nodes": {"get": _op("Cluster nodes with resources", errors=())},
         "/api/distributed/nodes/{node_id}": {
             "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "delete": _op("Remove a node that is down for good from the cluster's membership",
                           errors=(404, 409, 503))},
+        "/api/distributed/nodes/{node_id}/drain": {
+            "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": _accepted(_op(
+                "Drain a node (id or name, this one or a peer) without stopping it: readiness 503, peers "
+                "route elsewhere, queued requests move, running ones get node.drain_timeout_s, then migrate",
+                ok="Accepted", errors=(404, 409)))},
+        "/api/distributed/nodes/{node_id}/undrain": {
+            "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": _op("End a node's drain: it takes requests again", errors=(404, 409))},
         "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
         "/api/distributed/token": {"get": {
             "summary": "Gone: the join token is never served over HTTP; `cluster token` on the node reads it",

@@ -1,6 +1,7 @@
 """`cluster token`: the token another node needs to join this cluster.
 `cluster rebalance|migrate|place`: where the cluster keeps its models.
-`cluster remove NODE`: take a node that is down for good out of the cluster."""
+`cluster remove NODE`: take a node that is down for good out of the cluster.
+`cluster drain|undrain [NODE]`: stop sending a node requests, for maintenance."""
 
 from __future__ import annotations
 
@@ -141,3 +142,37 @@ def remove(node_id: str, api: str, as_json: bool) -> None:
         print_json(out)
     else:
         click.echo(f"Removed {out['removed']} from the cluster.")
+
+
+def _drain(action: str, node: str, api: str, as_json: bool) -> None:
+    client = Client(api)
+    target = node or str(client.get("/api/distributed/status")["node_id"])
+    out = client.post(f"/api/distributed/nodes/{urllib.parse.quote(target, safe='')}/{action}", {})
+    if as_json:
+        print_json(out)
+    elif action == "drain":
+        click.echo(f"{out['node']}: draining; {out['in_flight']} request(s) under way finish there "
+                   "(node.drain_timeout_s), then move. `cluster undrain` ends it.")
+    else:
+        click.echo(f"{out['node']}: taking requests again" if out["changed"] else f"{out['node']}: was not draining")
+
+
+@cluster.command("drain")
+@click.argument("node", required=False, default="")
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def drain(node: str, api: str, as_json: bool) -> None:
+    """Drain NODE (an id or name; default: the node at --api) for maintenance,
+    without stopping it: its readiness turns 503, peers stop routing to it,
+    its queued requests go to other holders, and those under way get
+    node.drain_timeout_s to finish before they resume elsewhere."""
+    _drain("drain", node, api, as_json)
+
+
+@cluster.command("undrain")
+@click.argument("node", required=False, default="")
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def undrain(node: str, api: str, as_json: bool) -> None:
+    """End NODE's drain: it takes requests again."""
+    _drain("undrain", node, api, as_json)

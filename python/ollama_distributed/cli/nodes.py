@@ -20,7 +20,9 @@ def rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
                if r.get("memory_total_bytes") else "-")
         out.append([
             str(n.get("id", "?")) + (" *" if n.get("local") else ""),
-            str(n.get("name", "")), str(n.get("status", "?")), str(n.get("role", "?")),
+            str(n.get("name", "")),
+            str(n.get("status", "?")) + (" (draining)" if n.get("draining") else ""),
+            str(n.get("role", "?")),
             str(n.get("address") or "-"),
             f"{100 * r.get('cpu', 0):.0f}% of {r.get('cpu_count', '?')}" if r else "-",
             mem,

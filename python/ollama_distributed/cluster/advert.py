@@ -88,6 +88,8 @@ def check(adv: Any) -> dict[str, Any]:
             raise BadAdvert(f"resources.{k}", "expected a non-negative number")
         clean[str(k)] = v
     out["resources"] = clean
+    if not isinstance(adv.get("draining", False), bool):
+        raise BadAdvert("draining", "expected true or false")
     labels = adv.get("labels", {})
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                for k, v in labels.items()):

@@ -3,13 +3,27 @@
 Engines speak in the internal request type and JSON-able chunks, so the same
 chunks stream to a local client or across QUIC to a peer:
 
-- a text chunk:   {"text": "...", "logprobs"?: [{"token", "logprob", "bytes", "top_logprobs"?: [...]}]}
+- a text chunk:   {"text": "...", "logprobs"?: [{"token", "logprob", "bytes", "top_logprobs"?: [...]}],
+                   "tokens"?: [ids]}
+  `tokens` (llamacpp, mock) are the ids generated since the previous text
+  chunk, this text included: all of them, so that prompt + every id received
+  so far is exactly where generation stands once this text is out. The entry
+  node keeps them to resume the stream elsewhere (mid-stream migration); the
+  APIs never show them.
 - a thinking chunk: {"thinking": "..."}       (split from the text for thinking templates)
 - a tool call chunk: {"tool_calls": [{"id": "call_...", "function": {"index": i, "name": "...",
                                        "arguments": {...}}}]}   (Ollama's shape; arguments an object)
 - the last chunk: {"done": True, "done_reason": "stop"|"length"|"load"|"unload",
                    "prompt_eval_count", "prompt_eval_duration", "eval_count",
                    "eval_duration", "load_duration", "total_duration", "context"?}
+
+A continuation (`InferenceRequest.continuation`, the ids another node already
+generated) runs the same prompt with those ids appended, without re-emitting
+their text, and goes on from there; `eval_count` and `prompt_eval_count` then
+count only its own new tokens and the prompt proper. Only engines with
+`continues = True` take one; the dispatcher marks the first chunk of a
+continuation `"continued": n` so the entry node knows the node understood it
+(a node from before migration existed would silently start over).
 """
 
 from __future__ import annotations
@@ -51,6 +65,9 @@ class InferenceRequest:
     suffix: str = ""  # generate: fill-in-the-middle
     shift: bool = True  # shift the context window when it is full instead of stopping
     dimensions: int | None = None  # embed: truncate embeddings to this many dimensions
+    # Mid-stream migration: token ids another node already generated and the
+    # client already has; generation resumes after them (see the module doc).
+    continuation: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +106,8 @@ class Engine(Protocol):
     """What the dispatcher needs from an engine."""
 
     kind: str
+    #: True when the engine resumes a `continuation` exactly (llamacpp, mock).
+    continues: bool
     #: True when the engine serves models of the local store (llamacpp, mock);
     #: upstream engines list their upstream's models instead.
     uses_store: bool

@@ -77,6 +77,7 @@ def _import_llama() -> Any:
 class LlamaCppEngine:
     kind = "llamacpp"
     uses_store = True
+    continues = True
 
     def __init__(
         self,
@@ -381,6 +382,10 @@ class LlamaCppEngine:
         if bad is not None:  # llama.cpp would abort the process on it
             raise BadRequestError(f"context holds token id {bad}, outside this model's vocabulary "
                                   f"(0-{n_vocab - 1}); send back the context this model returned")
+        resumed = list(req.continuation)  # a migrated stream: what another node already generated
+        bad = next((t for t in resumed if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise BadRequestError(f"continuation holds token id {bad}, outside this model's vocabulary")
         fim = _fill_in_middle(llama_cpp, llama, lm.record, req) if req.suffix else None
         if fim is not None:  # the vocabulary's FIM tokens, as llama.cpp's /infill (no template)
             prompt = Prompt("", [], False)
@@ -388,6 +393,7 @@ class LlamaCppEngine:
         else:
             prompt = render_prompt(llama, lm.record, req)
             tokens += llama.tokenize(prompt.text.encode("utf-8"), add_bos=prompt.add_bos and not tokens, special=True)
+        tokens += resumed  # raw continuation: no template re-render, the same token ids
         if not tokens:
             raise BadRequestError("the prompt is empty once rendered (raw with no prompt?): nothing to generate from")
         n_ctx = llama.n_ctx()
@@ -418,8 +424,13 @@ class LlamaCppEngine:
         else:
             llama.set_seed(int.from_bytes(os.urandom(4), "little"))
         stream = StopStream(list(opts.get("stop", [])) + prompt.stops)
+        for token in resumed:
+            # The client has this text already: replay it only to put the stop
+            # sequence and UTF-8 state where the other node left it.
+            stream.feed(llama.detokenize([token]))
         vocab = llama._model.vocab
         generated: list[int] = []
+        unsent: list[int] = []  # ids fed since the last text chunk: carried on the next one
         pending_lp: list[dict[str, Any]] = []  # tokens whose text the stop-sequence stream still holds
         first_at: float | None = None
         done_reason = "stop"
@@ -445,12 +456,16 @@ class LlamaCppEngine:
             penalize_nl=bool(opt.get(opts, "penalize_newline")),
             grammar=grammar,
         )
+        if resumed and budget > 0:
+            _replay(llama, tokens, len(resumed), exact=float(opt.get(opts, "temperature")) == 0 or seed >= 0)
         if budget <= 0:
             gen: Iterator[int] = iter(())
         elif req.shift:
             gen = _shifting(start, tokens, n_ctx, max(0, int(opt.get(opts, "num_keep"))))
         else:
             gen = start(tokens)
+        if resumed:
+            _remember(llama, resumed)
         try:
             for token in gen:
                 if first_at is None:
@@ -461,11 +476,14 @@ class LlamaCppEngine:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     break
                 generated.append(token)
+                unsent.append(token)
                 if req.logprobs:
                     pending_lp.append(_logprob(llama_cpp, llama, token, req.top_logprobs))
                 text = stream.feed(llama.detokenize([token]))
                 if text:
                     for chunk in reader.feed(text):
+                        if unsent:  # the ids this text came from, for a migration (dispatch.Progress)
+                            chunk["tokens"], unsent = unsent, []
                         emit(_with_logprobs(chunk, pending_lp) if "text" in chunk else chunk)
                 if stream.stopped:
                     break
@@ -479,20 +497,23 @@ class LlamaCppEngine:
             close = getattr(gen, "close", None)
             if close:
                 close()
+            llama.__dict__.pop("_init_sampler", None)  # undo _remember
         if done_reason == "cancel":
             return
         tail = stream.flush()
         for chunk in [*reader.feed(tail), *reader.finish()] if tail else reader.finish():
+            if unsent:
+                chunk["tokens"], unsent = unsent, []
             emit(_with_logprobs(chunk, pending_lp) if "text" in chunk else chunk)
-        if pending_lp:  # tokens whose text became a tool call or thinking: still reported
-            emit(_with_logprobs({"text": ""}, pending_lp))
+        if pending_lp or unsent:  # tokens whose text became a tool call or thinking: still reported
+            emit(_with_logprobs({"text": "", "tokens": unsent}, pending_lp))
         end = time.perf_counter()
         first = first_at or end
         emit(
             {
                 "done": True,
                 "done_reason": done_reason,
-                "prompt_eval_count": len(tokens),
+                "prompt_eval_count": max(0, len(tokens) - len(resumed)),  # the prompt proper
                 "prompt_eval_duration": int((first - t0) * 1e9),
                 "eval_count": len(generated),
                 "eval_duration": int((end - first) * 1e9),
@@ -561,6 +582,42 @@ class LlamaCppEngine:
             "load_duration": int(load_s * 1e9),
             "total_duration": int((time.perf_counter() - t0) * 1e9),
         }
+
+
+def _replay(llama: Any, tokens: list[int], resumed: int, exact: bool) -> None:
+    """Evaluate a continuation's context as the node that began it did: the
+    prompt in one batch, then (`exact`: a greedy or seeded request, whose
+    client may expect the very same text) each generated token alone, as it
+    was fed back after its sampling. Batching them instead is faster but
+    rounds differently and can tip a close greedy choice. `generate` then
+    finds the whole context cached and samples from these logits."""
+    prompt = len(tokens) - resumed
+    if prompt <= 0:
+        return  # truncated into the generated part: generate evaluates it all
+    llama.reset()
+    llama.eval(tokens[:prompt])
+    if exact:
+        for token in tokens[prompt:]:
+            llama.eval([token])
+    else:
+        llama.eval(tokens[prompt:])
+
+
+def _remember(llama: Any, history: list[int]) -> None:
+    """Give the sampler `generate` builds the penalty history the first
+    node's had: llama.cpp's repeat penalties count the tokens the sampler
+    accepted (the last 64 it sampled), and a fresh sampler has none, so a
+    continuation would otherwise choose differently. Undone by deleting the
+    instance attribute once the generation ends."""
+    make = type(llama)._init_sampler
+
+    def init_sampler(*args: Any, **kwargs: Any) -> Any:
+        sampler = make(llama, *args, **kwargs)
+        for token in history:
+            sampler.accept(token)
+        return sampler
+
+    llama._init_sampler = init_sampler
 
 
 def _shifting(start: Callable[[list[int]], Iterator[int]], tokens: list[int], n_ctx: int,

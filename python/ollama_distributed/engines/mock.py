@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from ..config import EngineSection
+from ..errors import EngineError
 from ..models.store import ModelRecord
 from . import options as opt
 from .base import CancelToken, InferenceRequest, LoadedModel
@@ -28,6 +29,7 @@ _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hote
 class MockEngine:
     kind = "mock"
     uses_store = True
+    continues = True  # word i is a function of the prompt and i: a continuation resumes exactly
 
     def __init__(self, cfg: EngineSection) -> None:
         self.cfg = cfg
@@ -78,27 +80,34 @@ class MockEngine:
         limited = n >= 0 and "num_predict" in opts  # a client's limit ends it at "length", as a model would
         if n < 0:
             n = self.cfg.mock_tokens
+        skip = len(req.continuation)  # the dispatcher already took them off num_predict
+        if not limited:
+            n = max(0, n - skip)
         if self.cfg.mock_ttft_ms > 0:
             await asyncio.sleep(self.cfg.mock_ttft_ms / 1000)
         first = time.perf_counter()
         gap = 1.0 / self.cfg.mock_tokens_per_second if self.cfg.mock_tokens_per_second > 0 else 0.0
         seed = (req.prompt or str(req.messages)).encode()
         base = hashlib.sha256(seed).digest()[0]
-        if req.think:
-            yield {"thinking": "mock thinking. "}
-        call = _tool_call(req)
+        if req.think and not skip:
+            yield {"thinking": "mock thinking. ", "tokens": []}
+        call = _tool_call(req) if not skip else None
         if call is not None:
             n = 0
             yield {"tool_calls": [call]}
-        for i in range(n):
+        fail_at = self.cfg.mock_fail_after_tokens
+        for i in range(skip, skip + n):
             if cancel.cancelled:
                 return
+            if fail_at and i == fail_at and not skip:
+                raise EngineError(f"mock failure injected after {fail_at} tokens "
+                                  "(engine.mock_fail_after_tokens)")
             if gap:
                 await asyncio.sleep(gap)
             elif i % 64 == 63:
                 await asyncio.sleep(0)  # stay fair to other streams at zero delay
             word = _WORDS[(base + i) % len(_WORDS)] + " "
-            chunk: dict[str, Any] = {"text": word}
+            chunk: dict[str, Any] = {"text": word, "tokens": [(base + i) % len(_WORDS)]}
             if req.logprobs:
                 chunk["logprobs"] = [_logprob(word, (base + i) % len(_WORDS), req.top_logprobs)]
             yield chunk

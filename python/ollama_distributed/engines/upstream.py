@@ -29,6 +29,7 @@ MODELS_TTL = 10.0
 class _Upstream(abc.ABC):
     kind = "upstream"
     uses_store = False
+    continues = False  # an upstream takes no token ids: its streams cannot be resumed elsewhere
 
     def __init__(self, cfg: EngineSection) -> None:
         self.cfg = cfg
