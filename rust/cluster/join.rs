@@ -1,13 +1,15 @@
 //! The join exchange: the only thing a connection without a client
 //! certificate may do.
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{resolve, ClusterError};
+use super::{resolve, valid_node_id, ClusterError};
 use crate::consensus::NodeMeta;
-use crate::forward::ErrorBody;
+use crate::forward::{self, ErrorBody};
 use crate::transport::tls::{self, ClusterCa, JoinToken, NodeCert, TlsMaterial, SERVER_NAME};
 use crate::transport::{self, Kind};
 
@@ -108,5 +110,84 @@ pub async fn request(
             return Err(ClusterError::Join(last));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+impl super::Cluster {
+    pub(super) async fn handle_join(
+        &self,
+        conn: &quinn::Connection,
+        payload: &[u8],
+    ) -> (Kind, Vec<u8>) {
+        let err = |status: u16, message: String| {
+            (
+                Kind::Error,
+                serde_json::to_vec(&forward::ErrorBody { status, message }).unwrap_or_default(),
+            )
+        };
+        let Ok(req) = serde_json::from_slice::<JoinRequest>(payload) else {
+            return err(400, "malformed join request".into());
+        };
+        if !crate::transport::tls::secrets_match(&req.secret, &self.material.secret) {
+            self.counters.joins_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "refused join of '{}' from {}: wrong token",
+                req.node_id,
+                conn.remote_address()
+            );
+            return err(403, "invalid join token".into());
+        }
+        if !valid_node_id(&req.node_id) {
+            return err(400, format!("invalid node id '{}'", req.node_id));
+        }
+        let p2p_address = match req.p2p_address.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(conn.remote_address().ip(), a.port()).to_string()
+            }
+            _ => req.p2p_address.clone(),
+        };
+        let cert = match self.material.ca.issue(&req.node_id) {
+            Ok(c) => c,
+            Err(e) => return err(500, e.to_string()),
+        };
+        let meta = NodeMeta {
+            name: req.node_id.clone(),
+            p2p_address,
+            api_address: req.api_address.clone(),
+        };
+        if let Err(e) = self.add_member(meta).await {
+            return err(503, format!("cannot add the node to the cluster: {e}"));
+        }
+        self.counters.joins_accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "node '{}' joined from {}",
+            req.node_id,
+            conn.remote_address()
+        );
+        let resp = JoinResponse {
+            ca_cert_pem: self.material.ca.cert_pem.clone(),
+            ca_key_pem: self.material.ca.key_pem.clone(),
+            node_cert_pem: cert.cert_pem,
+            node_key_pem: cert.key_pem,
+            secret: self.material.secret.clone(),
+            // this node as the joiner can reach it: serve_connection has
+            // learned our IP from this very connection if we listen on 0.0.0.0
+            members: self
+                .store
+                .nodes()
+                .into_values()
+                .map(|m| {
+                    if m.name == self.cfg.node_id {
+                        self.my_meta()
+                    } else {
+                        m
+                    }
+                })
+                .collect(),
+        };
+        (
+            Kind::JoinResponse,
+            serde_json::to_vec(&resp).unwrap_or_default(),
+        )
     }
 }
