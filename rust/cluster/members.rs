@@ -102,6 +102,38 @@ impl Cluster {
             .remove(name);
         self.lock_membership().forget(name);
         tracing::info!("node '{name}' removed from the cluster");
+        self.deny(name).await
+    }
+
+    /// Put every certificate `name` is known to hold on the deny list and
+    /// rotate the join secret: a removed node gets back in neither with its
+    /// certificate nor with the token it joined with.
+    async fn deny(&self, name: &str) -> Result<(), ClusterError> {
+        let seen = self
+            .seen_certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let fingerprints: BTreeSet<String> =
+            self.store.cert_of(name).into_iter().chain(seen).collect();
+        if fingerprints.is_empty() {
+            tracing::warn!("no certificate recorded for '{name}': only the join secret rotates");
+        }
+        for fingerprint in fingerprints {
+            let cmd = Command::Deny {
+                node: name.to_owned(),
+                fingerprint,
+            };
+            self.raft
+                .client_write(cmd)
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        }
+        let secret = crate::transport::tls::new_secret();
+        self.raft
+            .client_write(Command::RotateSecret(secret))
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
         Ok(())
     }
 

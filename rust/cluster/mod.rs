@@ -39,7 +39,7 @@ use crate::transport::mesh::PeerEvent;
 use crate::transport::tls::{JoinToken, TlsError, TlsMaterial};
 use crate::transport::{self, Kind, Mesh, TransportError};
 
-pub use join::{JoinRequest, JoinResponse};
+pub use join::{JoinParseError, JoinRequest, JoinResponse, MAX_JOIN_REQUEST};
 
 /// How a node is started; one explicit conversion from the Python side.
 #[derive(Debug, Clone)]
@@ -83,6 +83,66 @@ pub struct Counters {
     pub unauthenticated_refused: AtomicU64,
     pub forwards_in: AtomicU64,
     pub forwards_out: AtomicU64,
+    /// Connections closed for the other reasons of [`Refusal`], by reason.
+    refusals: [AtomicU64; Refusal::ALL.len()],
+}
+
+/// Why a peer's connection was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No client certificate, and it asked for more than one join.
+    NoCertificate,
+    /// A Hello (or the dialled peer's certificate) naming another node.
+    Hello,
+    /// An advert for another node.
+    Advert,
+    /// A Raft message speaking for another node.
+    Raft,
+    /// The certificate is on the deny list (a removed node).
+    Denied,
+    /// Too many connections without a certificate from one address.
+    UnauthenticatedLimit,
+    /// A join request over [`MAX_JOIN_REQUEST`] bytes.
+    UnauthenticatedOversize,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::NoCertificate,
+        Refusal::Hello,
+        Refusal::Advert,
+        Refusal::Raft,
+        Refusal::Denied,
+        Refusal::UnauthenticatedLimit,
+        Refusal::UnauthenticatedOversize,
+    ];
+
+    /// The label Prometheus shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::Hello => "impersonation_hello",
+            Refusal::Advert => "impersonation_advert",
+            Refusal::Raft => "impersonation_raft",
+            Refusal::Denied => "denied_certificate",
+            Refusal::UnauthenticatedLimit => "unauthenticated_limit",
+            Refusal::UnauthenticatedOversize => "join_too_large",
+        }
+    }
+}
+
+impl Counters {
+    pub fn refused(&self, reason: Refusal) {
+        if reason == Refusal::NoCertificate {
+            self.unauthenticated_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.refusals[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed for `reason` since start.
+    pub fn refusals(&self, reason: Refusal) -> u64 {
+        self.refusals[reason as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// The answer of `status()`.
@@ -102,6 +162,8 @@ pub struct Status {
     pub joins_accepted: u64,
     pub joins_refused: u64,
     pub unauthenticated_refused: u64,
+    /// Peer connections closed, by reason ([`Refusal::as_str`]).
+    pub peers_refused: BTreeMap<&'static str, u64>,
     pub forwards_in: u64,
     pub forwards_out: u64,
     pub peers_down_total: u64,
@@ -174,6 +236,13 @@ pub struct Cluster {
     /// listen on an unspecified address (0.0.0.0), so our metadata names a
     /// reachable address rather than 0.0.0.0.
     learned_ip: Mutex<Option<std::net::IpAddr>>,
+    /// The certificate each connected peer last proved: node -> fingerprint,
+    /// so removing a node denies it even if its join predates `Certify`.
+    seen_certs: Mutex<HashMap<String, String>>,
+    /// Open connections without a certificate, by source address.
+    unauthenticated: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// The join secret last written to `data_dir/tls`.
+    saved_secret: Mutex<String>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Model blobs and manifests to and from peers.
@@ -288,6 +357,9 @@ impl Cluster {
             seeds: Mutex::new(seeds),
             dialing: Mutex::new(HashSet::new()),
             learned_ip: Mutex::new(None),
+            seen_certs: Mutex::new(HashMap::new()),
+            unauthenticated: Mutex::new(HashMap::new()),
+            saved_secret: Mutex::new(String::new()),
             shutdown,
             tasks: Mutex::new(Vec::new()),
             blobs: Blobs::default(),
@@ -363,8 +435,58 @@ impl Cluster {
             .is_ok_and(|a| !a.ip().is_unspecified())
     }
 
+    /// The join token, with the join secret as last rotated.
     pub fn join_token(&self) -> String {
-        self.material.token().render()
+        let mut t = self.material.token();
+        t.secret = self.join_secret();
+        t.render()
+    }
+
+    /// The secret joins must prove: the rotated one once the cluster state
+    /// has one, else the one in `data_dir/tls`.
+    pub fn join_secret(&self) -> String {
+        self.store
+            .join_secret()
+            .unwrap_or_else(|| self.material.secret.clone())
+    }
+
+    /// Replace the join secret cluster-wide: the old token stops working on
+    /// every member once the change is applied there. Returns the new token
+    /// once this node has applied it (a follower does a heartbeat after the
+    /// leader).
+    pub async fn rotate_join_secret(&self) -> Result<String, ClusterError> {
+        let secret = crate::transport::tls::new_secret();
+        self.propose(Command::RotateSecret(secret.clone())).await?;
+        for _ in 0..50 {
+            if self.store.join_secret().as_deref() == Some(secret.as_str()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.save_join_secret();
+        let mut t = self.material.token();
+        t.secret = secret;
+        Ok(t.render())
+    }
+
+    /// The certificates removed nodes can no longer use: fingerprint -> node.
+    pub fn denied(&self) -> BTreeMap<String, String> {
+        self.store.denied()
+    }
+
+    /// Keep `data_dir/tls/join-secret` equal to the cluster's join secret, so
+    /// `cluster token` without a running node prints one that works.
+    fn save_join_secret(&self) {
+        let secret = self.join_secret();
+        let mut saved = self.saved_secret.lock().unwrap_or_else(|p| p.into_inner());
+        if *saved == secret {
+            return;
+        }
+        let path = self.cfg.data_dir.join("tls").join("join-secret");
+        match crate::transport::tls::write_private(&path, secret.as_bytes()) {
+            Ok(()) => *saved = secret,
+            Err(e) => tracing::warn!("cannot save the rotated join secret: {e}"),
+        }
     }
 
     fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
@@ -411,6 +533,11 @@ impl Cluster {
             joins_accepted: c.joins_accepted.load(Ordering::Relaxed),
             joins_refused: c.joins_refused.load(Ordering::Relaxed),
             unauthenticated_refused: c.unauthenticated_refused.load(Ordering::Relaxed),
+            peers_refused: Refusal::ALL
+                .iter()
+                .filter(|r| **r != Refusal::NoCertificate)
+                .map(|r| (r.as_str(), c.refusals(*r)))
+                .collect(),
             forwards_in: c.forwards_in.load(Ordering::Relaxed),
             forwards_out: c.forwards_out.load(Ordering::Relaxed),
             peers_down_total: self.lock_membership().downs,
@@ -752,6 +879,7 @@ impl Cluster {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            self.save_join_secret();
             let me = self.my_meta();
             let Some(known) = self.store.nodes().get(&me.name).cloned() else {
                 continue;

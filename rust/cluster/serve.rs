@@ -1,14 +1,18 @@
 //! Accepting connections and serving the streams peers open on them: every
 //! message family a peer may send is dispatched here.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::{now_ms, valid_node_id, Cluster, CONTROL_TIMEOUT};
-use crate::consensus::{Command, NodeMeta};
+use super::{now_ms, Cluster, Refusal, CONTROL_TIMEOUT, MAX_JOIN_REQUEST};
+use crate::consensus::network::{self, ServeError};
+use crate::consensus::{raft_id, Command, NodeMeta};
 use crate::forward;
+use crate::transport::frame::decode_all;
 use crate::transport::mesh::Hello;
 use crate::transport::{self, codes, write_frame, FrameReader, Kind, TransportError};
 
@@ -27,34 +31,71 @@ impl Cluster {
         }
     }
 
-    /// Serve the streams a peer opens on `conn`.
-    pub(super) async fn serve_connection(
-        self: Arc<Self>,
-        conn: quinn::Connection,
-        peer: Option<String>,
-    ) {
-        let authed = transport::peer_has_cert(&conn);
+    /// Learn the IP peers reach us at from `conn`, which must come from an
+    /// authenticated peer (a certificate, or a join that proved the token).
+    pub(super) fn learn_ip(&self, conn: &quinn::Connection) {
         if let Some(ip) = conn.local_ip().filter(|ip| !ip.is_unspecified()) {
             self.learned_ip
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get_or_insert(ip);
         }
-        let peer = Arc::new(Mutex::new(peer));
+    }
+
+    /// Close `conn` for `reason`, counted.
+    fn refuse(&self, conn: &quinn::Connection, reason: Refusal, why: &str) {
+        self.counters.refused(reason);
+        tracing::warn!(
+            "closing connection from {}: {why} ({})",
+            conn.remote_address(),
+            reason.as_str()
+        );
+        let code = match reason {
+            Refusal::Denied => codes::DENIED,
+            Refusal::UnauthenticatedLimit | Refusal::UnauthenticatedOversize => codes::BUSY,
+            _ => codes::IMPERSONATION,
+        };
+        conn.close(code, why.as_bytes());
+    }
+
+    /// Serve the streams a peer opens on `conn` (`dialed`: the node we dialled).
+    pub(super) async fn serve_connection(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        dialed: Option<String>,
+    ) {
+        let Some(cert) = transport::peer_cert(&conn) else {
+            return self.serve_unauthenticated(conn).await;
+        };
+        if self.store.is_denied(&cert.fingerprint) {
+            let why = format!("node '{}' was removed from the cluster", cert.node_id);
+            return self.refuse(&conn, Refusal::Denied, &why);
+        }
+        if dialed.as_ref().is_some_and(|d| *d != cert.node_id) {
+            return self.refuse(&conn, Refusal::Hello, "certificate names another node");
+        }
+        // only an authenticated peer teaches us the address we advertise
+        self.learn_ip(&conn);
+        self.seen_certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cert.node_id.clone(), cert.fingerprint.clone());
+        let peer = Arc::new(cert.node_id);
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => match bi {
                     Ok((send, recv)) => {
                         let me = self.clone();
                         let (conn, peer) = (conn.clone(), peer.clone());
-                        tokio::spawn(async move { me.serve_bi(conn, peer, authed, send, recv).await });
+                        tokio::spawn(async move { me.serve_bi(conn, peer, send, recv).await });
                     }
                     Err(_) => return,
                 },
-                uni = conn.accept_uni(), if authed => match uni {
+                uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
                         let me = self.clone();
-                        tokio::spawn(async move { me.serve_uni(recv).await });
+                        let (conn, peer) = (conn.clone(), peer.clone());
+                        tokio::spawn(async move { me.serve_uni(conn, peer, recv).await });
                     }
                     Err(_) => return,
                 },
@@ -62,7 +103,73 @@ impl Cluster {
         }
     }
 
-    async fn serve_uni(self: Arc<Self>, recv: quinn::RecvStream) {
+    /// A connection without a client certificate: at most
+    /// [`MAX_UNAUTHENTICATED_PER_SOURCE`] at once from one address, each
+    /// allowed one stream carrying one join request of at most
+    /// [`MAX_JOIN_REQUEST`] bytes, then closed.
+    async fn serve_unauthenticated(self: Arc<Self>, conn: quinn::Connection) {
+        let source = conn.remote_address().ip();
+        let Some(_slot) = UnauthSlot::take(&self.unauthenticated, source) else {
+            return self.refuse(
+                &conn,
+                Refusal::UnauthenticatedLimit,
+                "too many connections without a certificate from this address",
+            );
+        };
+        let exchange = async {
+            let (send, mut recv) = conn.accept_bi().await.ok()?;
+            // a frame header is 6 bytes; anything longer than one bounded
+            // join request is refused unread
+            match recv.read_to_end(MAX_JOIN_REQUEST + 16).await {
+                Ok(bytes) => Some((send, bytes)),
+                Err(quinn::ReadToEndError::TooLong) => {
+                    self.refuse(
+                        &conn,
+                        Refusal::UnauthenticatedOversize,
+                        "join request too large",
+                    );
+                    None
+                }
+                Err(_) => None,
+            }
+        };
+        let Ok(Some((send, bytes))) = tokio::time::timeout(CONTROL_TIMEOUT, exchange).await else {
+            conn.close(codes::UNAUTHENTICATED, b"one join request, in time");
+            return;
+        };
+        let (frames, err) = decode_all(&bytes);
+        let first = match (frames.as_slice(), err) {
+            ([f], None) => f,
+            _ => {
+                self.counters.refused(Refusal::NoCertificate);
+                conn.close(codes::PROTOCOL, b"one frame expected");
+                return;
+            }
+        };
+        if first.kind != Kind::JoinRequest {
+            self.counters.refused(Refusal::NoCertificate);
+            tracing::warn!(
+                "refused {:?} from {}: no client certificate (only a join may come without one)",
+                first.kind,
+                conn.remote_address()
+            );
+            conn.close(codes::UNAUTHENTICATED, b"client certificate required");
+            return;
+        }
+        let (kind, body) = self.handle_join(&conn, &first.payload).await;
+        let refused = kind == Kind::Error;
+        reply(send, kind, body).await;
+        if refused {
+            conn.close(codes::BAD_TOKEN, b"join refused");
+        }
+    }
+
+    async fn serve_uni(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        peer: Arc<String>,
+        recv: quinn::RecvStream,
+    ) {
         let mut reader = FrameReader::new(recv);
         let Ok(Ok(Some(f))) = tokio::time::timeout(CONTROL_TIMEOUT, reader.next()).await else {
             return;
@@ -76,8 +183,9 @@ impl Cluster {
         let Ok(id) = std::str::from_utf8(&f.payload[..nl]) else {
             return;
         };
-        if id == self.cfg.node_id {
-            return;
+        if id != peer.as_str() {
+            let why = format!("advert for '{id}' from node '{peer}'");
+            return self.refuse(&conn, Refusal::Advert, &why);
         }
         let advert = f.payload.slice(nl + 1..);
         self.lock_membership().advert(id, advert, now_ms());
@@ -86,8 +194,7 @@ impl Cluster {
     async fn serve_bi(
         self: Arc<Self>,
         conn: quinn::Connection,
-        peer: Arc<Mutex<Option<String>>>,
-        authed: bool,
+        peer: Arc<String>,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
@@ -101,33 +208,19 @@ impl Cluster {
             }
             _ => return,
         };
-        if !authed && first.kind != Kind::JoinRequest {
-            self.counters
-                .unauthenticated_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                "refused {:?} from {}: no client certificate (only a join may come without one)",
-                first.kind,
-                conn.remote_address()
-            );
-            conn.close(codes::UNAUTHENTICATED, b"client certificate required");
-            return;
-        }
-        async fn reply(mut send: quinn::SendStream, kind: Kind, body: Vec<u8>) {
-            let _ = write_frame(&mut send, kind, &body).await;
-            let _ = send.finish();
-            let _ = send.stopped().await;
-        }
         match first.kind {
             Kind::Hello => {
                 let Ok(h) = serde_json::from_slice::<Hello>(&first.payload) else {
                     return;
                 };
-                if !valid_node_id(&h.id) || h.id == self.cfg.node_id {
+                if h.id != *peer {
+                    let why = format!("hello as '{}' from node '{peer}'", h.id);
+                    return self.refuse(&conn, Refusal::Hello, &why);
+                }
+                if h.id == self.cfg.node_id {
                     conn.close(codes::PROTOCOL, b"bad hello");
                     return;
                 }
-                *peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.id.clone());
                 self.mesh.register(h.id, conn.clone());
                 let body = serde_json::to_vec(&Hello {
                     id: self.cfg.node_id.clone(),
@@ -136,10 +229,13 @@ impl Cluster {
                 reply(send, Kind::Hello, body).await;
             }
             Kind::RaftVote | Kind::RaftAppend | Kind::RaftSnapshot => {
-                match crate::consensus::network::serve(&self.raft, first.kind, &first.payload).await
-                {
+                let from = raft_id(&peer);
+                match network::serve(&self.raft, first.kind, &first.payload, from).await {
                     Ok(body) => reply(send, Kind::RaftResponse, body).await,
-                    Err(e) => reply(send, Kind::Error, e.into_bytes()).await,
+                    Err(e @ ServeError::Impersonation { .. }) => {
+                        self.refuse(&conn, Refusal::Raft, &e.to_string())
+                    }
+                    Err(e) => reply(send, Kind::Error, e.to_string().into_bytes()).await,
                 }
             }
             Kind::AddMember => {
@@ -157,11 +253,7 @@ impl Cluster {
             }
             Kind::Forward => {
                 self.counters.forwards_in.fetch_add(1, Ordering::Relaxed);
-                let from = peer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_default();
+                let from = peer.to_string();
                 let inbound = forward::accept(from, first.payload, send);
                 if let Err(
                     mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i),
@@ -206,23 +298,54 @@ impl Cluster {
                 .await;
             }
             Kind::FetchBlob => {
-                let from = peer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_default();
-                self.blobs.serve(&from, &first.payload, send).await;
+                self.blobs.serve(&peer, &first.payload, send).await;
             }
             Kind::JoinRequest => {
                 let (kind, body) = self.handle_join(&conn, &first.payload).await;
-                let refused = kind == Kind::Error;
                 reply(send, kind, body).await;
-                if refused && !authed {
-                    conn.close(codes::BAD_TOKEN, b"join refused");
-                }
             }
             other => {
                 tracing::warn!("unexpected {other:?} stream from {}", conn.remote_address());
+            }
+        }
+    }
+}
+
+async fn reply(mut send: quinn::SendStream, kind: Kind, body: Vec<u8>) {
+    let _ = write_frame(&mut send, kind, &body).await;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+/// How many connections without a certificate one address may hold at once:
+/// a joiner needs one; a few more cover joiners behind one NAT.
+pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 4;
+
+/// One of an address's unauthenticated connection slots, given back on drop.
+struct UnauthSlot<'a> {
+    map: &'a Mutex<HashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl<'a> UnauthSlot<'a> {
+    fn take(map: &'a Mutex<HashMap<IpAddr, usize>>, ip: IpAddr) -> Option<Self> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_UNAUTHENTICATED_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self { map, ip })
+    }
+}
+
+impl Drop for UnauthSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
             }
         }
     }
