@@ -323,6 +323,19 @@ impl Cluster {
         })
     }
 
+    /// Rotate the join secret cluster-wide (through the leader); the new
+    /// token. The old one stops working on every member.
+    fn rotate_join_token<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            runtime()
+                .spawn(async move { c.rotate_join_secret().await })
+                .await
+                .map_err(join_err)?
+                .map_err(cluster_err)
+        })
+    }
+
     /// The model catalogue as JSON: key -> JSON text of its value.
     fn catalog_json(&self, py: Python<'_>) -> PyResult<String> {
         let core = self.running()?;

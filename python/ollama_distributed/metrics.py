@@ -47,6 +47,9 @@ class ClusterCounters(Collector):
                                       labels=["reason"])
         refused.add_metric(["bad_token"], float(s.get("joins_refused", 0)))
         refused.add_metric(["no_certificate"], float(s.get("unauthenticated_refused", 0)))
+        # impersonation_hello/advert/raft, denied_certificate, unauthenticated_limit, join_too_large
+        for reason, n in (s.get("peers_refused") or {}).items():
+            refused.add_metric([str(reason)], float(n))
         yield refused
         yield CounterMetricFamily(f"{p}_peer_joins", "Nodes admitted with a join token.",
                                   value=float(s.get("joins_accepted", 0)))

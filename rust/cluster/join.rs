@@ -1,13 +1,15 @@
 //! The join exchange: the only thing a connection without a client
 //! certificate may do.
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{resolve, ClusterError};
-use crate::consensus::NodeMeta;
-use crate::forward::ErrorBody;
+use super::{resolve, valid_node_id, ClusterError};
+use crate::consensus::{Command, NodeMeta};
+use crate::forward::{self, ErrorBody};
 use crate::transport::tls::{self, ClusterCa, JoinToken, NodeCert, TlsMaterial, SERVER_NAME};
 use crate::transport::{self, Kind};
 
@@ -19,6 +21,43 @@ pub struct JoinRequest {
     /// the join came from.
     pub p2p_address: String,
     pub api_address: String,
+}
+
+/// The largest join request a member reads: an honest one (a 32-hex secret,
+/// an id of at most 128 bytes, two addresses) is a few hundred bytes.
+pub const MAX_JOIN_REQUEST: usize = 4096;
+
+/// Why a join request is refused before its token is even checked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JoinParseError {
+    #[error("join request of {0} bytes exceeds {MAX_JOIN_REQUEST}")]
+    TooLarge(usize),
+    #[error("malformed join request")]
+    Malformed,
+    #[error("invalid node id")]
+    NodeId,
+    #[error("invalid address")]
+    Address,
+}
+
+impl JoinRequest {
+    /// Parse what an unauthenticated peer sent: bounded in size, every field
+    /// checked, so nothing unbounded reaches the log or the CA.
+    pub fn parse(payload: &[u8]) -> Result<Self, JoinParseError> {
+        if payload.len() > MAX_JOIN_REQUEST {
+            return Err(JoinParseError::TooLarge(payload.len()));
+        }
+        let req: JoinRequest =
+            serde_json::from_slice(payload).map_err(|_| JoinParseError::Malformed)?;
+        if !valid_node_id(&req.node_id) {
+            return Err(JoinParseError::NodeId);
+        }
+        let addr_ok = |a: &str| a.len() <= 512 && a.chars().all(|c| c.is_ascii_graphic());
+        if req.p2p_address.parse::<SocketAddr>().is_err() || !addr_ok(&req.api_address) {
+            return Err(JoinParseError::Address);
+        }
+        Ok(req)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -108,5 +147,100 @@ pub async fn request(
             return Err(ClusterError::Join(last));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+impl super::Cluster {
+    pub(super) async fn handle_join(
+        &self,
+        conn: &quinn::Connection,
+        payload: &[u8],
+    ) -> (Kind, Vec<u8>) {
+        let err = |status: u16, message: String| {
+            (
+                Kind::Error,
+                serde_json::to_vec(&forward::ErrorBody { status, message }).unwrap_or_default(),
+            )
+        };
+        let req = match JoinRequest::parse(payload) {
+            Ok(r) => r,
+            Err(e) => return err(400, e.to_string()),
+        };
+        if !crate::transport::tls::secrets_match(&req.secret, &self.join_secret()) {
+            self.counters.joins_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "refused join of '{}' from {}: wrong token",
+                req.node_id,
+                conn.remote_address()
+            );
+            return err(403, "invalid join token".into());
+        }
+        // the joiner proved the token: the address it reached us at is one
+        // our peers can use (only authenticated peers teach us our address)
+        self.learn_ip(conn);
+        let p2p_address = match req.p2p_address.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                SocketAddr::new(conn.remote_address().ip(), a.port()).to_string()
+            }
+            _ => req.p2p_address.clone(),
+        };
+        let cert = match self.material.ca.issue(&req.node_id) {
+            Ok(c) => c,
+            Err(e) => return err(500, e.to_string()),
+        };
+        let meta = NodeMeta {
+            name: req.node_id.clone(),
+            p2p_address,
+            api_address: req.api_address.clone(),
+        };
+        if let Err(e) = self.add_member(meta).await {
+            return err(503, format!("cannot add the node to the cluster: {e}"));
+        }
+        // recorded so that removing the node denies this very certificate
+        let certified = match cert.fingerprint() {
+            Ok(fingerprint) => self
+                .propose(Command::Certify {
+                    node: req.node_id.clone(),
+                    fingerprint,
+                })
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = certified {
+            tracing::warn!("could not record the certificate of '{}': {e}", req.node_id);
+        }
+        self.counters.joins_accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "node '{}' joined from {}",
+            req.node_id,
+            conn.remote_address()
+        );
+        let resp = JoinResponse {
+            ca_cert_pem: self.material.ca.cert_pem.clone(),
+            ca_key_pem: self.material.ca.key_pem.clone(),
+            node_cert_pem: cert.cert_pem,
+            node_key_pem: cert.key_pem,
+            secret: self.join_secret(),
+            // this node as the joiner can reach it: serve_connection has
+            // learned our IP from this very connection (learn_ip above) if we
+            // listen on 0.0.0.0
+            members: self
+                .store
+                .nodes()
+                .into_values()
+                .map(|m| {
+                    if m.name == self.cfg.node_id {
+                        self.my_meta()
+                    } else {
+                        m
+                    }
+                })
+                .collect(),
+        };
+        (
+            Kind::JoinResponse,
+            serde_json::to_vec(&resp).unwrap_or_default(),
+        )
     }
 }

@@ -13,6 +13,8 @@
 //! certificate and Raft state in its data dir and rejoins by itself.
 
 mod join;
+mod members;
+mod serve;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -22,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use openraft::{ChangeMembers, ServerState};
+use openraft::ServerState;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -30,14 +32,14 @@ use tokio::task::JoinHandle;
 use crate::blobs::{BlobError, Blobs, TransferStatus};
 use crate::consensus::network::{Network, Rpc, RpcError};
 use crate::consensus::store::FileStore;
-use crate::consensus::{raft_config, raft_id, Command, NodeMeta, RaftNode, MAX_VOTERS};
+use crate::consensus::{raft_config, raft_id, Command, NodeMeta, RaftNode};
 use crate::forward::{self, ForwardError, ForwardStream, Inbound};
 use crate::membership::{Membership, NodeView};
-use crate::transport::mesh::{Hello, PeerEvent};
+use crate::transport::mesh::PeerEvent;
 use crate::transport::tls::{JoinToken, TlsError, TlsMaterial};
-use crate::transport::{self, codes, write_frame, FrameReader, Kind, Mesh, TransportError};
+use crate::transport::{self, Kind, Mesh, TransportError};
 
-pub use join::{JoinRequest, JoinResponse};
+pub use join::{JoinParseError, JoinRequest, JoinResponse, MAX_JOIN_REQUEST};
 
 /// How a node is started; one explicit conversion from the Python side.
 #[derive(Debug, Clone)]
@@ -81,6 +83,66 @@ pub struct Counters {
     pub unauthenticated_refused: AtomicU64,
     pub forwards_in: AtomicU64,
     pub forwards_out: AtomicU64,
+    /// Connections closed for the other reasons of [`Refusal`], by reason.
+    refusals: [AtomicU64; Refusal::ALL.len()],
+}
+
+/// Why a peer's connection was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No client certificate, and it asked for more than one join.
+    NoCertificate,
+    /// A Hello (or the dialled peer's certificate) naming another node.
+    Hello,
+    /// An advert for another node.
+    Advert,
+    /// A Raft message speaking for another node.
+    Raft,
+    /// The certificate is on the deny list (a removed node).
+    Denied,
+    /// Too many connections without a certificate from one address.
+    UnauthenticatedLimit,
+    /// A join request over [`MAX_JOIN_REQUEST`] bytes.
+    UnauthenticatedOversize,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::NoCertificate,
+        Refusal::Hello,
+        Refusal::Advert,
+        Refusal::Raft,
+        Refusal::Denied,
+        Refusal::UnauthenticatedLimit,
+        Refusal::UnauthenticatedOversize,
+    ];
+
+    /// The label Prometheus shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::Hello => "impersonation_hello",
+            Refusal::Advert => "impersonation_advert",
+            Refusal::Raft => "impersonation_raft",
+            Refusal::Denied => "denied_certificate",
+            Refusal::UnauthenticatedLimit => "unauthenticated_limit",
+            Refusal::UnauthenticatedOversize => "join_too_large",
+        }
+    }
+}
+
+impl Counters {
+    pub fn refused(&self, reason: Refusal) {
+        if reason == Refusal::NoCertificate {
+            self.unauthenticated_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.refusals[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed for `reason` since start.
+    pub fn refusals(&self, reason: Refusal) -> u64 {
+        self.refusals[reason as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// The answer of `status()`.
@@ -100,6 +162,8 @@ pub struct Status {
     pub joins_accepted: u64,
     pub joins_refused: u64,
     pub unauthenticated_refused: u64,
+    /// Peer connections closed, by reason ([`Refusal::as_str`]).
+    pub peers_refused: BTreeMap<&'static str, u64>,
     pub forwards_in: u64,
     pub forwards_out: u64,
     pub peers_down_total: u64,
@@ -172,6 +236,13 @@ pub struct Cluster {
     /// listen on an unspecified address (0.0.0.0), so our metadata names a
     /// reachable address rather than 0.0.0.0.
     learned_ip: Mutex<Option<std::net::IpAddr>>,
+    /// The certificate each connected peer last proved: node -> fingerprint,
+    /// so removing a node denies it even if its join predates `Certify`.
+    seen_certs: Mutex<HashMap<String, String>>,
+    /// Open connections without a certificate, by source address.
+    unauthenticated: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// The join secret last written to `data_dir/tls`.
+    saved_secret: Mutex<String>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Model blobs and manifests to and from peers.
@@ -286,6 +357,9 @@ impl Cluster {
             seeds: Mutex::new(seeds),
             dialing: Mutex::new(HashSet::new()),
             learned_ip: Mutex::new(None),
+            seen_certs: Mutex::new(HashMap::new()),
+            unauthenticated: Mutex::new(HashMap::new()),
+            saved_secret: Mutex::new(String::new()),
             shutdown,
             tasks: Mutex::new(Vec::new()),
             blobs: Blobs::default(),
@@ -361,8 +435,58 @@ impl Cluster {
             .is_ok_and(|a| !a.ip().is_unspecified())
     }
 
+    /// The join token, with the join secret as last rotated.
     pub fn join_token(&self) -> String {
-        self.material.token().render()
+        let mut t = self.material.token();
+        t.secret = self.join_secret();
+        t.render()
+    }
+
+    /// The secret joins must prove: the rotated one once the cluster state
+    /// has one, else the one in `data_dir/tls`.
+    pub fn join_secret(&self) -> String {
+        self.store
+            .join_secret()
+            .unwrap_or_else(|| self.material.secret.clone())
+    }
+
+    /// Replace the join secret cluster-wide: the old token stops working on
+    /// every member once the change is applied there. Returns the new token
+    /// once this node has applied it (a follower does a heartbeat after the
+    /// leader).
+    pub async fn rotate_join_secret(&self) -> Result<String, ClusterError> {
+        let secret = crate::transport::tls::new_secret();
+        self.propose(Command::RotateSecret(secret.clone())).await?;
+        for _ in 0..50 {
+            if self.store.join_secret().as_deref() == Some(secret.as_str()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.save_join_secret();
+        let mut t = self.material.token();
+        t.secret = secret;
+        Ok(t.render())
+    }
+
+    /// The certificates removed nodes can no longer use: fingerprint -> node.
+    pub fn denied(&self) -> BTreeMap<String, String> {
+        self.store.denied()
+    }
+
+    /// Keep `data_dir/tls/join-secret` equal to the cluster's join secret, so
+    /// `cluster token` without a running node prints one that works.
+    fn save_join_secret(&self) {
+        let secret = self.join_secret();
+        let mut saved = self.saved_secret.lock().unwrap_or_else(|p| p.into_inner());
+        if *saved == secret {
+            return;
+        }
+        let path = self.cfg.data_dir.join("tls").join("join-secret");
+        match crate::transport::tls::write_private(&path, secret.as_bytes()) {
+            Ok(()) => *saved = secret,
+            Err(e) => tracing::warn!("cannot save the rotated join secret: {e}"),
+        }
     }
 
     fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
@@ -409,6 +533,11 @@ impl Cluster {
             joins_accepted: c.joins_accepted.load(Ordering::Relaxed),
             joins_refused: c.joins_refused.load(Ordering::Relaxed),
             unauthenticated_refused: c.unauthenticated_refused.load(Ordering::Relaxed),
+            peers_refused: Refusal::ALL
+                .iter()
+                .filter(|r| **r != Refusal::NoCertificate)
+                .map(|r| (r.as_str(), c.refusals(*r)))
+                .collect(),
             forwards_in: c.forwards_in.load(Ordering::Relaxed),
             forwards_out: c.forwards_out.load(Ordering::Relaxed),
             peers_down_total: self.lock_membership().downs,
@@ -645,407 +774,6 @@ impl Cluster {
         self.inbound_rx.try_lock().ok()?.try_recv().ok()
     }
 
-    // --- background tasks
-
-    async fn accept_loop(self: Arc<Self>) {
-        while let Some(incoming) = self.mesh.endpoint().accept().await {
-            let me = self.clone();
-            tokio::spawn(async move {
-                match incoming.await {
-                    Ok(conn) => me.serve_connection(conn, None).await,
-                    Err(e) => tracing::debug!("incoming connection failed: {e}"),
-                }
-            });
-        }
-    }
-
-    /// Serve the streams a peer opens on `conn`.
-    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, peer: Option<String>) {
-        let authed = transport::peer_has_cert(&conn);
-        if let Some(ip) = conn.local_ip().filter(|ip| !ip.is_unspecified()) {
-            self.learned_ip
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(ip);
-        }
-        let peer = Arc::new(Mutex::new(peer));
-        loop {
-            tokio::select! {
-                bi = conn.accept_bi() => match bi {
-                    Ok((send, recv)) => {
-                        let me = self.clone();
-                        let (conn, peer) = (conn.clone(), peer.clone());
-                        tokio::spawn(async move { me.serve_bi(conn, peer, authed, send, recv).await });
-                    }
-                    Err(_) => return,
-                },
-                uni = conn.accept_uni(), if authed => match uni {
-                    Ok(recv) => {
-                        let me = self.clone();
-                        tokio::spawn(async move { me.serve_uni(recv).await });
-                    }
-                    Err(_) => return,
-                },
-            }
-        }
-    }
-
-    async fn serve_uni(self: Arc<Self>, recv: quinn::RecvStream) {
-        let mut reader = FrameReader::new(recv);
-        let Ok(Ok(Some(f))) = tokio::time::timeout(CONTROL_TIMEOUT, reader.next()).await else {
-            return;
-        };
-        if f.kind != Kind::Advert {
-            return;
-        }
-        let Some(nl) = f.payload.iter().position(|&b| b == b'\n') else {
-            return;
-        };
-        let Ok(id) = std::str::from_utf8(&f.payload[..nl]) else {
-            return;
-        };
-        if id == self.cfg.node_id {
-            return;
-        }
-        let advert = f.payload.slice(nl + 1..);
-        self.lock_membership().advert(id, advert, now_ms());
-    }
-
-    async fn serve_bi(
-        self: Arc<Self>,
-        conn: quinn::Connection,
-        peer: Arc<Mutex<Option<String>>>,
-        authed: bool,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-    ) {
-        let mut reader = FrameReader::new(recv);
-        let first = match tokio::time::timeout(CONTROL_TIMEOUT, reader.next()).await {
-            Ok(Ok(Some(f))) => f,
-            Ok(Err(TransportError::Frame(e))) => {
-                tracing::warn!("closing connection from {}: {e}", conn.remote_address());
-                conn.close(codes::PROTOCOL, b"bad frame");
-                return;
-            }
-            _ => return,
-        };
-        if !authed && first.kind != Kind::JoinRequest {
-            self.counters
-                .unauthenticated_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                "refused {:?} from {}: no client certificate (only a join may come without one)",
-                first.kind,
-                conn.remote_address()
-            );
-            conn.close(codes::UNAUTHENTICATED, b"client certificate required");
-            return;
-        }
-        async fn reply(mut send: quinn::SendStream, kind: Kind, body: Vec<u8>) {
-            let _ = write_frame(&mut send, kind, &body).await;
-            let _ = send.finish();
-            let _ = send.stopped().await;
-        }
-        match first.kind {
-            Kind::Hello => {
-                let Ok(h) = serde_json::from_slice::<Hello>(&first.payload) else {
-                    return;
-                };
-                if !valid_node_id(&h.id) || h.id == self.cfg.node_id {
-                    conn.close(codes::PROTOCOL, b"bad hello");
-                    return;
-                }
-                *peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.id.clone());
-                self.mesh.register(h.id, conn.clone());
-                let body = serde_json::to_vec(&Hello {
-                    id: self.cfg.node_id.clone(),
-                })
-                .unwrap_or_default();
-                reply(send, Kind::Hello, body).await;
-            }
-            Kind::RaftVote | Kind::RaftAppend | Kind::RaftSnapshot => {
-                match crate::consensus::network::serve(&self.raft, first.kind, &first.payload).await
-                {
-                    Ok(body) => reply(send, Kind::RaftResponse, body).await,
-                    Err(e) => reply(send, Kind::Error, e.into_bytes()).await,
-                }
-            }
-            Kind::AddMember => {
-                let res: Result<(), String> =
-                    match serde_json::from_slice::<NodeMeta>(&first.payload) {
-                        Ok(meta) => self.add_member(meta).await.map_err(|e| e.to_string()),
-                        Err(e) => Err(format!("bad node metadata: {e}")),
-                    };
-                reply(
-                    send,
-                    Kind::AddMemberResponse,
-                    serde_json::to_vec(&res).unwrap_or_default(),
-                )
-                .await;
-            }
-            Kind::Forward => {
-                self.counters.forwards_in.fetch_add(1, Ordering::Relaxed);
-                let from = peer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_default();
-                let inbound = forward::accept(from, first.payload, send);
-                if let Err(
-                    mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i),
-                ) = self.inbound_tx.try_send(inbound)
-                {
-                    i.reply
-                        .error(503, "the node's forwarded request queue is full".into());
-                }
-            }
-            Kind::RemoveMember => {
-                let res: Result<(), String> = match serde_json::from_slice::<String>(&first.payload)
-                {
-                    Ok(name) => self.remove_member(&name).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("bad node name: {e}")),
-                };
-                reply(
-                    send,
-                    Kind::RemoveMemberResponse,
-                    serde_json::to_vec(&res).unwrap_or_default(),
-                )
-                .await;
-            }
-            Kind::Propose => {
-                // only a leader commits; a follower's own propose goes
-                // straight to the leader, so this never loops
-                let res: Result<bool, String> =
-                    match serde_json::from_slice::<Command>(&first.payload) {
-                        Ok(cmd) if !cmd.proposable() => {
-                            Err("command not accepted from a peer".into())
-                        }
-                        Ok(cmd) if self.status().role == "leader" => {
-                            self.propose(cmd).await.map_err(|e| e.to_string())
-                        }
-                        Ok(_) => Err("not the leader".into()),
-                        Err(e) => Err(format!("malformed command: {e}")),
-                    };
-                reply(
-                    send,
-                    Kind::ProposeResponse,
-                    serde_json::to_vec(&res).unwrap_or_default(),
-                )
-                .await;
-            }
-            Kind::FetchBlob => {
-                let from = peer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_default();
-                self.blobs.serve(&from, &first.payload, send).await;
-            }
-            Kind::JoinRequest => {
-                let (kind, body) = self.handle_join(&conn, &first.payload).await;
-                let refused = kind == Kind::Error;
-                reply(send, kind, body).await;
-                if refused && !authed {
-                    conn.close(codes::BAD_TOKEN, b"join refused");
-                }
-            }
-            other => {
-                tracing::warn!("unexpected {other:?} stream from {}", conn.remote_address());
-            }
-        }
-    }
-
-    async fn handle_join(&self, conn: &quinn::Connection, payload: &[u8]) -> (Kind, Vec<u8>) {
-        let err = |status: u16, message: String| {
-            (
-                Kind::Error,
-                serde_json::to_vec(&forward::ErrorBody { status, message }).unwrap_or_default(),
-            )
-        };
-        let Ok(req) = serde_json::from_slice::<JoinRequest>(payload) else {
-            return err(400, "malformed join request".into());
-        };
-        if !crate::transport::tls::secrets_match(&req.secret, &self.material.secret) {
-            self.counters.joins_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                "refused join of '{}' from {}: wrong token",
-                req.node_id,
-                conn.remote_address()
-            );
-            return err(403, "invalid join token".into());
-        }
-        if !valid_node_id(&req.node_id) {
-            return err(400, format!("invalid node id '{}'", req.node_id));
-        }
-        let p2p_address = match req.p2p_address.parse::<SocketAddr>() {
-            Ok(a) if a.ip().is_unspecified() => {
-                SocketAddr::new(conn.remote_address().ip(), a.port()).to_string()
-            }
-            _ => req.p2p_address.clone(),
-        };
-        let cert = match self.material.ca.issue(&req.node_id) {
-            Ok(c) => c,
-            Err(e) => return err(500, e.to_string()),
-        };
-        let meta = NodeMeta {
-            name: req.node_id.clone(),
-            p2p_address,
-            api_address: req.api_address.clone(),
-        };
-        if let Err(e) = self.add_member(meta).await {
-            return err(503, format!("cannot add the node to the cluster: {e}"));
-        }
-        self.counters.joins_accepted.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            "node '{}' joined from {}",
-            req.node_id,
-            conn.remote_address()
-        );
-        let resp = JoinResponse {
-            ca_cert_pem: self.material.ca.cert_pem.clone(),
-            ca_key_pem: self.material.ca.key_pem.clone(),
-            node_cert_pem: cert.cert_pem,
-            node_key_pem: cert.key_pem,
-            secret: self.material.secret.clone(),
-            // this node as the joiner can reach it: serve_connection has
-            // learned our IP from this very connection if we listen on 0.0.0.0
-            members: self
-                .store
-                .nodes()
-                .into_values()
-                .map(|m| {
-                    if m.name == self.cfg.node_id {
-                        self.my_meta()
-                    } else {
-                        m
-                    }
-                })
-                .collect(),
-        };
-        (
-            Kind::JoinResponse,
-            serde_json::to_vec(&resp).unwrap_or_default(),
-        )
-    }
-
-    /// Add or update a node in the Raft membership, through the leader.
-    async fn add_member(&self, meta: NodeMeta) -> Result<(), ClusterError> {
-        match self.leader_connection(true)? {
-            None => self.leader_add(meta).await,
-            Some(conn) => {
-                let body = serde_json::to_vec(&meta).unwrap_or_default();
-                call_for(&conn, Kind::AddMember, &body).await
-            }
-        }
-    }
-
-    /// Remove node `name` from the cluster, through the leader. Only a node
-    /// that is down: it leaves the Raft membership, so it no longer counts
-    /// toward a quorum, and a voter's place goes to a caught-up learner when
-    /// there is one. Needs a quorum of the current voters, as every change.
-    pub async fn remove_member(&self, name: &str) -> Result<(), ClusterError> {
-        if name == self.cfg.node_id {
-            return Err(ClusterError::Config(
-                "a node cannot remove itself; stop it, then remove it from another node".into(),
-            ));
-        }
-        match self.leader_connection(true)? {
-            None => self.leader_remove(name).await,
-            Some(conn) => {
-                let body = serde_json::to_vec(name).unwrap_or_default();
-                call_for(&conn, Kind::RemoveMember, &body).await
-            }
-        }
-    }
-
-    async fn leader_remove(&self, name: &str) -> Result<(), ClusterError> {
-        let nid = raft_id(name);
-        let m = self.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        if membership.get_node(&nid).is_none() {
-            return Err(ClusterError::Config(format!(
-                "node '{name}' is not a member; see GET /api/distributed/nodes"
-            )));
-        }
-        if name == self.cfg.node_id {
-            return Err(ClusterError::Config(
-                "the leader cannot remove itself; stop it, then remove it from another node".into(),
-            ));
-        }
-        // The asking node saw it down; this one sees it too within a failure
-        // timeout, so wait that long before saying it is up.
-        let deadline =
-            tokio::time::Instant::now() + self.cfg.failure_timeout + Duration::from_secs(1);
-        while self.lock_membership().is_alive(name) {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ClusterError::Config(format!(
-                    "node '{name}' is up; stop it first (systemctl stop ollama-distributed on it)"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let change = if voters.contains(&nid) {
-            let mut next: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != nid).collect();
-            // a caught-up, alive learner takes the voter's place
-            let index = m.membership_config.log_id().map_or(0, |l| l.index);
-            let heir = membership.learner_ids().find(|l| {
-                let alive = membership
-                    .get_node(l)
-                    .is_some_and(|n| self.lock_membership().is_alive(&n.name));
-                let caught_up = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(l).cloned().flatten())
-                    .is_some_and(|matched| matched.index >= index);
-                alive && caught_up
-            });
-            next.extend(heir);
-            ChangeMembers::ReplaceAllVoters(next)
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([nid]))
-        };
-        // inside the caller's CONTROL_TIMEOUT, with the wait above
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            self.raft.change_membership(change, false),
-        )
-        .await
-        .map_err(|_| ClusterError::Raft("no quorum to change the membership".into()))?
-        .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        self.seeds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-        self.lock_membership().forget(name);
-        tracing::info!("node '{name}' removed from the cluster");
-        Ok(())
-    }
-
-    async fn leader_add(&self, meta: NodeMeta) -> Result<(), ClusterError> {
-        let nid = raft_id(&meta.name);
-        let m = self.raft.metrics().borrow().clone();
-        let existing = m.membership_config.membership().get_node(&nid).cloned();
-        match existing {
-            Some(old) if old == meta => {}
-            Some(_) => {
-                self.raft
-                    .client_write(Command::SetNode(meta))
-                    .await
-                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
-            }
-            None => {
-                self.raft
-                    .add_learner(nid, meta, false)
-                    .await
-                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
-            }
-        }
-        let raft = self.raft.clone();
-        tokio::spawn(promote(raft, nid));
-        Ok(())
-    }
-
     async fn event_loop(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<PeerEvent>) {
         while let Some(e) = events.recv().await {
             match e {
@@ -1151,6 +879,7 @@ impl Cluster {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            self.save_join_secret();
             let me = self.my_meta();
             let Some(known) = self.store.nodes().get(&me.name).cloned() else {
                 continue;
@@ -1171,8 +900,6 @@ impl Cluster {
     }
 }
 
-/// Make a learner a voter once it has caught up, while voters are fewer than
-/// [`MAX_VOTERS`]. Gives up after a minute or when this node loses leadership.
 /// Call `kind` on a peer that answers with a JSON `Result<T, String>`.
 async fn call_for<T: serde::de::DeserializeOwned>(
     conn: &quinn::Connection,
@@ -1183,40 +910,6 @@ async fn call_for<T: serde::de::DeserializeOwned>(
     let res: Result<T, String> =
         serde_json::from_slice(&f.payload).map_err(|e| ClusterError::Raft(e.to_string()))?;
     res.map_err(ClusterError::Raft)
-}
-
-async fn promote(raft: RaftNode, nid: u64) {
-    for _ in 0..240 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let m = raft.metrics().borrow().clone();
-        if m.state != ServerState::Leader {
-            return;
-        }
-        let membership = m.membership_config.membership();
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        if voters.contains(&nid) || voters.len() >= MAX_VOTERS {
-            return;
-        }
-        let caught_up = m
-            .replication
-            .as_ref()
-            .and_then(|r| r.get(&nid).cloned().flatten())
-            .is_some_and(|matched| {
-                m.membership_config
-                    .log_id()
-                    .is_some_and(|l| matched.index >= l.index)
-            });
-        if !caught_up {
-            continue;
-        }
-        match raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([nid])), true)
-            .await
-        {
-            Ok(_) => return,
-            Err(e) => tracing::debug!("promote {nid}: {e}"),
-        }
-    }
 }
 
 fn format_host_port(host: &str, port: u16) -> String {

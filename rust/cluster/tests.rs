@@ -836,7 +836,225 @@ async fn a_dead_voter_is_removed_and_no_longer_counts() {
     .await;
     // the two left are a quorum of two: a change still commits
     assert!(follower.put_tombstone("after:latest", 1).await.is_ok());
+
+    // === the removed node's certificate is denied and its token is dead
+    let old_token = nodes[gone].join_token();
+    let leader = nodes[li].clone();
+    let (l2, f3, g4) = (leader.clone(), follower.clone(), gone_id.clone());
+    wait_for(
+        "the certificate denied and the secret rotated everywhere",
+        Duration::from_secs(5),
+        || {
+            [&l2, &f3]
+                .iter()
+                .all(|n| n.denied().values().any(|v| *v == g4) && n.join_token() != old_token)
+        },
+    )
+    .await;
+    let back = Cluster::start(cfg(&gone_id, dir.path(), vec![], None))
+        .await
+        .unwrap();
+    let l3 = leader.clone();
+    wait_for(
+        "its old certificate refused on accept",
+        Duration::from_secs(10),
+        || l3.counters.refusals(Refusal::Denied) >= 1,
+    )
+    .await;
+    assert!(back.mesh.connected().is_empty());
+    assert!(leader.nodes().iter().all(|x| x.id != gone_id));
+    back.stop().await;
+    // the old token no longer joins, through the leader or the follower
+    for via in [&leader, &follower] {
+        let err = Cluster::start(cfg("again", dir.path(), seed(via), Some(old_token.clone())))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ClusterError::JoinRefused(_)), "{err}");
+    }
+    // a rotation by hand, from the follower, takes effect on the leader too
+    let before = leader.join_token();
+    let rotated = follower.rotate_join_secret().await.unwrap();
+    assert_ne!(rotated, before);
+    let (l4, r2) = (leader.clone(), rotated.clone());
+    wait_for("the leader answers with it", Duration::from_secs(5), || {
+        l4.join_token() == r2
+    })
+    .await;
+    let err = Cluster::start(cfg("late", dir.path(), seed(&leader), Some(before)))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClusterError::JoinRefused(_)), "{err}");
+    let secret_on_disk =
+        std::fs::read_to_string(dir.path().join(follower.node_id()).join("tls/join-secret"))
+            .unwrap();
+    assert!(
+        rotated.ends_with(&secret_on_disk),
+        "{rotated} {secret_on_disk}"
+    );
     for n in alive {
         n.stop().await;
+    }
+}
+
+/// A client endpoint presenting a certificate the cluster CA issued to `id`.
+async fn certified_client(ca_dir: &std::path::Path, id: &str, to: SocketAddr) -> quinn::Connection {
+    let tls = TlsMaterial::load(ca_dir).unwrap();
+    let node = tls.ca.issue(id).unwrap();
+    let own = TlsMaterial {
+        ca: crate::transport::tls::ClusterCa::from_pem(&tls.ca.cert_pem, &tls.ca.key_pem).unwrap(),
+        node,
+        secret: String::new(),
+    };
+    let client =
+        transport::client_config(own.client_config().unwrap(), Duration::from_secs(5)).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.connect_with(client, to, crate::transport::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_may_only_speak_for_the_node_its_certificate_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Cluster::start(cfg("a", dir.path(), vec![], None))
+        .await
+        .unwrap();
+    wait_for("a to lead", Duration::from_secs(5), || {
+        a.status().role == "leader"
+    })
+    .await;
+    let ca_dir = dir.path().join("a/tls");
+    let to = a.local_addr().unwrap();
+    let t = Duration::from_secs(5);
+
+    // === a Hello as another node
+    let conn = certified_client(&ca_dir, "x", to).await;
+    assert!(transport::call(&conn, Kind::Hello, br#"{"id":"y"}"#, t)
+        .await
+        .is_err());
+    assert_eq!(a.counters.refusals(Refusal::Hello), 1);
+    assert!(a.mesh.connection("y").is_none());
+
+    // === its own name is fine
+    let conn = certified_client(&ca_dir, "x", to).await;
+    let f = transport::call(&conn, Kind::Hello, br#"{"id":"x"}"#, t)
+        .await
+        .unwrap();
+    assert_eq!(f.kind, Kind::Hello);
+
+    // === an advert for another node
+    transport::push(&conn, Kind::Advert, Bytes::from_static(b"y\n{}"))
+        .await
+        .unwrap();
+    let a2 = a.clone();
+    wait_for("the advert refused", t, || {
+        a2.counters.refusals(Refusal::Advert) == 1
+    })
+    .await;
+    assert!(a.nodes().iter().all(|n| n.id != "y"));
+
+    // === a Raft vote on behalf of another node
+    let conn = certified_client(&ca_dir, "x", to).await;
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, raft_id("y")), None);
+    let body = serde_json::to_vec(&vote).unwrap();
+    assert!(transport::call(&conn, Kind::RaftVote, &body, t)
+        .await
+        .is_err());
+    assert_eq!(a.counters.refusals(Refusal::Raft), 1);
+    assert_eq!(a.status().role, "leader");
+    assert_eq!(a.status().term, 1);
+    let refused = a.status().peers_refused;
+    assert_eq!(refused["impersonation_hello"], 1);
+    assert_eq!(refused["impersonation_raft"], 1);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_few_and_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Cluster::start(cfg("a", dir.path(), vec![], None))
+        .await
+        .unwrap();
+    let tls = TlsMaterial::load(&dir.path().join("a/tls")).unwrap();
+    let client = transport::client_config(
+        crate::transport::tls::untrusted_client_config(&tls.ca, None).unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let to = a.local_addr().unwrap();
+    let connect = || async {
+        ep.connect_with(client.clone(), to, crate::transport::tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    // === idle connections without a certificate, one over the limit
+    let mut held = Vec::new();
+    for _ in 0..serve::MAX_UNAUTHENTICATED_PER_SOURCE {
+        held.push(connect().await);
+    }
+    let extra = connect().await;
+    let why = tokio::time::timeout(Duration::from_secs(5), extra.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(why, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == transport::codes::BUSY),
+        "{why:?}"
+    );
+    assert_eq!(a.counters.refusals(Refusal::UnauthenticatedLimit), 1);
+    for c in held.drain(..) {
+        c.close(0u32.into(), b"");
+    }
+    let a2 = a.clone();
+    wait_for("the slots given back", Duration::from_secs(5), || {
+        a2.unauthenticated.lock().unwrap().is_empty()
+    })
+    .await;
+
+    // === a join request over the bound is refused unread
+    let conn = connect().await;
+    let big = serde_json::to_vec(&serde_json::json!({
+        "secret": "s".repeat(MAX_JOIN_REQUEST),
+        "node_id": "big",
+        "p2p_address": "127.0.0.1:1",
+        "api_address": "",
+    }))
+    .unwrap();
+    let r = transport::call(&conn, Kind::JoinRequest, &big, Duration::from_secs(5)).await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(a.counters.refusals(Refusal::UnauthenticatedOversize), 1);
+    assert_eq!(a.counters.joins_refused.load(Ordering::Relaxed), 0);
+    a.stop().await;
+}
+
+#[test]
+fn join_requests_are_parsed_bounded_and_checked() {
+    let ok = br#"{"secret":"s","node_id":"n","p2p_address":"10.0.0.1:4001","api_address":"http://10.0.0.1:11434"}"#;
+    assert_eq!(JoinRequest::parse(ok).unwrap().node_id, "n");
+    let big = vec![b' '; MAX_JOIN_REQUEST + 1];
+    assert_eq!(
+        JoinRequest::parse(&big).err(),
+        Some(JoinParseError::TooLarge(MAX_JOIN_REQUEST + 1))
+    );
+    for (bad, why) in [
+        (&b"{"[..], JoinParseError::Malformed),
+        (
+            br#"{"secret":"s","node_id":"","p2p_address":"10.0.0.1:1","api_address":""}"#,
+            JoinParseError::NodeId,
+        ),
+        (
+            br#"{"secret":"s","node_id":"a b","p2p_address":"10.0.0.1:1","api_address":""}"#,
+            JoinParseError::NodeId,
+        ),
+        (
+            br#"{"secret":"s","node_id":"n","p2p_address":"host","api_address":""}"#,
+            JoinParseError::Address,
+        ),
+    ] {
+        assert_eq!(JoinRequest::parse(bad).err(), Some(why));
     }
 }

@@ -130,21 +130,54 @@ impl<R: Rpc> RaftNetwork<TypeConfig> for Client<R> {
 }
 
 /// Serve one Raft RPC frame on `raft`; the answer frame's payload.
-pub async fn serve(raft: &super::RaftNode, kind: Kind, payload: &[u8]) -> Result<Vec<u8>, String> {
-    fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-        serde_json::to_vec(v).map_err(|e| e.to_string())
+/// Why a Raft RPC from a peer was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The RPC speaks for a node other than the one the connection proved.
+    #[error("raft rpc for node {claimed} on the connection of node {proved}")]
+    Impersonation { claimed: u64, proved: u64 },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Serve a Raft RPC that arrived on the connection of node `from` (its raft
+/// id, from its certificate): the vote it carries must be that node's.
+pub async fn serve(
+    raft: &super::RaftNode,
+    kind: Kind,
+    payload: &[u8],
+    from: u64,
+) -> Result<Vec<u8>, ServeError> {
+    fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, ServeError> {
+        serde_json::to_vec(v).map_err(|e| ServeError::Failed(e.to_string()))
     }
-    let bad = |e: serde_json::Error| format!("bad raft rpc: {e}");
+    let bad = |e: serde_json::Error| ServeError::Failed(format!("bad raft rpc: {e}"));
+    let check = |vote: &openraft::Vote<u64>| match vote.leader_id().voted_for() {
+        Some(claimed) if claimed != from => Err(ServeError::Impersonation {
+            claimed,
+            proved: from,
+        }),
+        _ => Ok(()),
+    };
     match kind {
-        Kind::RaftVote => enc(&raft
-            .vote(serde_json::from_slice(payload).map_err(bad)?)
-            .await),
-        Kind::RaftAppend => enc(&raft
-            .append_entries(serde_json::from_slice(payload).map_err(bad)?)
-            .await),
-        Kind::RaftSnapshot => enc(&raft
-            .install_snapshot(serde_json::from_slice(payload).map_err(bad)?)
-            .await),
-        other => Err(format!("not a raft rpc: {other:?}")),
+        Kind::RaftVote => {
+            let req: openraft::raft::VoteRequest<u64> =
+                serde_json::from_slice(payload).map_err(bad)?;
+            check(&req.vote)?;
+            enc(&raft.vote(req).await)
+        }
+        Kind::RaftAppend => {
+            let req: openraft::raft::AppendEntriesRequest<TypeConfig> =
+                serde_json::from_slice(payload).map_err(bad)?;
+            check(&req.vote)?;
+            enc(&raft.append_entries(req).await)
+        }
+        Kind::RaftSnapshot => {
+            let req: openraft::raft::InstallSnapshotRequest<TypeConfig> =
+                serde_json::from_slice(payload).map_err(bad)?;
+            check(&req.vote)?;
+            enc(&raft.install_snapshot(req).await)
+        }
+        other => Err(ServeError::Failed(format!("not a raft rpc: {other:?}"))),
     }
 }

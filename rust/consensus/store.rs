@@ -40,6 +40,16 @@ pub struct StateMachine {
     /// (`cluster/placement.py`); Raft orders the writes (`Command::Catalog`).
     #[serde(default)]
     pub catalog: BTreeMap<String, String>,
+    /// Certificates of removed nodes: fingerprint -> node. Checked on every
+    /// accept, so a removed node's old certificate never gets back in.
+    #[serde(default)]
+    pub denied: BTreeMap<String, String>,
+    /// The certificate each node was issued at its join: node -> fingerprint.
+    #[serde(default)]
+    pub certs: BTreeMap<String, String>,
+    /// The join secret once rotated (None: the one the cluster was made with).
+    #[serde(default)]
+    pub join_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,6 +188,26 @@ impl FileStore {
     /// The model catalogue (key -> JSON text).
     pub fn catalog(&self) -> BTreeMap<String, String> {
         self.lock().p.sm.catalog.clone()
+    }
+
+    /// Whether a certificate (hex sha256) is on the deny list.
+    pub fn is_denied(&self, fingerprint: &str) -> bool {
+        self.lock().p.sm.denied.contains_key(fingerprint)
+    }
+
+    /// The deny list: fingerprint -> removed node.
+    pub fn denied(&self) -> BTreeMap<String, String> {
+        self.lock().p.sm.denied.clone()
+    }
+
+    /// The certificate fingerprint `node` was issued at its join, if recorded.
+    pub fn cert_of(&self, node: &str) -> Option<String> {
+        self.lock().p.sm.certs.get(node).cloned()
+    }
+
+    /// The rotated join secret, if it has been rotated.
+    pub fn join_secret(&self) -> Option<String> {
+        self.lock().p.sm.join_secret.clone()
     }
 
     /// Every node the replicated state knows: membership nodes, updated by
@@ -339,6 +369,18 @@ impl RaftStorage<TypeConfig> for FileStore {
                                 };
                             }
                         }
+                    }
+                    EntryPayload::Normal(Command::Certify { node, fingerprint }) => {
+                        g.p.sm.certs.insert(node.clone(), fingerprint.clone());
+                    }
+                    EntryPayload::Normal(Command::Deny { node, fingerprint }) => {
+                        g.p.sm.denied.insert(fingerprint.clone(), node.clone());
+                        if g.p.sm.certs.get(node) == Some(fingerprint) {
+                            g.p.sm.certs.remove(node);
+                        }
+                    }
+                    EntryPayload::Normal(Command::RotateSecret(secret)) => {
+                        g.p.sm.join_secret = Some(secret.clone());
                     }
                     EntryPayload::Normal(Command::SetNode(meta)) => {
                         g.p.sm.nodes.insert(meta.name.clone(), meta.clone());

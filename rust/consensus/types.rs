@@ -43,13 +43,26 @@ pub enum Command {
         expect: Vec<(String, Option<String>)>,
         puts: Vec<(String, Option<String>)>,
     },
+    /// The certificate (hex sha256) a member issued to `node` at its join,
+    /// so removing the node can deny it.
+    Certify { node: String, fingerprint: String },
+    /// Put a removed node's certificate on the deny list (leader only).
+    Deny { node: String, fingerprint: String },
+    /// A new join secret: every member answers joins with it from then on.
+    RotateSecret(String),
 }
 
 impl Command {
     /// Whether a follower may ask the leader to commit this command
     /// (`SetNode` goes through the join path only).
     pub fn proposable(&self) -> bool {
-        matches!(self, Command::Tombstone { .. } | Command::Catalog { .. })
+        matches!(
+            self,
+            Command::Tombstone { .. }
+                | Command::Catalog { .. }
+                | Command::Certify { .. }
+                | Command::RotateSecret(_)
+        )
     }
 
     /// Refuse what no honest node sends: huge names, keys or values.
@@ -78,6 +91,21 @@ impl Command {
                     return Err("invalid catalogue key".into());
                 }
                 Ok(())
+            }
+            Command::Certify { node, fingerprint } | Command::Deny { node, fingerprint }
+                if node.is_empty()
+                    || node.len() > 128
+                    || fingerprint.len() != 64
+                    || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Err("invalid certificate record".into())
+            }
+            Command::RotateSecret(s)
+                if s.len() < 16
+                    || s.len() > 128
+                    || !s.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                Err("invalid join secret".into())
             }
             _ => Ok(()),
         }

@@ -106,6 +106,14 @@ impl Mesh {
                 .endpoint
                 .connect_with(self.client.clone(), addr, tls::SERVER_NAME)?
                 .await?;
+            // the certificate, not the Hello, says who answered
+            let proved = super::peer_cert(&conn).map(|c| c.node_id);
+            if proved.as_deref() != Some(peer) {
+                conn.close(codes::IMPERSONATION, b"unexpected node certificate");
+                return Err(TransportError::Protocol(format!(
+                    "{addr} proves node {proved:?}, not '{peer}'"
+                )));
+            }
             let hello = serde_json::to_vec(&Hello {
                 id: self.local.clone(),
             })

@@ -59,6 +59,12 @@ pub mod codes {
     /// The caller dropped a forwarded request.
     pub const CANCELLED: VarInt = VarInt::from_u32(0x14);
     pub const PROTOCOL: VarInt = VarInt::from_u32(0x15);
+    /// The peer claimed a node id other than the one its certificate names.
+    pub const IMPERSONATION: VarInt = VarInt::from_u32(0x16);
+    /// The peer's certificate is on the cluster's deny list (a removed node).
+    pub const DENIED: VarInt = VarInt::from_u32(0x17);
+    /// Too many connections without a certificate from one address.
+    pub const BUSY: VarInt = VarInt::from_u32(0x18);
 }
 
 /// Transport parameters shared by both sides of every connection.
@@ -186,6 +192,28 @@ pub fn peer_has_cert(conn: &quinn::Connection) -> bool {
                 .ok()
         })
         .is_some_and(|certs| !certs.is_empty())
+}
+
+/// Who the peer of a connection proved to be: the node id its certificate
+/// names and the certificate's fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    pub node_id: String,
+    pub fingerprint: String,
+}
+
+/// The identity `conn`'s peer proved, if it presented a certificate (rustls
+/// has already verified it against the CA) that names a node.
+pub fn peer_cert(conn: &quinn::Connection) -> Option<PeerCert> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = certs.first()?;
+    Some(PeerCert {
+        node_id: tls::cert_node_id(leaf)?,
+        fingerprint: tls::cert_fingerprint(leaf),
+    })
 }
 
 /// Frames read from one stream, as they arrive.

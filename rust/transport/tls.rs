@@ -94,6 +94,15 @@ pub struct NodeCert {
     pub key_pem: String,
 }
 
+impl NodeCert {
+    /// Hex sha256 of the certificate, as a peer presenting it is seen.
+    pub fn fingerprint(&self) -> Result<String, TlsError> {
+        let der = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|_| TlsError::Pem(NODE_CERT.into()))?;
+        Ok(cert_fingerprint(&der))
+    }
+}
+
 impl fmt::Debug for NodeCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("NodeCert { .. }")
@@ -162,6 +171,20 @@ impl ClusterCa {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The node id a certificate names (its subject CommonName): what a peer
+/// proves, and so the only id it may claim in a Hello, an advert or a Raft
+/// message. None for a certificate that does not parse or names none.
+pub fn cert_node_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// Hex sha256 of a certificate (DER): what the deny list holds.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    hex::encode(sha256(der))
 }
 
 /// A parsed join token.
@@ -526,6 +549,15 @@ mod tests {
         assert!(issued.cert_pem.contains("BEGIN CERTIFICATE"));
         back.server_config().unwrap();
         back.client_config().unwrap();
+    }
+
+    #[test]
+    fn node_id_comes_from_the_certificate() {
+        let m = TlsMaterial::create("node-a").unwrap();
+        let der = CertificateDer::from_pem_slice(m.node.cert_pem.as_bytes()).unwrap();
+        assert_eq!(cert_node_id(&der).as_deref(), Some("node-a"));
+        assert_eq!(cert_node_id(b"garbage"), None);
+        assert_eq!(cert_fingerprint(&der).len(), 64);
     }
 
     #[test]

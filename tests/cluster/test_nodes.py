@@ -343,6 +343,7 @@ def test_a_node_down_for_good_is_removed(tmp_path: Path) -> None:
         assert remove("a", "node-nobody")[0] == 404
 
         step("kill -9 c; once it is down, `cluster remove` at b takes it out")
+        old_token = token_of(nodes["a"])
         nodes["c"].stop(sig=9)
         # asked as soon as b sees it down: the leader may see it a moment later,
         # and waits for that rather than calling it up
@@ -359,6 +360,38 @@ def test_a_node_down_for_good_is_removed(tmp_path: Path) -> None:
         r = subprocess.run([*CLI, "cluster", "remove", ids["c"], "--api", nodes["a"].url],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "not found" in r.stderr, r
+
+        step("the removal rotated the join secret: the token c joined with no longer joins")
+        until("a new token at a and b", 10, lambda: token_of(nodes["a"]) != old_token
+              and token_of(nodes["b"]) == token_of(nodes["a"]))
+        d = start_node(tmp_path, "--engine", "mock", *join_args(nodes["a"], old_token), data_dir=tmp_path / "d",
+                       wait=False)
+        nodes["d"] = d
+        assert d.proc.wait(90) != 0
+        assert "invalid join token" in d.log(), d.log()
+
+        step("c back with its old certificate: refused on accept, counted, never a member again")
+        c2 = start_node(tmp_path, "--engine", "mock", data_dir=nodes["c"].data_dir, wait=False)
+        nodes["c2"] = c2
+        until("c's certificate refused at a or b", 30, lambda: sum(
+            metric(nodes[k], "ollama_distributed_peer_refusals_total", reason="denied_certificate")
+            for k in ("a", "b")) >= 1)
+        time.sleep(2)
+        assert all(ids["c"] not in [n["id"] for n in nodes[k].get("/api/distributed/nodes")["nodes"]]  # type: ignore[index]
+                   for k in ("a", "b"))
+        assert all(not status(nodes[k])["degraded"] and status(nodes[k])["cluster_size"] == 2 for k in ("a", "b"))
+
+        step("`cluster token --rotate` at b: a new token, which a answers joins with too")
+        before = token_of(nodes["a"])
+        r = subprocess.run([*CLI, "cluster", "token", "--rotate", "--data-dir", str(nodes["b"].data_dir)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r
+        rotated = r.stdout.strip()
+        assert rotated.startswith("OD1:") and rotated != before
+        until("a's token is the rotated one", 10, lambda: token_of(nodes["a"]) == rotated)
+        e = start_node(tmp_path, "--engine", "mock", *join_args(nodes["a"], rotated), data_dir=tmp_path / "e")
+        nodes["e"] = e
+        until("e joined", 30, lambda: status(e)["cluster_size"] == 3)
     finally:
         for n in nodes.values():
             n.stop()

@@ -5,6 +5,7 @@ the first admin key and how `cluster token` reads the join token, without
 either ever crossing a TCP port.
 
     GET    /token          {"token"}       409 without a cluster
+    POST   /token/rotate   {"token"}       a new join secret cluster-wide; 409 without a cluster
     GET    /keys           {"keys": [{name, role, rpm, tpm, created, last_used}]}
     POST   /keys           {"name", "role"?, "rpm"?, "tpm"?} -> {"key", name, role, ...}
     DELETE /keys/{name}    {"revoked": name, "keys_left": n}
@@ -46,6 +47,16 @@ async def token(request: web.Request) -> web.Response:
     return web.json_response({"token": value})
 
 
+async def rotate_token(request: web.Request) -> web.Response:
+    node = _node(request)
+    if node.cluster is None:
+        return web.json_response({"error": f"no cluster is running on this node ({node.p2p_reason})"},
+                                 status=409)
+    value = await node.cluster.rotate_join_token()
+    logger.warning("join token rotated: tokens given out before no longer join")
+    return web.json_response({"token": value})
+
+
 async def list_keys(request: web.Request) -> web.Response:
     node = _node(request)
     node.keys.refresh()
@@ -73,6 +84,7 @@ def create_admin_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app["node"] = node
     app.router.add_get("/token", token)
+    app.router.add_post("/token/rotate", rotate_token)
     app.router.add_get("/keys", list_keys)
     app.router.add_post("/keys", create_key)
     app.router.add_delete("/keys/{name}", revoke_key)

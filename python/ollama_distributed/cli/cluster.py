@@ -23,18 +23,30 @@ def cluster() -> None:
 @cluster.command("token")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The node's data dir (default: the config's, then /var/lib/ollama-distributed).")
+@click.option("--rotate", is_flag=True,
+              help="Replace the join secret cluster-wide first (the running node commits it through Raft): "
+                   "tokens given out before stop working. `cluster remove` does it too.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def token(data_dir: Path | None, as_json: bool) -> None:
+def token(data_dir: Path | None, rotate: bool, as_json: bool) -> None:
     """Print the join token. Give it to a new node, e.g. in a file:
     `ollama-distributed start --join HOST:4001 --token-file FILE`.
 
     It is read from the running node's admin socket, or from the data dir's
     TLS files; never over HTTP. Run it as the node's user or root."""
-    value = _token(admin_client.data_dirs(data_dir))
+    dirs = admin_client.data_dirs(data_dir)
+    value = _rotate(dirs) if rotate else _token(dirs)
     if as_json:
         print_json({"token": value})
     else:
         click.echo(value)
+
+
+def _rotate(dirs: list[Path]) -> str:
+    sock = admin_client.find_socket(dirs)
+    if sock is None:
+        raise click.ClickException("rotating the join token needs the running node (its admin socket in "
+                                   f"{' or '.join(str(d) for d in dirs)}); start it, or pass --data-dir")
+    return str(admin_client.request(sock, "POST", "/token/rotate", {})["token"])
 
 
 def _token(dirs: list[Path]) -> str:

@@ -104,6 +104,12 @@ class ClusterService:
         token: str | None = self._core.join_token()
         return token
 
+    async def rotate_join_token(self) -> str:
+        """A new join secret for the whole cluster, committed through Raft;
+        the new token. Tokens given out before stop working on every member."""
+        token: str = await self._core.rotate_join_token()
+        return token
+
     def local_address(self) -> str | None:
         addr: str | None = self._core.local_address()
         return addr
