@@ -357,7 +357,10 @@ def test_dashboard_shows_a_blob_copy_in_progress(tmp_path: Path) -> None:
                   ".find(tr => tr.cells.length > 3 && tr.cells[3].textContent.endsWith(p));"
                   " return r ? {cells: [...r.cells].map(c => c.textContent), blob: r.cells[2].title} : null; }")
         with dashboard(b) as (page, problems):
-            page.wait_for_function("p => (" + row_js + ")(p) !== null", arg=progress, timeout=30_000)
+            # the row, once the copy has moved (a loaded machine may show it first at 0.0 MB/s)
+            page.wait_for_function("p => { const r = (" + row_js + ")(p);"
+                                   " return r !== null && parseFloat(r.cells[4]) > 0; }",
+                                   arg=progress, timeout=60_000)
             first = page.evaluate(row_js, progress)
             direction, peer, _, shown, rate = first["cells"]
             assert (direction, peer, first["blob"]) == ("in (fetching)", a_id, digest), first
@@ -370,7 +373,7 @@ def test_dashboard_shows_a_blob_copy_in_progress(tmp_path: Path) -> None:
             # the panel follows the copy: a larger share a few snapshots later
             page.wait_for_function("([p, pct]) => { const r = (" + row_js + ")(p);"
                                    " return r !== null && parseInt(r.cells[3]) > pct; }",
-                                   arg=[progress, pct], timeout=15_000)
+                                   arg=[progress, pct], timeout=60_000)
 
             # done: both hold it, the row says so, and nothing is in progress
             deadline = time.monotonic() + 60

@@ -185,8 +185,7 @@ class LlamaCppEngine:
             cut = max(MIN_CTX, trained // MIN_CTX * MIN_CTX)
             logger.warning("num_ctx %d is more than %s was trained for; using %d", want_ctx, name, cut)
             want_ctx = cut
-        if n_ctx:
-            n_ctx = want_ctx
+        n_ctx = want_ctx  # a request without num_ctx wants the default: as Ollama, options decide
         lm = self._models.get(name)
         if lm is not None and lm.record.digest != record.digest:
             await self.unload(name)  # replaced by a new create under the same name
