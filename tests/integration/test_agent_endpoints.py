@@ -153,6 +153,14 @@ def test_messages_missing_fields_name_them(mock: NodeProc) -> None:
     status, body = post(mock, "/v1/messages", {"model": MODEL, "max_tokens": 4, "tools": [{"name": "f"}],
                                                "messages": [{"role": "user", "content": "x"}]})
     assert status == 400 and "tools[0].input_schema" in body["error"]["message"]
+    bad_schema = {"type": "object", "properties": {"x": {"type": "nosuch"}}}  # not JSON Schema
+    status, body = post(mock, "/v1/messages", {"model": MODEL, "max_tokens": 4,
+                                               "tools": [{"name": "f", "input_schema": bad_schema}],
+                                               "messages": [{"role": "user", "content": "x"}]})
+    assert status == 400 and "is not a JSON Schema type" in body["error"]["message"], body
+    status, body = post(mock, "/v1/responses", {"model": MODEL, "input": "x", "tools": [
+        {"type": "function", "name": "f", "parameters": bad_schema}]})
+    assert status == 400 and "is not a JSON Schema type" in body["error"]["message"], body
     status, body = post(mock, "/v1/messages", {"model": "nope", "max_tokens": 4,
                                                "messages": [{"role": "user", "content": "x"}]})
     assert status == 404 and body["error"]["type"] == "not_found_error"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..engines.base import InferenceRequest
+from ..engines.toolcalls import validate_tools
 from ..errors import BadRequestError, OllamaDistributedError
 from .common import field, gather, images, read_json, refuse_images, stream_lines
 
@@ -177,7 +178,7 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
             raise BadRequestError(f"{where}.input_schema must be a JSON Schema object")
         tools.append({"type": "function", "function": {"name": name, "description": t.get("description", ""),
                                                        "parameters": schema}})
-    return tools
+    return validate_tools(tools)  # the JSON Schema checks every API shares
 
 
 def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> Any:

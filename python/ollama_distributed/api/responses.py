@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..engines.base import InferenceRequest
+from ..engines.toolcalls import validate_tools
 from ..errors import BadRequestError, OllamaDistributedError
 from .common import field, gather, images, read_json, refuse_images, stream_lines, top_logprobs
 
@@ -167,7 +168,7 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
             raise BadRequestError(f"{where}.parameters must be a JSON Schema object")
         tools.append({"type": "function", "function": {"name": name, "description": t.get("description") or "",
                                                        "parameters": params}})
-    return tools
+    return validate_tools(tools)  # the JSON Schema checks every API shares
 
 
 def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> Any:
