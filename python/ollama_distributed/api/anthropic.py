@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..engines.base import InferenceRequest
-from ..engines.toolcalls import validate_tools
 from ..errors import BadRequestError, OllamaDistributedError
 from .common import field, gather, images, read_json, refuse_images, stream_lines
+from .messages import function_tools
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -159,26 +159,17 @@ def _messages(body: dict[str, Any], model: str) -> list[dict[str, Any]]:
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    raw = field(body, "tools", list)
-    if not raw:
-        return None
-    tools = []
-    for i, t in enumerate(raw):
-        where = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise BadRequestError(f"{where} must be an object")
+    def read(t: dict[str, Any], where: str) -> tuple[Any, Any, Any]:
         if t.get("type") not in (None, "custom"):
             raise BadRequestError(f"{where}.type {t.get('type')!r} is not supported: only custom tools "
                                   "(name, description, input_schema)")
-        name = t.get("name")
-        if not isinstance(name, str) or not name:
+        if not isinstance(t.get("name"), str) or not t.get("name"):
             raise BadRequestError(f"{where}.name is required")
-        schema = t.get("input_schema")
-        if not isinstance(schema, dict):
+        if not isinstance(t.get("input_schema"), dict):
             raise BadRequestError(f"{where}.input_schema must be a JSON Schema object")
-        tools.append({"type": "function", "function": {"name": name, "description": t.get("description", ""),
-                                                       "parameters": schema}})
-    return validate_tools(tools)  # the JSON Schema checks every API shares
+        return t["name"], t.get("description"), t["input_schema"]
+
+    return function_tools(body, read)
 
 
 def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> Any:

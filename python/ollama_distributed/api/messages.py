@@ -4,11 +4,12 @@ collected by `common.gather`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from ..engines.toolcalls import check_tool_messages, parse_tool_calls
+from ..engines.toolcalls import check_tool_messages, parse_tool_calls, validate_tools
 from ..errors import BadRequestError
-from .common import images, refuse_images
+from .common import field, images, refuse_images
 
 THINK_LEVELS = ("high", "medium", "low", "max")
 ROLES = ("system", "user", "assistant", "tool")
@@ -64,3 +65,25 @@ def ollama_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(msg)
     check_tool_messages(out)
     return out
+
+
+def function_tools(body: dict[str, Any],
+                   read: Callable[[dict[str, Any], str], tuple[Any, Any, Any]]) -> list[dict[str, Any]] | None:
+    """`tools` of an API whose tools are flat (Anthropic's, the Responses API's)
+    as Ollama's function tools, checked like every API's (`validate_tools`).
+    `read(tool, where)` checks the API's own shape and gives (name, description,
+    JSON Schema of the arguments)."""
+    raw = field(body, "tools", list)
+    if not raw:
+        return None
+    tools = []
+    for i, t in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict):
+            raise BadRequestError(f"{where} must be an object")
+        name, description, schema = read(t, where)
+        if not isinstance(name, str) or not name:
+            raise BadRequestError(f"{where}.name is required")
+        tools.append({"type": "function", "function": {"name": name, "description": description or "",
+                                                       "parameters": schema}})
+    return validate_tools(tools)

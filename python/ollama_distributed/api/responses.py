@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..engines.base import InferenceRequest
-from ..engines.toolcalls import validate_tools
 from ..errors import BadRequestError, OllamaDistributedError
 from .common import field, gather, images, read_json, refuse_images, stream_lines, top_logprobs
+from .messages import function_tools
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -148,27 +148,17 @@ def _messages(body: dict[str, Any], model: str) -> list[dict[str, Any]]:
 
 
 def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    raw = field(body, "tools", list)
-    if not raw:
-        return None
-    tools = []
-    for i, t in enumerate(raw):
-        where = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise BadRequestError(f"{where} must be an object")
+    def read(t: dict[str, Any], where: str) -> tuple[Any, Any, Any]:
         if t.get("type") != "function":
             raise BadRequestError(f"{where}.type {t.get('type')!r} is not supported: only function tools")
-        name = t.get("name")
-        if not isinstance(name, str) or not name:
-            raise BadRequestError(f"{where}.name is required")
         params = t.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise BadRequestError(f"{where}.parameters must be a JSON Schema object")
-        tools.append({"type": "function", "function": {"name": name, "description": t.get("description") or "",
-                                                       "parameters": params}})
-    return validate_tools(tools)  # the JSON Schema checks every API shares
+        return t.get("name"), t.get("description"), params
+
+    return function_tools(body, read)
 
 
 def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> Any:
