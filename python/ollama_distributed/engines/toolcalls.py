@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import BadRequestError
@@ -240,23 +241,25 @@ class ToolCallParser:
         return call
 
 
-def _find_arguments(buf: str, name: str) -> tuple[dict[str, Any], int] | None:
-    """The first complete JSON object in buf that carries the call's arguments, and where it ends."""
-    depth = 0
-    start = -1
+def _outside_strings(buf: str) -> Iterator[tuple[int, str]]:
+    """The characters of JSON text that are not inside a string, with their index."""
     in_str = escaped = False
     for i, c in enumerate(buf):
         if escaped:
             escaped = False
-            continue
-        if c == "\\":
+        elif c == "\\":
             escaped = True
-            continue
-        if c == '"':
+        elif c == '"':
             in_str = not in_str
-            continue
-        if in_str:
-            continue
+        elif not in_str:
+            yield i, c
+
+
+def _find_arguments(buf: str, name: str) -> tuple[dict[str, Any], int] | None:
+    """The first complete JSON object in buf that carries the call's arguments, and where it ends."""
+    depth = 0
+    start = -1
+    for i, c in _outside_strings(buf):
         if c == "{":
             if depth == 0:
                 start = i
@@ -306,19 +309,7 @@ def _arguments_in(obj: dict[str, Any], name: str) -> dict[str, Any] | None:
 def _balanced(buf: str, tag: str) -> bool:
     open_c, close_c = ("{", "}") if tag == "{" else ("[", "]")
     depth = 0
-    in_str = escaped = False
-    for c in buf:
-        if escaped:
-            escaped = False
-            continue
-        if c == "\\":
-            escaped = True
-            continue
-        if c == '"':
-            in_str = not in_str
-            continue
-        if in_str:
-            continue
+    for _, c in _outside_strings(buf):
         if c == open_c:
             depth += 1
         elif c == close_c:
