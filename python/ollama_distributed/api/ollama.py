@@ -407,10 +407,17 @@ async def copy(request: web.Request) -> web.Response:
     destination = field(body, "destination", str, required=True)
     node = _node(request)
     if node.replicator is not None and not await asyncio.to_thread(node.store.exists, source):
-        await node.replicator.fetch_now(names.parse(source).short)  # held elsewhere: copy it here first
+        short = names.parse(source).short
+        await node.replicator.known_soon(short, _advert_period(node))  # made elsewhere a moment ago
+        await node.replicator.fetch_now(short)  # held elsewhere: copy it here first
     await asyncio.to_thread(node.store.copy, source, destination)
     await node.models_changed()
     return web.Response(status=200)
+
+
+def _advert_period(node: Any) -> float:
+    """How long news of a model made at another node may take to arrive here."""
+    return float(node.cfg.scheduler.advert_interval_ms) / 1000
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -422,7 +429,7 @@ async def delete(request: web.Request) -> web.Response:
         await asyncio.to_thread(node.store.delete, model)
     except ModelNotFoundError:
         # not here: a delete is cluster-wide, so one held elsewhere goes too
-        if node.replicator is None or not node.replicator.known(name):
+        if node.replicator is None or not await node.replicator.known_soon(name, _advert_period(node)):
             raise
     if node.replicator is not None:  # every node removes its copy (a tombstone in adverts and Raft)
         node.replicator.record_delete(name)

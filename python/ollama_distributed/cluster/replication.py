@@ -264,6 +264,19 @@ class Replicator:
         return any(name in ((n.get("advert") or {}).get("manifests") or {})
                    for n in self.cluster.nodes() if n.get("alive"))
 
+    async def known_soon(self, name: str, within_s: float) -> bool:
+        """known(), waiting up to `within_s` for news when there are peers: a
+        model copied or pulled at another node a moment ago reaches this one
+        with that node's advert (pushed at once, and again every advert
+        period), so a delete or show that follows at once still finds it."""
+        deadline = time.monotonic() + within_s
+        while not self.known(name):
+            if time.monotonic() >= deadline or not any(
+                    n.get("alive") and not n.get("local") and n["id"] != self.node_id for n in self.cluster.nodes()):
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def fetch_now(self, name: str) -> None:
         """Copy `name` here from a node that holds it (for a copy or a show at a
         node without it); ModelNotFoundError when no alive node has it."""
