@@ -24,8 +24,8 @@ schemathesis = pytest.importorskip("schemathesis", reason="pip install -r requir
 hypothesis = pytest.importorskip("hypothesis")
 
 SEED = 20261201
-# Per operation. $OD_SCHEMATHESIS_EXAMPLES digs deeper locally: 300 found
-# nothing more here in about 95 s; 25 keep `make test` short (about 17 s).
+# Per operation and mode (valid, invalid). $OD_SCHEMATHESIS_EXAMPLES digs deeper
+# locally; 25 keep `make test` short (about 75 s on a busy 2-core machine).
 EXAMPLES = int(os.environ.get("OD_SCHEMATHESIS_EXAMPLES", "25"))
 BUDGET_S = float(os.environ.get("OD_SCHEMATHESIS_BUDGET_S", "240"))  # all operations together
 CALL_TIMEOUT_S = 30.0
