@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yarl
 from aiohttp import web
-from ollama_distributed.models import registry as reg
+from ollama_distributed.models import outbound as reg
 
 from ..conftest import NodeProc, start_node
 from .test_registry import FakeRegistry, Server

@@ -17,25 +17,25 @@ from ollama_distributed.config import Config
 from ollama_distributed.dispatch import Dispatcher, continued
 from ollama_distributed.engines.base import CancelToken, InferenceRequest
 from ollama_distributed.engines.mock import MockEngine
-from ollama_distributed.metrics import Metrics
-from ollama_distributed.models.store import Store
+
+from .scripted_peers import ScriptedPeers, hang, routed_dispatcher
 
 N = 12  # words in a whole answer
 
 
-class Peers:
+class Peers(ScriptedPeers):
     """Peer `node` streams word i with token id i from where the request's
     continuation left off; `fail[node]` = (after how many of its own words,
     the error) ends its stream there; "old" peers ignore the continuation
     and send no confirmation, as a node from before migration would."""
 
     def __init__(self, fail: dict[str, tuple[int, Exception | str]], old: tuple[str, ...] = ()) -> None:
+        super().__init__()
         self.fail = fail
         self.old = old
-        self.asked: list[tuple[str, dict[str, Any]]] = []
 
     async def forward(self, node_id: str, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        self.asked.append((node_id, request))
+        self.record(node_id, request)
         start = 0 if node_id in self.old else len(request["continuation"])
         limit = request["options"].get("num_predict", N - start)
         after, err = self.fail.get(node_id, (-1, ""))
@@ -43,7 +43,7 @@ class Peers:
         for k, i in enumerate(range(start, start + limit)):
             if k == after:
                 if err == "hang":
-                    await asyncio.sleep(3600)
+                    await hang()
                 assert isinstance(err, Exception)
                 raise err
             chunk: dict[str, Any] = {"text": f"w{i} ", "tokens": [i]}
@@ -57,19 +57,7 @@ class Peers:
 
 def dispatcher(tmp_path: Path, peers: Peers, nodes: tuple[str, ...] = ("b", "c", "d"),
                **sched: Any) -> Dispatcher:
-    cfg = Config()
-    cfg.engine.kind = "mock"
-    for k, v in sched.items():
-        setattr(cfg.scheduler, k, v)
-    store = Store(tmp_path / "models")
-    store.ensure()
-    d = Dispatcher(cfg, "a", store, MockEngine(cfg.engine), Metrics())
-    d.remote = peers
-    now = int(__import__("time").time() * 1000)
-    for i, node in enumerate(nodes):  # b first, then c, then d: the fewest in flight
-        d.scheduler.update_node(node, True, now, ["m:latest"], ["m:latest"], i, 0, 8,
-                                max_loaded_models=3, busy=[])
-    return d
+    return routed_dispatcher(tmp_path, peers, nodes, **sched)  # b first, then c, then d
 
 
 async def run(d: Dispatcher, **req: Any) -> list[dict[str, Any]]:
@@ -96,8 +84,8 @@ async def test_a_stream_lost_mid_way_resumes_on_the_next_holder(tmp_path: Path,
     with caplog.at_level(logging.WARNING):
         chunks = await run(d)
     assert text(chunks) == WHOLE  # nothing lost, nothing twice
-    assert [n for n, _ in peers.asked] == ["b", "c"]
-    resumed = peers.asked[1][1]
+    assert peers.asked == ["b", "c"]
+    resumed = peers.requests[1][1]
     assert resumed["continuation"] == [0, 1, 2, 3, 4] and resumed["options"]["num_predict"] == N - 5
     assert resumed["prompt"] == "hi"  # the same request, not a re-render of text
     final = chunks[-1]
@@ -120,15 +108,15 @@ async def test_any_node_failure_mid_stream_migrates(tmp_path: Path, failure: Exc
 async def test_a_wedged_node_migrates_after_the_idle_timeout(tmp_path: Path) -> None:
     peers = Peers({"b": (4, "hang")})
     chunks = await run(dispatcher(tmp_path, peers, stream_idle_timeout_s=0.3))
-    assert text(chunks) == WHOLE and [n for n, _ in peers.asked] == ["b", "c"]
+    assert text(chunks) == WHOLE and peers.asked == ["b", "c"]
 
 
 async def test_a_resumed_stream_may_move_again(tmp_path: Path) -> None:
     peers = Peers({"b": (3, errors.PeerUnavailableError("lost")), "c": (4, errors.EngineError("oom"))})
     d = dispatcher(tmp_path, peers)
     chunks = await run(d)
-    assert text(chunks) == WHOLE and [n for n, _ in peers.asked] == ["b", "c", "d"]
-    assert peers.asked[2][1]["continuation"] == list(range(7))
+    assert text(chunks) == WHOLE and peers.asked == ["b", "c", "d"]
+    assert peers.requests[2][1]["continuation"] == list(range(7))
     assert chunks[-1]["eval_count"] == N and migrations(d, "ongoing") == 2
 
 
@@ -139,7 +127,7 @@ async def test_the_migration_limit_bounds_the_moves(tmp_path: Path) -> None:
         r = InferenceRequest(kind="generate", model="m:latest", prompt="hi", options={"num_predict": N})
         async for c in dispatcher(tmp_path, peers, migration_limit=1)._run_routed(r, None):
             got.append(c)
-    assert text(got) == "w0 w1 w2 w3 w4 " and [n for n, _ in peers.asked] == ["b", "c"]
+    assert text(got) == "w0 w1 w2 w3 w4 " and peers.asked == ["b", "c"]
 
 
 async def test_the_default_limit_is_3(tmp_path: Path) -> None:
@@ -147,7 +135,7 @@ async def test_the_default_limit_is_3(tmp_path: Path) -> None:
     peers = Peers({"b": fail, "c": fail, "d": fail})
     with pytest.raises(errors.EngineError):
         await run(dispatcher(tmp_path, peers))
-    assert [n for n, _ in peers.asked] == ["b", "c", "d", "b"]  # the first try and 3 migrations
+    assert peers.asked == ["b", "c", "d", "b"]  # the first try and 3 migrations
 
 
 async def test_two_holders_a_transient_failure_on_each(tmp_path: Path) -> None:
@@ -173,14 +161,14 @@ async def test_no_migration_when_the_limit_is_0(tmp_path: Path) -> None:
     peers = Peers({"b": (3, errors.PeerUnavailableError("b lost"))})
     with pytest.raises(errors.PeerUnavailableError):
         await run(dispatcher(tmp_path, peers, migration_limit=0))
-    assert [n for n, _ in peers.asked] == ["b"]
+    assert peers.asked == ["b"]
 
 
 async def test_an_older_node_that_ignores_the_continuation_is_skipped(tmp_path: Path) -> None:
     """It would start over and repeat the text: the entry drops its stream unseen."""
     peers = Peers({"b": (3, errors.PeerUnavailableError("lost"))}, old=("c",))
     chunks = await run(dispatcher(tmp_path, peers))
-    assert text(chunks) == WHOLE and [n for n, _ in peers.asked] == ["b", "c", "d"]
+    assert text(chunks) == WHOLE and peers.asked == ["b", "c", "d"]
 
 
 async def test_no_other_holder_raises_the_original_error(tmp_path: Path) -> None:
@@ -208,7 +196,7 @@ async def test_a_failure_before_the_first_chunk_counts_as_a_new_migration(tmp_pa
     peers = Peers({"b": (0, errors.PeerUnavailableError("b lost"))})
     d = dispatcher(tmp_path, peers)
     chunks = await run(d)
-    assert text(chunks) == WHOLE and peers.asked[1][1]["continuation"] == []
+    assert text(chunks) == WHOLE and peers.requests[1][1]["continuation"] == []
     assert migrations(d, "new") == 1 and migrations(d, "ongoing") == 0
 
 
@@ -261,7 +249,7 @@ async def test_a_cut_ends_a_generation_waiting_for_its_next_chunk() -> None:
 
     async def slow() -> AsyncGenerator[dict[str, Any], None]:
         yield {"text": "one "}
-        await asyncio.sleep(3600)
+        await hang()
         yield {"text": "never "}
 
     cut = Cut()

@@ -13,12 +13,10 @@ from typing import Any
 import pytest
 from ollama_distributed import errors
 from ollama_distributed.cluster import advert
-from ollama_distributed.config import Config
 from ollama_distributed.dispatch import Dispatcher, embed_parts, retryable
 from ollama_distributed.engines.base import InferenceRequest
-from ollama_distributed.engines.mock import MockEngine
-from ollama_distributed.metrics import Metrics
-from ollama_distributed.models.store import Store
+
+from .scripted_peers import ScriptedPeers, hang, routed_dispatcher
 
 # ---- supervisor ---------------------------------------------------------------
 
@@ -136,42 +134,29 @@ def test_embeddings_split_and_join() -> None:
     assert list(embed_parts({"embeddings": []})) == [{"embeddings": []}]
 
 
-class ScriptedPeers:
+class Peers(ScriptedPeers):
     """Each peer either raises an error before its first chunk, hangs, or streams."""
 
     def __init__(self, script: dict[str, Any]) -> None:
+        super().__init__()
         self.script = script
-        self.asked: list[str] = []
 
     async def forward(self, node_id: str, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        self.asked.append(node_id)
+        self.record(node_id, request)
         what = self.script[node_id]
         if isinstance(what, Exception):
             raise what
         if what == "hang":
-            await asyncio.sleep(3600)
+            await hang()
         if what == "hang-after-one":
             yield {"text": "one "}
-            await asyncio.sleep(3600)
+            await hang()
         yield {"text": f"from {node_id}"}
         yield {"done": True, "done_reason": "stop", "eval_count": 1}
 
 
-def dispatcher(tmp_path: Path, peers: ScriptedPeers, **sched: Any) -> Dispatcher:
-    cfg = Config()
-    cfg.engine.kind = "mock"
-    for k, v in sched.items():
-        setattr(cfg.scheduler, k, v)
-    store = Store(tmp_path / "models")
-    store.ensure()
-    d = Dispatcher(cfg, "a", store, MockEngine(cfg.engine), Metrics())
-    d.remote = peers
-    now = int(__import__("time").time() * 1000)
-    for i, node in enumerate(peers.script):
-        # b first: the fewest in flight
-        d.scheduler.update_node(node, True, now, ["m:latest"], ["m:latest"], i, 0, 8,
-                                max_loaded_models=3, busy=[])
-    return d
+def dispatcher(tmp_path: Path, peers: Peers, **sched: Any) -> Dispatcher:
+    return routed_dispatcher(tmp_path, peers, peers.script, **sched)  # b first: the fewest in flight
 
 
 async def collect(d: Dispatcher) -> list[dict[str, Any]]:
@@ -185,26 +170,26 @@ async def collect(d: Dispatcher) -> list[dict[str, Any]]:
 ])
 async def test_a_failure_before_the_first_chunk_goes_to_the_next_holder(tmp_path: Path,
                                                                          failure: Exception) -> None:
-    peers = ScriptedPeers({"b": failure, "c": "ok"})
+    peers = Peers({"b": failure, "c": "ok"})
     chunks = await collect(dispatcher(tmp_path, peers))
     assert peers.asked == ["b", "c"] and chunks[0]["text"] == "from c"
 
 
 async def test_a_client_error_is_not_retried(tmp_path: Path) -> None:
-    peers = ScriptedPeers({"b": errors.BadRequestError("options.top_k must be an integer"), "c": "ok"})
+    peers = Peers({"b": errors.BadRequestError("options.top_k must be an integer"), "c": "ok"})
     with pytest.raises(errors.BadRequestError):
         await collect(dispatcher(tmp_path, peers))
     assert peers.asked == ["b"]
 
 
 async def test_a_peer_silent_before_its_first_chunk_is_left_for_the_next(tmp_path: Path) -> None:
-    peers = ScriptedPeers({"b": "hang", "c": "ok"})
+    peers = Peers({"b": "hang", "c": "ok"})
     chunks = await asyncio.wait_for(collect(dispatcher(tmp_path, peers, first_token_timeout_s=0.2)), 10)
     assert peers.asked == ["b", "c"] and chunks[0]["text"] == "from c"
 
 
 async def test_a_peer_silent_mid_stream_ends_it_with_a_clear_error(tmp_path: Path) -> None:
-    peers = ScriptedPeers({"b": "hang-after-one", "c": "ok"})
+    peers = Peers({"b": "hang-after-one", "c": "ok"})
     got: list[dict[str, Any]] = []
     with pytest.raises(errors.StreamTimeoutError) as e:
         async with asyncio.timeout(10):
@@ -216,13 +201,13 @@ async def test_a_peer_silent_mid_stream_ends_it_with_a_clear_error(tmp_path: Pat
 
 
 async def test_when_every_holder_fails_the_last_error_is_raised(tmp_path: Path) -> None:
-    peers = ScriptedPeers({"b": errors.OverloadedError("b busy"), "c": errors.PeerUnavailableError("c lost")})
+    peers = Peers({"b": errors.OverloadedError("b busy"), "c": errors.PeerUnavailableError("c lost")})
     with pytest.raises(errors.PeerUnavailableError, match="c lost"):
         await collect(dispatcher(tmp_path, peers))
 
 
 async def test_this_node_is_the_last_resort_when_it_holds_the_model(tmp_path: Path) -> None:
-    peers = ScriptedPeers({"b": errors.PeerUnavailableError("no connection to node 'b'")})
+    peers = Peers({"b": errors.PeerUnavailableError("no connection to node 'b'")})
     d = dispatcher(tmp_path, peers, retries=0)
     d.advertised_models = ["m:latest"]
     d.engine.uses_store = True

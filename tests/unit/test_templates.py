@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ollama_distributed.engines import goparse as gp
 from ollama_distributed.engines import gotemplate as gt
 from ollama_distributed.engines.templates import GoTemplate, capabilities, collate
 from ollama_distributed.errors import BadRequestError, EngineError
@@ -142,7 +143,7 @@ def test_language(src: str, data: Any, want: str) -> None:
     ("{{ $w = 1 }}", "undefined variable: \\$w"),
 ])
 def test_parse_errors(src: str, needle: str) -> None:
-    with pytest.raises(gt.TemplateError, match=needle):
+    with pytest.raises(gp.TemplateError, match=needle):
         gt.Template(src).execute({"X": 1, "Y": 2})
 
 
@@ -202,7 +203,7 @@ def test_default_model_template_renders_tools_and_calls() -> None:
 
 
 def test_a_hostile_template_is_bounded() -> None:
-    with pytest.raises(gt.TemplateError, match="iterations"):
+    with pytest.raises(gp.TemplateError, match="iterations"):
         run("{{ range 100000000 }}x{{ end }}")
-    with pytest.raises(gt.TemplateError, match="output exceeds"):
+    with pytest.raises(gp.TemplateError, match="output exceeds"):
         run('{{ $s := "xxxxxxxxxxxxxxxx" }}{{ range 1048576 }}{{ $s }}{{ $s }}{{ end }}')

@@ -1,4 +1,13 @@
-"""GET /api/openapi.json: an OpenAPI 3.1 description of every endpoint."""
+"""GET /api/openapi.json: an OpenAPI 3.1 description of every endpoint.
+
+Every operation lists each status it can answer and, for each, the body as
+sent: its Content-Type and schema (openapi_schemas.py). Errors come in the
+shape of the API they belong to: Ollama's `{"error": "..."}`, OpenAI's under
+/v1/, Anthropic's under /v1/messages. Streams: application/x-ndjson's schema
+is that of each line (a chunk, or `{"error"}` when it fails part way);
+text/event-stream's is that of each event, its data JSON but for OpenAI's
+closing `[DONE]`. tests/integration/test_schemathesis.py holds the node to it.
+"""
 
 from __future__ import annotations
 
@@ -7,241 +16,268 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from . import openapi_schemas as s
+from .openapi_schemas import Schema, obj
 
-_ERR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-_OPTIONS = {"type": "object", "description": "Ollama options: temperature, top_p, top_k, min_p, "
-            "repeat_penalty, seed, num_predict, stop, num_ctx, ...", "additionalProperties": True}
-_KEEP_ALIVE = {"oneOf": [{"type": "string"}, {"type": "number"}],
-               "description": "How long the model stays loaded: '5m', 0 unloads, -1 keeps it"}
-_FORMAT = {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]}
-_TOOL_CALL = {"type": "object", "properties": {
-    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
-    "function": {"type": "object", "properties": {
-        "index": {"type": "integer"}, "name": {"type": "string"},
-        "arguments": {"oneOf": [{"type": "object"}, {"type": "string"}],
-                      "description": "an object (Ollama) or its JSON text (OpenAI)"}},
-        "required": ["name"]}}, "required": ["function"]}
-_MESSAGE = {"type": "object", "properties": {"role": {"type": "string",
-            "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"},
-            "images": {"type": "array", "items": {"type": "string"}}, "thinking": {"type": "string"},
-            "tool_calls": {"type": "array", "items": _TOOL_CALL},
-            "tool_name": {"type": "string", "description": "role tool: the function whose result this is"},
-            "tool_call_id": {"type": "string", "description": "role tool: the call it answers (must match one)"}},
-            "required": ["role"]}
-_TOOLS = {"type": "array", "description": "Functions the model may call; parameters is a JSON Schema object",
-          "items": {"type": "object", "properties": {
-              "type": {"type": "string", "enum": ["function"]},
-              "function": {"type": "object", "properties": {
-                  "name": {"type": "string"}, "description": {"type": "string"},
-                  "parameters": {"type": "object"}}, "required": ["name"]}},
-              "required": ["function"]}}
-_TOOL_CHOICE = {"oneOf": [{"type": "string", "enum": ["auto", "none", "required"]},
-                          {"type": "object", "properties": {"type": {"type": "string", "enum": ["function"]},
-                           "function": {"type": "object", "properties": {"name": {"type": "string"}},
-                                        "required": ["name"]}}}],
-                "description": "required or a named function constrains decoding to one valid call "
-                               "(on /api/chat an extension: Ollama has none)"}
-_THINK = {"oneOf": [{"type": "boolean"}, {"type": "string", "enum": ["low", "medium", "high", "max"]}],
-          "description": "Thinking models: the thinking comes apart in message.thinking (thinking on "
-                         "/api/generate); 400 for a model without a thinking template"}
-_OBJ = {"type": "object", "additionalProperties": True}
-_IMAGES = {"type": "array", "items": {"type": "string", "contentEncoding": "base64"},
-           "description": "Parsed and checked; refused, as no served model has vision"}
-_LOGPROBS = {"type": "boolean", "description": "Return each token's log probability (from the logits)"}
-_TOP_LOGPROBS = {"type": "integer", "minimum": 0, "maximum": 20,
-                 "description": "How many likeliest alternatives to return per token"}
-_TRUNCATE = {"type": "boolean", "description": "Keep the end of an input longer than the context "
-             "(default); false: a 400 instead"}
-_SHIFT = {"type": "boolean", "description": "Shift the context window when it is full instead of stopping"}
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+
+_REASONS = {
+    400: "Bad request", 401: "No API key, or a wrong one (while keys are in force)",
+    403: "An Origin or Host not allowed, a key whose role does not allow this, or (pull, push) a registry "
+         "models.registries does not allow",
+    404: "Unknown model or node", 409: "Conflicts with the cluster's state, or not running on this node",
+    410: "Gone", 413: "Body larger than api.max_body_bytes", 429: "The key's rate limit: see Retry-After",
+    500: "The engine failed", 501: "Not available for this engine",
+    502: "A peer or the registry unreachable, or it answered garbage", 503: "Busy or no quorum: see Retry-After",
+    504: "A peer stopped sending", 507: "No space left"}
+# Answered by the guard in front of every handler; `/` and /health* skip the key checks.
+_GUARDED = (401, 403, 429)
+_OPEN = (403,)
+_INFERENCE = (400, 404, 500, 502, 503, 504)
+_WRITES = (400, 404, 503)  # a change the cluster's log must commit: 503 without a quorum
 
 
-def _body(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "properties": props, "required": required}}}}
+def _body(props: dict[str, Any], required: list[str], example: dict[str, Any] | None = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": obj(props, required)}
+    if example is not None:
+        media["example"] = example
+    return {"required": True, "content": {"application/json": media}}
 
 
-def _accepted(op: dict[str, Any]) -> dict[str, Any]:
-    """An operation that answers 202 instead of 200."""
-    op["responses"] = {("202" if k == "200" else k): v for k, v in op["responses"].items()}
-    return op
+def _sse(data: Schema, done: bool = False) -> Schema:
+    """One server-sent event whose data is JSON matching `data` (or, with
+    `done`, OpenAI's closing `[DONE]`)."""
+    json_data: Schema = {"type": "string", "contentMediaType": "application/json", "contentSchema": data}
+    return obj({"event": s.STR, "data": {"anyOf": [json_data, {"const": "[DONE]"}]} if done else json_data},
+               ["data"])
 
 
-def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
-        stream: str | None = None, errors: tuple[int, ...] = (400, 404, 503)) -> dict[str, Any]:
-    content: dict[str, Any] = {"application/json": {"schema": _OBJ}}
+def _op(summary: str, body: dict[str, Any] | None = None, ok: Schema | None = None, *,
+        status: int = 200, ok_text: str = "OK", media: str = "application/json",
+        stream: tuple[str, Schema] | None = None, also: dict[int, tuple[str, Schema]] | None = None,
+        errors: tuple[int, ...] = (), error: Schema = s.ERROR, guard: tuple[int, ...] = _GUARDED,
+        head: bool = False) -> dict[str, Any]:
+    """An operation: `ok` is the body of its success in `media` (None: no
+    body), `stream` the media type and item schema of its streamed form,
+    `also` other answers that are not errors, `errors` its own error statuses
+    beside the guard's. A HEAD answers no body."""
+    def answer(text: str, content: dict[str, Any]) -> dict[str, Any]:
+        return {"description": text, "content": content} if content and not head else {"description": text}
+
+    content: dict[str, Any] = {}
+    if ok is not None:
+        content[media] = {"schema": ok}
     if stream:
-        content[stream] = {"schema": {"type": "string"}}
-    op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": ok, "content": content}}}
-    for code in errors:
-        op["responses"][str(code)] = {"description": {400: "Bad request", 401: "Unauthorized",
-                                      404: "Unknown model",
-                                      409: "Conflicts with the cluster's state, or not running on this node",
-                                      413: "Body too large",
-                                      501: "Not available", 502: "Registry unreachable or answered garbage",
-                                      503: "Busy: see Retry-After", 507: "No space left"}[code],
-                                      "content": {"application/json": {"schema": _ERR}}}
+        kind, item = stream
+        each = "Each line of the stream" if kind == NDJSON else "Each event of the stream"
+        content[kind] = {"schema": {**item, "description": each}}
+    op: dict[str, Any] = {"summary": summary, "responses": {str(status): answer(ok_text, content)}}
+    for code, (text, schema) in (also or {}).items():
+        op["responses"][str(code)] = answer(text, {"application/json": {"schema": schema}})
+    for code in sorted(set(errors) | set(guard) | ({413} if body else set())):
+        op["responses"][str(code)] = answer(_REASONS[code], {"application/json": {"schema": error}})
     if body:
         op["requestBody"] = body
     return op
 
 
+def _ollama_stream(chunk: Schema) -> tuple[str, Schema]:
+    return NDJSON, {"anyOf": [chunk, s.ERROR]}
+
+
+def _openai(summary: str, body: dict[str, Any], ok: Schema, chunk: Schema | None = None) -> dict[str, Any]:
+    stream = (SSE, _sse({"anyOf": [chunk, s.OA_STREAM_ERROR]}, done=True)) if chunk else None
+    return _op(summary, body, ok, stream=stream, errors=_INFERENCE, error=s.OPENAI_ERROR)
+
+
+MODEL = "smollm2:135m"  # the examples name the model a new node comes with
+
+
+def _requests() -> dict[str, dict[str, Any]]:
+    """The request bodies, by operation."""
+    model = s.STR
+    return {
+        "generate": _body({
+            "model": model, "prompt": s.STR, "system": s.STR, "template": s.STR, "stream": s.BOOL,
+            "raw": {"type": "boolean", "description": "The prompt as is: no template, system or context"},
+            "suffix": {"type": "string", "description": "Fill in the middle: text after the completion "
+                       "(models with FIM tokens or a template using .Suffix)"},
+            "format": s.FORMAT, "options": s.OPTIONS, "keep_alive": s.KEEP_ALIVE, "images": s.IMAGES,
+            "think": s.THINK, "logprobs": s.LOGPROBS, "top_logprobs": s.TOP_LOGPROBS, "shift": s.SHIFT,
+            "truncate": s.TRUNCATE, "context": s.array(s.INT)}, ["model"],
+            {"model": MODEL, "prompt": "Why is the sky blue?", "stream": False}),
+        "chat": _body({
+            "model": model, "messages": s.array(s.MESSAGE), "stream": s.BOOL, "format": s.FORMAT,
+            "options": s.OPTIONS, "keep_alive": s.KEEP_ALIVE, "tools": s.TOOLS, "tool_choice": s.TOOL_CHOICE,
+            "think": s.THINK, "reasoning_effort": {"type": "string", "description": "OpenAI: as think (none is false)"},
+            "logprobs": s.LOGPROBS, "top_logprobs": s.TOP_LOGPROBS, "shift": s.SHIFT, "truncate": s.TRUNCATE},
+            ["model"], {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]}),
+        "embed": _body({
+            "model": model, "input": s.TEXTS, "truncate": s.BOOL,
+            "dimensions": {"type": "integer", "minimum": 1,
+                           "description": "Keep the first N values of each vector, normalised again"},
+            "options": s.OPTIONS, "keep_alive": s.KEEP_ALIVE}, ["model", "input"],
+            {"model": MODEL, "input": ["first", "second"]}),
+        "embeddings": _body({"model": model, "prompt": s.STR}, ["model", "prompt"],
+                            {"model": MODEL, "prompt": "Hello"}),
+        "show": _body({"model": model}, ["model"], {"model": MODEL}),
+        "create": _body({"model": model, "from": s.STR, "files": s.OBJ, "template": s.STR, "system": s.STR,
+                         "parameters": s.OBJ, "license": s.STR, "stream": s.BOOL}, ["model"],
+                        {"model": "mario", "from": MODEL, "system": "You are Mario from Super Mario Bros."}),
+        "copy": _body({"source": s.STR, "destination": s.STR}, ["source", "destination"],
+                      {"source": MODEL, "destination": "smollm2-backup"}),
+        "delete": _body({"model": model}, ["model"], {"model": "smollm2-backup"}),
+        "transfer": _body({"model": model, "insecure": s.BOOL, "stream": s.BOOL}, ["model"]),
+        "oa_chat": _body({
+            "model": model, "messages": s.array(s.OBJ), "stream": s.BOOL, "stream_options": s.OBJ,
+            "temperature": s.NUM, "top_p": s.NUM, "seed": s.INT, "max_tokens": s.INT,
+            "max_completion_tokens": s.INT, "stop": s.TEXTS, "response_format": s.OBJ, "tools": s.TOOLS,
+            "tool_choice": s.TOOL_CHOICE, "logprobs": s.LOGPROBS, "top_logprobs": s.TOP_LOGPROBS},
+            ["model", "messages"], {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}],
+                                    "stream": True}),
+        "oa_completion": _body({
+            "model": model, "prompt": {"oneOf": [s.STR, {"type": "array", "items": s.STR, "maxItems": 1}]},
+            "suffix": s.STR, "stream": s.BOOL, "max_tokens": s.INT, "temperature": s.NUM,
+            "logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
+                         "description": "Alternatives per token; set for token logprobs"}},
+            ["model"], {"model": MODEL, "prompt": "Once upon a time"}),
+        "oa_embeddings": _body({"model": model, "input": s.TEXTS,
+                                "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                                "dimensions": {"type": "integer", "minimum": 1}}, ["model", "input"],
+                               {"model": MODEL, "input": "Hello", "encoding_format": "base64"}),
+        "messages": _body({
+            "model": model, "max_tokens": {"type": "integer", "minimum": 1},
+            "system": {"oneOf": [s.STR, s.array(s.OBJ)]},
+            "messages": s.array(obj({
+                "role": {"type": "string", "enum": ["user", "assistant"]},
+                "content": {"oneOf": [s.STR, s.array(obj({"type": {"type": "string", "enum": [
+                    "text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"]}}, ["type"]))]}},
+                ["role", "content"])),
+            "tools": s.array(obj({"name": s.STR, "description": s.STR, "input_schema": {"type": "object"}},
+                                 ["name", "input_schema"])),
+            "tool_choice": {"type": "object", "properties": {"type": {"type": "string", "enum": [
+                "auto", "any", "tool", "none"]}, "name": s.STR}},
+            "thinking": {"type": "object", "properties": {
+                "type": {"type": "string", "enum": ["enabled", "disabled"]}, "budget_tokens": s.INT}},
+            "stream": s.BOOL, "temperature": s.NUM, "top_p": s.NUM, "top_k": s.INT, "stop_sequences": s.STRS,
+            "metadata": s.OBJ}, ["model", "max_tokens", "messages"],
+            {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}], "stream": True}),
+        "responses": _body({
+            "model": model, "instructions": s.STR,
+            "input": {"oneOf": [s.STR, s.array({"type": "object", "properties": {"type": {"type": "string", "enum": [
+                "message", "function_call", "function_call_output", "reasoning"]}}})]},
+            "tools": s.array(obj({"type": {"type": "string", "enum": ["function"]}, "name": s.STR,
+                                  "description": s.STR, "parameters": {"type": "object"}}, ["type", "name"])),
+            "tool_choice": s.TOOL_CHOICE, "stream": s.BOOL, "max_output_tokens": s.INT, "temperature": s.NUM,
+            "top_p": s.NUM, "text": s.OBJ, "reasoning": {"type": "object", "properties": {"effort": s.STR}},
+            "include": s.array({"type": "string", "enum": ["message.output_text.logprobs"]}),
+            "top_logprobs": s.TOP_LOGPROBS,
+            "previous_response_id": {"type": "null", "description": "Stateless: refused"}}, ["model", "input"],
+            {"model": MODEL, "input": "Hello", "stream": True}),
+        "rebalance": _body({"model": model, "dry_run": s.BOOL}, [], {"dry_run": True}),
+        "migrate": _body({"model": model, "from": s.STR, "to": s.STR}, ["model", "from", "to"]),
+        "placement": _body({"model": model, "replicas": {"type": ["integer", "null"], "minimum": 1, "maximum": 64},
+                            "node_labels": {"type": "object", "additionalProperties": s.STR, "maxProperties": 32}},
+                           ["model"]),
+    }
+
+
+def _node_id() -> list[dict[str, Any]]:
+    return [{"name": "node_id", "in": "path", "required": True, "schema": s.STR}]
+
+
 def spec() -> dict[str, Any]:
-    gen = _body({"model": {"type": "string"}, "prompt": {"type": "string"}, "system": {"type": "string"},
-                 "template": {"type": "string"}, "stream": {"type": "boolean"},
-                 "raw": {"type": "boolean", "description": "The prompt as is: no template, system or context"},
-                 "suffix": {"type": "string", "description": "Fill in the middle: text after the completion "
-                            "(models with FIM tokens or a template using .Suffix)"},
-                 "format": _FORMAT, "options": _OPTIONS, "keep_alive": _KEEP_ALIVE, "images": _IMAGES,
-                 "think": _THINK, "logprobs": _LOGPROBS, "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT,
-                 "truncate": _TRUNCATE, "context": {"type": "array", "items": {"type": "integer"}}}, ["model"])
-    chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _MESSAGE},
-                  "stream": {"type": "boolean"}, "format": _FORMAT, "options": _OPTIONS,
-                  "keep_alive": _KEEP_ALIVE, "tools": _TOOLS, "tool_choice": _TOOL_CHOICE, "think": _THINK,
-                  "reasoning_effort": {"type": "string", "description": "OpenAI: as think (none is false)"},
-                  "logprobs": _LOGPROBS,
-                  "top_logprobs": _TOP_LOGPROBS, "shift": _SHIFT, "truncate": _TRUNCATE}, ["model"])
-    oa_chat = _body({"model": {"type": "string"}, "messages": {"type": "array", "items": _OBJ},
-                     "stream": {"type": "boolean"}, "stream_options": _OBJ, "temperature": {"type": "number"},
-                     "top_p": {"type": "number"}, "seed": {"type": "integer"}, "max_tokens": {"type": "integer"},
-                     "max_completion_tokens": {"type": "integer"}, "stop": {"oneOf": [{"type": "string"},
-                     {"type": "array", "items": {"type": "string"}}]}, "response_format": _OBJ,
-                     "tools": _TOOLS, "tool_choice": _TOOL_CHOICE, "logprobs": _LOGPROBS,
-                     "top_logprobs": _TOP_LOGPROBS}, ["model", "messages"])
-    oa_completion = _body({"model": {"type": "string"}, "prompt": {"oneOf": [{"type": "string"}, {
-                           "type": "array", "items": {"type": "string"}, "maxItems": 1}]},
-                           "suffix": {"type": "string"}, "stream": {"type": "boolean"},
-                           "max_tokens": {"type": "integer"}, "temperature": {"type": "number"},
-                           "logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
-                                        "description": "Alternatives per token; set for token logprobs"}},
-                          ["model"])
-    messages = _body({
-        "model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
-        "system": {"oneOf": [{"type": "string"}, {"type": "array", "items": _OBJ}]},
-        "messages": {"type": "array", "items": {"type": "object", "properties": {
-            "role": {"type": "string", "enum": ["user", "assistant"]},
-            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
-                "type": {"type": "string", "enum": ["text", "image", "tool_use", "tool_result", "thinking",
-                                                    "redacted_thinking"]}}, "required": ["type"]}}]}},
-            "required": ["role", "content"]}},
-        "tools": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string"}, "description": {"type": "string"}, "input_schema": {"type": "object"}},
-            "required": ["name", "input_schema"]}},
-        "tool_choice": {"type": "object", "properties": {"type": {"type": "string",
-                        "enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"}}},
-        "thinking": {"type": "object", "properties": {"type": {"type": "string", "enum": ["enabled", "disabled"]},
-                                                     "budget_tokens": {"type": "integer"}}},
-        "stream": {"type": "boolean"}, "temperature": {"type": "number"}, "top_p": {"type": "number"},
-        "top_k": {"type": "integer"}, "stop_sequences": {"type": "array", "items": {"type": "string"}},
-        "metadata": _OBJ}, ["model", "max_tokens", "messages"])
-    responses = _body({
-        "model": {"type": "string"}, "instructions": {"type": "string"},
-        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
-            "type": {"type": "string", "enum": ["message", "function_call", "function_call_output",
-                                                "reasoning"]}}}}]},
-        "tools": {"type": "array", "items": {"type": "object", "properties": {
-            "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"},
-            "description": {"type": "string"}, "parameters": {"type": "object"}}, "required": ["type", "name"]}},
-        "tool_choice": _TOOL_CHOICE, "stream": {"type": "boolean"}, "max_output_tokens": {"type": "integer"},
-        "temperature": {"type": "number"}, "top_p": {"type": "number"}, "text": _OBJ,
-        "reasoning": {"type": "object", "properties": {"effort": {"type": "string"}}},
-        "include": {"type": "array", "items": {"type": "string", "enum": ["message.output_text.logprobs"]}},
-        "top_logprobs": _TOP_LOGPROBS,
-        "previous_response_id": {"type": "null", "description": "Stateless: refused"}}, ["model", "input"])
-    model_only = _body({"model": {"type": "string"}}, ["model"])
-    transfer = _body({"model": {"type": "string"}, "insecure": {"type": "boolean"},
-                      "stream": {"type": "boolean"}}, ["model"])
+    b = _requests()
+    progress = _ollama_stream(s.PROGRESS)
+    blob = [{"name": "digest", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"}}]
     paths: dict[str, Any] = {
-        "/": {"get": _op("Liveness text: 'Ollama is running'", errors=()),
-              "head": _op("Liveness", errors=())},
-        "/api/generate": {"post": _op("Generate a completion", gen, stream="application/x-ndjson")},
-        "/api/chat": {"post": _op("Chat", chat, stream="application/x-ndjson")},
-        "/api/embed": {"post": _op("Embeddings (normalised)", _body(
-            {"model": {"type": "string"}, "input": {"oneOf": [{"type": "string"},
-             {"type": "array", "items": {"type": "string"}}]}, "truncate": {"type": "boolean"},
-             "dimensions": {"type": "integer", "minimum": 1,
-                            "description": "Keep the first N values of each vector, normalised again"},
-             "options": _OPTIONS, "keep_alive": _KEEP_ALIVE}, ["model", "input"]))},
-        "/api/embeddings": {"post": _op("Legacy embedding of one prompt", _body(
-            {"model": {"type": "string"}, "prompt": {"type": "string"}}, ["model", "prompt"]))},
-        "/api/show": {"post": _op("Model details", model_only, errors=(400, 404))},
-        "/api/create": {"post": _op("Create a model from blobs or another model", _body(
-            {"model": {"type": "string"}, "from": {"type": "string"}, "files": _OBJ,
-             "template": {"type": "string"}, "system": {"type": "string"}, "parameters": _OBJ,
-             "license": {"type": "string"}, "stream": {"type": "boolean"}}, ["model"]),
-            stream="application/x-ndjson", errors=(400, 404))},
-        "/api/copy": {"post": _op("Copy a model", _body({"source": {"type": "string"},
-                      "destination": {"type": "string"}}, ["source", "destination"]), errors=(400, 404))},
-        "/api/delete": {"delete": _op("Delete a model", model_only, errors=(400, 404))},
-        "/api/pull": {"post": _op("Pull from the registry the name's host part names", transfer,
-                                  stream="application/x-ndjson", errors=(400, 404, 502, 507))},
-        "/api/push": {"post": _op("Push to the registry the name's host part names", transfer,
-                                  stream="application/x-ndjson", errors=(400, 404, 502))},
-        "/api/tags": {"get": _op("Models available", errors=())},
-        "/api/ps": {"get": _op("Models loaded, each with its context_length and expires_at", errors=())},
-        "/api/version": {"get": _op("Server version", errors=()), "head": _op("Server is up", errors=())},
+        "/": {"get": _op("Liveness text", ok={"type": "string", "const": "Ollama is running"}, media="text/plain",
+                         guard=_OPEN),
+              "head": _op("Liveness", guard=_OPEN, head=True)},
+        "/api/generate": {"post": _op("Generate a completion", b["generate"], s.GENERATE,
+                                      stream=_ollama_stream(s.GENERATE), errors=_INFERENCE)},
+        "/api/chat": {"post": _op("Chat", b["chat"], s.CHAT, stream=_ollama_stream(s.CHAT), errors=_INFERENCE)},
+        "/api/embed": {"post": _op("Embeddings (normalised)", b["embed"], s.EMBED, errors=_INFERENCE)},
+        "/api/embeddings": {"post": _op("Legacy embedding of one prompt", b["embeddings"], s.EMBEDDING,
+                                        errors=_INFERENCE)},
+        "/api/show": {"post": _op("Model details", b["show"], s.SHOW, errors=(400, 404, 501))},
+        "/api/create": {"post": _op("Create a model from blobs or another model", b["create"], s.PROGRESS,
+                                    stream=progress, errors=(*_WRITES, 507))},
+        "/api/copy": {"post": _op("Copy a model", b["copy"], errors=_WRITES)},
+        "/api/delete": {"delete": _op("Delete a model", b["delete"], errors=_WRITES)},
+        "/api/pull": {"post": _op("Pull from the registry the name's host part names", b["transfer"], s.PROGRESS,
+                                  stream=progress, errors=(*_WRITES, 501, 502, 507))},
+        "/api/push": {"post": _op("Push to the registry the name's host part names", b["transfer"], s.PROGRESS,
+                                  stream=progress, errors=(400, 404, 501, 502))},
+        "/api/tags": {"get": _op("Models available", ok=s.TAGS)},
+        "/api/ps": {"get": _op("Models loaded, each with its context_length and expires_at", ok=s.PS)},
+        "/api/version": {"get": _op("Server version", ok=s.VERSION), "head": _op("Server is up", head=True)},
         "/api/blobs/{digest}": {
-            "parameters": [{"name": "digest", "in": "path", "required": True,
-                            "schema": {"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"}}],
-            "head": _op("Whether the blob exists", errors=(400, 404)),
-            "post": {**_op("Upload a blob; its sha256 is verified", errors=(400,)),
-                     "requestBody": {"content": {"application/octet-stream": {"schema": {
-                         "type": "string", "format": "binary"}}}}}},
-        "/v1/chat/completions": {"post": _op("OpenAI chat completions", oa_chat, stream="text/event-stream")},
-        "/v1/completions": {"post": _op("OpenAI completions", oa_completion, stream="text/event-stream")},
-        "/v1/embeddings": {"post": _op("OpenAI embeddings", _body({"model": {"type": "string"},
-                           "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-                           "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                           "dimensions": {"type": "integer", "minimum": 1}}, ["model", "input"]))},
-        "/v1/messages": {"post": _op("Anthropic Messages: text, tool_use and tool_result blocks, thinking; "
-                                     "x-api-key is accepted as the key", messages, stream="text/event-stream")},
-        "/v1/responses": {"post": _op("OpenAI Responses, stateless: the whole conversation as input", responses,
-                                      stream="text/event-stream")},
-        "/v1/models": {"get": _op("OpenAI model list", errors=())},
-        "/v1/models/{model}": {"parameters": [{"name": "model", "in": "path", "required": True,
-                                               "schema": {"type": "string"}}],
-                               "get": _op("One model", errors=(404,))},
-        "/health": {"get": _op("Node health with service flags", errors=())},
-        "/health/live": {"get": _op("Liveness", errors=())},
-        "/health/ready": {"get": _op("Readiness: 503 until started and while draining", errors=(503,))},
-        "/api/distributed/status": {"get": _op("Cluster status", errors=())},
-        "/api/distributed/nodes": {"get": _op("Cluster nodes with resources", errors=())},
+            "parameters": blob,
+            "head": _op("Whether the blob exists (404: it does not)", errors=(400, 404), head=True),
+            "post": _op("Upload a blob; its sha256 is verified", {
+                "required": True, "content": {"application/octet-stream": {"schema": {
+                    "type": "string", "format": "binary"}}}}, status=201, ok_text="Created",
+                errors=(400, 507))},
+        "/v1/chat/completions": {"post": _openai("OpenAI chat completions", b["oa_chat"], s.CHAT_COMPLETION,
+                                                 s.CHAT_COMPLETION_CHUNK)},
+        "/v1/completions": {"post": _openai("OpenAI completions", b["oa_completion"], s.COMPLETION,
+                                            s.COMPLETION_CHUNK)},
+        "/v1/embeddings": {"post": _openai("OpenAI embeddings", b["oa_embeddings"], s.OA_EMBEDDINGS)},
+        "/v1/messages": {"post": _op(
+            "Anthropic Messages: text, tool_use and tool_result blocks, thinking; x-api-key is accepted as the key",
+            b["messages"], s.MESSAGE_ANSWER, stream=(SSE, _sse(s.TYPED_EVENT)), errors=_INFERENCE,
+            error=s.ANTHROPIC_ERROR)},
+        "/v1/responses": {"post": _op("OpenAI Responses, stateless: the whole conversation as input",
+                                      b["responses"], s.RESPONSE, stream=(SSE, _sse(s.TYPED_EVENT)),
+                                      errors=_INFERENCE, error=s.OPENAI_ERROR)},
+        "/v1/models": {"get": _op("OpenAI model list", ok=s.OA_MODELS, error=s.OPENAI_ERROR)},
+        "/v1/models/{model}": {"parameters": [{"name": "model", "in": "path", "required": True, "schema": s.STR,
+                                               "example": MODEL}],
+                               "get": _op("One model", ok=s.OA_MODEL, errors=(404,), error=s.OPENAI_ERROR)},
+        "/health": {"get": _op("Node health with service flags", ok=s.HEALTH, ok_text="Healthy or degraded",
+                               also={503: ("Unhealthy: a task has died", s.HEALTH)}, guard=_OPEN)},
+        "/health/live": {"get": _op("Liveness", ok=s.LIVE, guard=_OPEN)},
+        "/health/ready": {"get": _op("Readiness: 503 until started and while draining", ok=s.READY,
+                                     ok_text="Ready", also={503: ("Starting or draining", s.READY)}, guard=_OPEN)},
+        "/api/distributed/status": {"get": _op("Cluster status", ok=s.CLUSTER_STATUS)},
+        "/api/distributed/nodes": {"get": _op("Cluster nodes with resources", ok=s.NODES)},
         "/api/distributed/nodes/{node_id}": {
-            "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "delete": _op("Remove a node that is down for good from the cluster's membership",
+            "parameters": _node_id(),
+            "delete": _op("Remove a node that is down for good from the cluster's membership", ok=s.NODE_REMOVED,
                           errors=(404, 409, 503))},
         "/api/distributed/nodes/{node_id}/drain": {
-            "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "post": _accepted(_op(
-                "Drain a node (id or name, this one or a peer) without stopping it: readiness 503, peers "
-                "route elsewhere, queued requests move, running ones get node.drain_timeout_s, then migrate",
-                ok="Accepted", errors=(404, 409)))},
+            "parameters": _node_id(),
+            "post": _op("Drain a node (id or name, this one or a peer) without stopping it: readiness 503, peers "
+                        "route elsewhere, queued requests move, running ones get node.drain_timeout_s, then "
+                        "migrate", ok=s.NODE_DRAIN, status=202, ok_text="Accepted", errors=(404, 409, 502, 503))},
         "/api/distributed/nodes/{node_id}/undrain": {
-            "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "post": _op("End a node's drain: it takes requests again", errors=(404, 409))},
-        "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
-        "/api/distributed/token": {"get": {
-            "summary": "Gone: the join token is never served over HTTP; `cluster token` on the node reads it",
-            "responses": {"410": {"description": "Always", "content": {"application/json": {"schema": _ERR}}}}}},
-        "/api/distributed/models": {"get": _op("Models and the nodes holding them", errors=())},
+            "parameters": _node_id(),
+            "post": _op("End a node's drain: it takes requests again", ok=s.NODE_DRAIN,
+                        errors=(404, 409, 502, 503))},
+        "/api/distributed/metrics": {"get": _op("Cluster metrics summary", ok=s.CLUSTER_METRICS)},
+        "/api/distributed/token": {"get": _op(
+            "Gone: the join token is never served over HTTP; `cluster token` on the node reads it", ok=s.ERROR,
+            status=410, ok_text="Always")},
+        "/api/distributed/models": {"get": _op("Models and the nodes holding them", ok=s.CLUSTER_MODELS)},
         "/api/distributed/replication/status": {"get": _op(
             "Peer-to-peer model replication: blob transfers in progress (direction, peer, digest, offset, "
-            "bytes, total, bytes_per_sec), models being replicated, totals, tombstones", errors=(409,))},
+            "bytes, total, bytes_per_sec), models being replicated, totals, tombstones", ok=s.REPLICATION,
+            errors=(409,))},
         "/api/distributed/rebalance": {"post": _op(
             "Place every model (or one) anew, spread by bytes over the nodes that can hold it; returns "
-            "the moves", _body({"model": {"type": "string"}, "dry_run": {"type": "boolean"}}, []),
-            errors=(400, 404, 409))},
-        "/api/distributed/migrate": {"post": _accepted(_op(
+            "the moves", b["rebalance"], s.REBALANCE, errors=(*_WRITES, 409))},
+        "/api/distributed/migrate": {"post": _op(
             "Move a model's copy from one node to another (202: committed; the copy then moves)",
-            _body({"model": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"}},
-                  ["model", "from", "to"]), ok="Accepted", errors=(400, 404, 409)))},
+            b["migrate"], s.MIGRATE, status=202, ok_text="Accepted", errors=(*_WRITES, 409))},
         "/api/distributed/placement": {"post": _op(
-            "A model's placement policy: replicas and the node labels it needs",
-            _body({"model": {"type": "string"}, "replicas": {"type": ["integer", "null"]},
-                   "node_labels": {"type": "object", "additionalProperties": {"type": "string"}}},
-                  ["model"]), errors=(400, 409))},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-            "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-        "/api/openapi.json": {"get": _op("This document", errors=())},
+            "A model's placement policy: replicas and the node labels it needs", b["placement"], s.PLACEMENT,
+            errors=(*_WRITES, 409))},
+        "/metrics": {"get": _op("Prometheus metrics", ok=s.STR, ok_text="Prometheus text format",
+                                media="text/plain")},
+        "/api/openapi.json": {"get": _op("This document", ok=s.OPENAPI)},
     }
     return {
         "openapi": "3.1.0",

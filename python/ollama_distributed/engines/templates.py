@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import BadRequestError, EngineError
 from ..models.store import ModelRecord
+from . import goparse as gp
 from . import gotemplate as gt
 from .base import InferenceRequest
 
@@ -191,21 +192,21 @@ def _identifiers(nodes: list[Any]) -> list[str]:
     """The names a template refers to, as Ollama's Vars() collects them."""
     names: list[str] = []
 
-    def pipe(p: gt.Pipe) -> None:
+    def pipe(p: gp.Pipe) -> None:
         for c in p.cmds:
             for a in c.args:
-                if isinstance(a, gt.Field):
+                if isinstance(a, gp.Field):
                     names.extend(a.names)
-                elif isinstance(a, gt.Variable):
+                elif isinstance(a, gp.Variable):
                     names.extend([a.name, *a.names])
-                elif isinstance(a, gt.Pipe):
+                elif isinstance(a, gp.Pipe):
                     pipe(a)
 
     def visit(ns: list[Any]) -> None:
         for n in ns:
-            if isinstance(n, gt.Action):
+            if isinstance(n, gp.Action):
                 pipe(n.pipe)
-            elif isinstance(n, gt.Branch):
+            elif isinstance(n, gp.Branch):
                 pipe(n.pipe)
                 visit(n.body)
                 if n.else_body is not None:
@@ -215,12 +216,12 @@ def _identifiers(nodes: list[Any]) -> list[str]:
     return names
 
 
-def _pipe_has_field(p: gt.Pipe, name: str) -> bool:
-    return any(isinstance(a, gt.Field) and name in a.names for c in p.cmds for a in c.args)
+def _pipe_has_field(p: gp.Pipe, name: str) -> bool:
+    return any(isinstance(a, gp.Field) and name in a.names for c in p.cmds for a in c.args)
 
 
-def _response_action() -> gt.Action:
-    return gt.Action(gt.Pipe([], False, [gt.Command([gt.Field(["Response"])])]))
+def _response_action() -> gp.Action:
+    return gp.Action(gp.Pipe([], False, [gp.Command([gp.Field(["Response"])])]))
 
 
 class GoTemplate:
@@ -230,7 +231,7 @@ class GoTemplate:
         self.source = source
         try:
             self.tmpl = gt.Template(source, FUNCS)
-        except gt.TemplateError as e:
+        except gp.TemplateError as e:
             raise BadRequestError(f"template: {e}") from None
         self.vars = sorted({n.lower() for n in _identifiers(self.tmpl.root)})
         if "messages" not in self.vars and "response" not in self.vars:
@@ -264,30 +265,30 @@ class GoTemplate:
         opening = closing = ""
         ancestors: list[Any] = []
 
-        def pipe_fields(p: gt.Pipe) -> list[gt.Field]:
-            out: list[gt.Field] = []
+        def pipe_fields(p: gp.Pipe) -> list[gp.Field]:
+            out: list[gp.Field] = []
             for c in p.cmds:
                 for a in c.args:
-                    if isinstance(a, gt.Field):
+                    if isinstance(a, gp.Field):
                         out.append(a)
-                    elif isinstance(a, gt.Pipe):
+                    elif isinstance(a, gp.Pipe):
                         out.extend(pipe_fields(a))
             return out
 
         def found() -> None:
             nonlocal opening, closing
-            rng = next((a for a in reversed(ancestors) if isinstance(a, gt.Branch) and a.kind == "range"), None)
+            rng = next((a for a in reversed(ancestors) if isinstance(a, gp.Branch) and a.kind == "range"), None)
             if rng is None or not any(f.names[0] == "Messages" for f in pipe_fields(rng.pipe)):
                 return
             lst = next((a for a in reversed(ancestors) if isinstance(a, list)), None)
             if not lst:
                 return
-            if isinstance(lst[0], gt.Text):
+            if isinstance(lst[0], gp.Text):
                 opening = lst[0].text.strip()
-            if isinstance(lst[-1], gt.Text):
+            if isinstance(lst[-1], gp.Text):
                 closing = lst[-1].text.strip()
 
-        def visit_pipe(p: gt.Pipe) -> None:
+        def visit_pipe(p: gp.Pipe) -> None:
             for f in pipe_fields(p):
                 if f.names and f.names[0] == "Thinking":
                     found()
@@ -296,9 +297,9 @@ class GoTemplate:
             ancestors.append(nodes)
             for n in nodes:
                 ancestors.append(n)
-                if isinstance(n, gt.Action):
+                if isinstance(n, gp.Action):
                     visit_pipe(n.pipe)
-                elif isinstance(n, gt.Branch):
+                elif isinstance(n, gp.Branch):
                     visit_pipe(n.pipe)
                     visit(n.body)
                     if n.else_body is not None:
@@ -324,7 +325,7 @@ class GoTemplate:
                 return self.tmpl.execute({"System": system, "Messages": [template_message(m) for m in msgs],
                                           "Tools": template_tools(tools), "Response": "", **base})
             return self._legacy(msgs, base)
-        except gt.TemplateError as e:
+        except gp.TemplateError as e:
             raise EngineError(f"template: {e}") from None
 
     def _legacy(self, msgs: list[dict[str, Any]], base: dict[str, Any]) -> str:
@@ -374,14 +375,14 @@ def _cut_after_response(nodes: list[Any]) -> list[Any]:
         for n in ns:
             if cut:
                 continue
-            if isinstance(n, gt.Action):
+            if isinstance(n, gp.Action):
                 if _pipe_has_field(n.pipe, "Response"):
                     cut = True
                 kept.append(n)
-            elif isinstance(n, gt.Branch):
+            elif isinstance(n, gp.Branch):
                 body = visit(n.body)
                 else_body = visit(n.else_body) if n.else_body is not None else None
-                kept.append(gt.Branch(n.kind, n.pipe, body, else_body))
+                kept.append(gp.Branch(n.kind, n.pipe, body, else_body))
             else:
                 kept.append(n)
         return kept
@@ -389,9 +390,9 @@ def _cut_after_response(nodes: list[Any]) -> list[Any]:
     return visit(nodes)
 
 
-def _find_tool_calls_if(nodes: list[Any]) -> gt.Branch | None:
+def _find_tool_calls_if(nodes: list[Any]) -> gp.Branch | None:
     for n in nodes:
-        if not isinstance(n, gt.Branch):
+        if not isinstance(n, gp.Branch):
             continue
         if n.kind == "if" and _pipe_has_field(n.pipe, "ToolCalls"):
             return n
@@ -403,16 +404,16 @@ def _find_tool_calls_if(nodes: list[Any]) -> gt.Branch | None:
 
 def _first_text(nodes: list[Any]) -> str | None:
     for n in nodes:
-        if isinstance(n, gt.Text):
+        if isinstance(n, gp.Text):
             if n.text.strip():
                 return n.text
             continue
-        if isinstance(n, gt.Branch):
+        if isinstance(n, gp.Branch):
             for sub in (n.body, n.else_body):
                 if sub is not None and (t := _first_text(sub)) is not None:
                     return t
             return None
-        if isinstance(n, gt.Action):
+        if isinstance(n, gp.Action):
             return None
     return None
 

@@ -21,20 +21,9 @@ Push: "retrieving manifest", then for each blob "pushing <12 hex>" (HEAD to skip
 blobs the registry has, POST for an upload session, one monolithic PUT for small
 blobs and PATCH chunks for large ones), "pushing manifest", "success".
 
-https is used unless the request says `insecure`, which allows plain HTTP and
-unverified TLS. A registry that asks for a token (`WWW-Authenticate: Bearer
-realm=...`) gets a token request, as Docker clients make it; a username and
-password (Basic, or for the token service) come from ~/.netrc or $NETRC.
-Registry failures are 502s, never 401s: a 401 from the node means its own
-API token. Their messages name the host and the status, and at most the OCI
-error codes; never the remote body, which could be anything.
-
-Outbound requests are guarded (SSRF): `models.registries`, when set, lists the
-only hosts a pull or push may reach, redirects included (followed by hand, each
-hop checked, at most MAX_REDIRECTS); a token realm must be https unless the
-request is `insecure`, and on an allowed host; link-local addresses
-(169.254.0.0/16, fe80::/10: cloud metadata services) are refused, whether
-named in a URL or resolved from a name, unless listed by address.
+Talking to the registry (scheme, tokens, redirects, error messages) and the
+outbound guards (SSRF: models.registries, link-local addresses) are
+outbound.py's concern.
 """
 
 from __future__ import annotations
@@ -42,14 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import os
-import re
 import shutil
-import socket
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -58,12 +43,20 @@ from typing import Any
 
 import aiohttp
 import yarl
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
-from ..errors import BadRequestError, DigestMismatchError, ModelNotFoundError, OllamaDistributedError
+from ..errors import BadRequestError, DigestMismatchError, ModelNotFoundError
 from . import names
 from .fsutil import StorageError, atomic_write, storage_error
+from .outbound import (
+    MAX_MANIFEST,
+    Policy,
+    Registry,
+    RegistryError,
+    error_body,
+    open_session,
+    reason,
+    snippet,
+)
 from .store import MANIFEST_MEDIA, Store, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -81,246 +74,12 @@ PROGRESS_INTERVAL = 0.1
 # How often the parts' progress is saved; a resumed pull re-fetches at most this much.
 STATE_INTERVAL = 0.5
 RETRIES = 5
-# A manifest is a few hundred bytes; anything this big is not one.
-MAX_MANIFEST = 4 << 20
 MAX_LAYER = 1 << 40
 # Blobs above this go up in PATCH chunks of this size, so a failed chunk costs
 # little; smaller ones in a single PUT.
 PUSH_CHUNK = 32 << 20
 # Free space kept beyond what a pull needs, so the node can still write its state.
 DISK_MARGIN = 16 << 20
-TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
-
-
-class RegistryError(OllamaDistributedError):
-    """The registry could not be reached, refused, or answered something unusable."""
-
-    status = 502
-
-
-class RegistryForbiddenError(OllamaDistributedError):
-    """This node's config does not let it reach that host (models.registries,
-    a link-local address, a plain-HTTP token realm)."""
-
-    status = 403
-
-
-MAX_REDIRECTS = 10
-_OCI_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
-
-
-def _link_local(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_link_local
-    except ValueError:
-        return False
-
-
-class Policy:
-    """Where a pull or push may go: `allowed` is models.registries (host, or
-    host:port; empty: any host but a link-local address)."""
-
-    def __init__(self, allowed: list[str] | None = None) -> None:
-        self.entries: set[tuple[str, int | None]] = set()
-        for entry in allowed or []:
-            u = yarl.URL(f"//{entry.strip()}")
-            if u.host:
-                self.entries.add((u.host.lower().strip("[]"), u.explicit_port))
-
-    def _listed(self, host: str, port: int | None) -> bool:
-        h = host.lower().strip("[]")
-        return (h, None) in self.entries or (h, port) in self.entries
-
-    def ip_allowed(self, ip: str) -> bool:
-        """A resolved or literal address: link-local only when listed by address."""
-        return not _link_local(ip) or any(h == ip.strip("[]").lower() for h, _ in self.entries)
-
-    def check(self, url: yarl.URL, what: str) -> None:
-        host = (url.host or "").lower()
-        if self.entries and not self._listed(host, url.port):
-            raise RegistryForbiddenError(f"{what} goes to {url.host}:{url.port}, which is not in "
-                                         "models.registries; add it there to allow it")
-        if not self.ip_allowed(host):
-            raise RegistryForbiddenError(f"{what} goes to the link-local address {url.host}; list that "
-                                         "address in models.registries to allow it")
-
-
-class _GuardedResolver(AbstractResolver):
-    """Name resolution that drops link-local answers the policy does not allow,
-    so a name that resolves to a metadata service gets nowhere."""
-
-    def __init__(self, policy: Policy) -> None:
-        self._inner = ThreadedResolver()
-        self._policy = policy
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
-        ok = [r for r in found if self._policy.ip_allowed(str(r["host"]))]
-        if found and not ok:
-            raise OSError(f"{host} resolves only to link-local addresses, which models.registries "
-                          "does not list")
-        return ok
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-# ---- talking to a registry --------------------------------------------------------------
-
-
-_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-
-
-class Registry:
-    """One registry host: its scheme (found on first contact) and its bearer token."""
-
-    def __init__(self, session: aiohttp.ClientSession, host: str, insecure: bool,
-                 policy: Policy | None = None) -> None:
-        self.session = session
-        self.host = host
-        self.insecure = insecure
-        self.scheme: str | None = None
-        self.token: str | None = None
-        self.policy = policy or Policy()
-        self.policy.check(yarl.URL(f"https://{host}/"), f"registry {host}")
-
-    async def _send(self, method: str, url: yarl.URL, headers: dict[str, str],
-                    data: Callable[[], Any] | None) -> aiohttp.ClientResponse:
-        """One request, following redirects by hand: each hop is checked
-        against the policy, never downgraded to plain HTTP unless `insecure`,
-        and loses the Authorization header when it leaves the registry's host."""
-        for _ in range(MAX_REDIRECTS + 1):
-            resp = await self.session.request(method, url, headers=headers, data=data() if data else None,
-                                              ssl=not self.insecure, allow_redirects=False)
-            location = resp.headers.get("Location")
-            if resp.status not in (301, 302, 303, 307, 308) or not location:
-                return resp
-            resp.release()
-            nxt = url.join(yarl.URL(location))
-            self.policy.check(nxt, f"a redirect from registry {self.host}")
-            if nxt.scheme == "http" and url.scheme == "https" and not self.insecure:
-                raise RegistryForbiddenError(f"registry {self.host} redirected to plain HTTP ({nxt.host}); "
-                                             "retry with insecure: true if you trust that path")
-            if nxt.scheme not in ("http", "https"):
-                raise RegistryError(f"registry {self.host} redirected to a {nxt.scheme or 'relative'} URL")
-            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
-                method, data = "GET", None
-            if nxt.host != url.host:
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            url = nxt
-        raise RegistryError(f"registry {self.host} redirected more than {MAX_REDIRECTS} times")
-
-    def url(self, path: str) -> yarl.URL:
-        return yarl.URL(f"{self.scheme or 'https'}://{self.host}{path}")
-
-    async def request(self, method: str, target: str | yarl.URL, headers: dict[str, str] | None = None,
-                      data: Callable[[], Any] | None = None) -> aiohttp.ClientResponse:
-        """Send a request, choosing the scheme on first contact and answering one
-        auth challenge. `target` is a path on the registry or a full URL (Location)."""
-        if self.scheme is None:
-            await self._choose_scheme()
-        for attempt in range(2):
-            url = self.url(target) if isinstance(target, str) else target
-            hdrs = dict(headers or {})
-            if self.token:
-                hdrs["Authorization"] = f"Bearer {self.token}"
-            try:
-                resp = await self._send(method, url, hdrs, data)
-            except aiohttp.ClientSSLError as e:
-                raise RegistryError(f"TLS with registry {self.host} failed: {e}") from None
-            if resp.status == 401 and attempt == 0 and "WWW-Authenticate" in resp.headers:
-                challenge = resp.headers["WWW-Authenticate"]
-                resp.release()
-                await self._authenticate(challenge)
-                continue
-            return resp
-        raise AssertionError("unreachable")
-
-    async def _choose_scheme(self) -> None:
-        """https first; plain HTTP only when `insecure` allows it."""
-        try:
-            async with self.session.get(yarl.URL(f"https://{self.host}/v2/"),
-                                        ssl=not self.insecure, allow_redirects=False) as resp:
-                await resp.read()
-            self.scheme = "https"
-            return
-        except (TimeoutError, aiohttp.ClientSSLError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            https_error = e
-        if not self.insecure:
-            if _answers_http(https_error):
-                raise RegistryError(
-                    f"registry {self.host} does not speak https ({_reason(https_error)}); if it is a "
-                    f"plain-HTTP registry you trust, retry with insecure: true (--insecure)")
-            raise RegistryError(f"cannot reach registry {self.host} over https: {_reason(https_error)}")
-        try:
-            async with self.session.get(yarl.URL(f"http://{self.host}/v2/"), allow_redirects=False) as resp:
-                await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise RegistryError(f"cannot reach registry {self.host}: {_reason(e)}") from None
-        self.scheme = "http"
-
-    async def _authenticate(self, challenge: str) -> None:
-        scheme, _, rest = challenge.partition(" ")
-        if scheme.lower() == "basic":
-            # aiohttp (trust_env) already sent what $NETRC or ~/.netrc holds for this host.
-            machine = yarl.URL(f"http://{self.host}").host
-            raise RegistryError(
-                f"registry {self.host} wants a username and password and did not accept any: put them "
-                f"in ~/.netrc (or $NETRC) of the user the node runs as, as 'machine {machine} login USER "
-                "password PASSWORD'")
-        if scheme.lower() != "bearer":
-            raise RegistryError(f"registry {self.host} asks for {scheme} authentication, which this "
-                                "node does not support; it supports Basic (from ~/.netrc) and bearer token realms")
-        params = dict(_CHALLENGE_PARAM.findall(rest))
-        realm = params.pop("realm", "")
-        if not realm.startswith(("https://", "http://")):
-            raise RegistryError(f"registry {self.host} sent an unusable auth challenge (realm is not a URL)")
-        realm_url = yarl.URL(realm)
-        if realm_url.scheme != "https" and not self.insecure:
-            raise RegistryForbiddenError(f"registry {self.host} sent a plain-HTTP token realm ({realm_url.host}); "
-                                         "a token over plain HTTP is refused unless the pull or push is "
-                                         "insecure: true")
-        self.policy.check(realm_url, f"the token service of registry {self.host}")
-        try:
-            async with self.session.get(realm_url.update_query(params), ssl=not self.insecure,
-                                        allow_redirects=False) as resp:
-                raw = await resp.content.read(MAX_MANIFEST)
-                if resp.status != 200:
-                    raise RegistryError(f"registry {self.host}: token service {realm_url.host} answered "
-                                        f"{resp.status}")
-        except aiohttp.ClientError as e:
-            raise RegistryError(f"registry {self.host}: cannot reach its token service: {_reason(e)}") from None
-        try:
-            body = json.loads(raw)
-            token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise RegistryError(f"registry {self.host}: token service answered without a token: {_snippet(raw)}")
-        self.token = token
-
-
-def _reason(e: BaseException) -> str:
-    return str(e) or e.__class__.__name__
-
-
-def _answers_http(e: BaseException) -> bool:
-    """Whether https failed in the TLS handshake (the port answers, but not with TLS)."""
-    if isinstance(e, aiohttp.ClientSSLError) or isinstance(getattr(e, "os_error", None), ssl.SSLError):
-        return True
-    text = str(e).lower()
-    return any(s in text for s in ("wrong version number", "record layer failure",
-                                   "packet length too long", "unknown protocol"))
-
-
-def _snippet(raw: bytes) -> str:
-    """What a body was, without echoing it: a remote body could be anything
-    (an internal page reached by a redirect, a secret)."""
-    if not raw.strip():
-        return "(empty body)"
-    kind = "JSON" if raw.lstrip()[:1] in (b"{", b"[") else "text" if b"\0" not in raw[:512] else "binary"
-    return f"({len(raw)} bytes of {kind}, not shown)"
 
 
 def _repo(name: names.ModelName) -> str:
@@ -334,28 +93,6 @@ def _remote_tag(raw_name: object, name: names.ModelName) -> str:
     colon, slash = raw.rfind(":"), raw.rfind("/")
     tag = raw[colon + 1:] if colon > slash else names.DEFAULT_TAG
     return tag if tag.lower() == name.tag else name.tag
-
-
-def _session(policy: Policy | None = None) -> aiohttp.ClientSession:
-    # Digests are over the bytes as stored: ask for them unencoded, and never
-    # let a transparent gzip change what gets hashed. trust_env: HTTPS_PROXY and
-    # NO_PROXY apply, as they do for Ollama.
-    connector = aiohttp.TCPConnector(resolver=_GuardedResolver(policy or Policy()))
-    return aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False, trust_env=True,
-                                 headers={"Accept-Encoding": "identity"}, connector=connector)
-
-
-async def _error_body(resp: aiohttp.ClientResponse) -> str:
-    """The OCI error codes of an error answer (`MANIFEST_UNKNOWN`), never its text."""
-    with contextlib.suppress(Exception):
-        raw = await resp.content.read(4096)
-        with contextlib.suppress(ValueError, AttributeError, KeyError, IndexError, TypeError):
-            codes = [str(e.get("code")) for e in json.loads(raw)["errors"]]
-            shown = [c for c in codes if _OCI_CODE.match(c)]
-            if shown:
-                return ", ".join(shown[:5])
-        return _snippet(raw)
-    return ""
 
 
 # ---- manifests ---------------------------------------------------------------------------
@@ -381,9 +118,9 @@ def parse_manifest(raw: bytes, host: str) -> dict[str, Any]:
     try:
         manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise RegistryError(f"registry {host} answered something that is not a manifest: {_snippet(raw)}") from None
+        raise RegistryError(f"registry {host} answered something that is not a manifest: {snippet(raw)}") from None
     if not isinstance(manifest, dict):
-        raise RegistryError(f"registry {host} answered something that is not a manifest: {_snippet(raw)}")
+        raise RegistryError(f"registry {host} answered something that is not a manifest: {snippet(raw)}")
     if "manifests" in manifest:
         raise RegistryError(f"registry {host} answered a manifest list (a multi-platform image), not a model")
     if manifest.get("schemaVersion") != 2 or not isinstance(manifest.get("layers"), list):
@@ -406,14 +143,14 @@ async def fetch_manifest(reg: Registry, name: names.ModelName, tag: str | None =
                 raise ModelNotFoundError(f"model '{name.short}' not found in registry {name.host}")
             if resp.status in (401, 403):
                 raise RegistryError(f"registry {name.host} refused access to {name.short}: "
-                                    f"{await _error_body(resp)}")
+                                    f"{await error_body(resp)}")
             if resp.status != 200:
                 raise RegistryError(f"registry {name.host} answered {resp.status} for the manifest of "
-                                    f"{name.short}: {await _error_body(resp)}")
+                                    f"{name.short}: {await error_body(resp)}")
             raw = await resp.content.read(MAX_MANIFEST + 1)
             claimed = resp.headers.get("Docker-Content-Digest")
     except (TimeoutError, aiohttp.ClientError) as e:
-        raise RegistryError(f"registry {name.host}: fetching the manifest failed: {_reason(e)}") from None
+        raise RegistryError(f"registry {name.host}: fetching the manifest failed: {reason(e)}") from None
     if len(raw) > MAX_MANIFEST:
         raise RegistryError(f"registry {name.host} answered more than {MAX_MANIFEST >> 20} MiB for a manifest")
     manifest = parse_manifest(raw, name.host)
@@ -524,10 +261,10 @@ async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, sho
                     skip = start
                 elif resp.status in (429,) or resp.status >= 500:
                     raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
-                                                      message=await _error_body(resp))
+                                                      message=await error_body(resp))
                 else:
                     raise RegistryError(f"registry {reg.host} answered {resp.status} for layer "
-                                        f"sha256:{short}…: {await _error_body(resp)}")
+                                        f"sha256:{short}…: {await error_body(resp)}")
                 async for chunk in resp.content.iter_chunked(READ_CHUNK):
                     if skip:
                         cut = min(skip, len(chunk))
@@ -548,9 +285,9 @@ async def _download_part(reg: Registry, url: yarl.URL, fd: int, part: _Part, sho
             failures = 1 if part.offset + part.done > start else failures + 1
             if failures > RETRIES:
                 raise RegistryError(f"downloading layer sha256:{short}… from {reg.host} failed {failures} "
-                                    f"times in a row: {_reason(last)}") from None
+                                    f"times in a row: {reason(last)}") from None
             logger.info("layer sha256:%s part at %d: %s; retrying from byte %d", short, part.offset,
-                        _reason(e), part.offset + part.done)
+                        reason(e), part.offset + part.done)
             await asyncio.sleep(min(0.25 * 2 ** (failures - 1), 4.0))
 
 
@@ -610,7 +347,7 @@ async def _fetch_layer(reg: Registry, name: names.ModelName, partial: _Partial,
         async for event in _download(reg, name, partial, again):
             yield event
     except (TimeoutError, aiohttp.ClientError) as e:
-        raise RegistryError(f"registry {name.host}: {_reason(e)}") from None
+        raise RegistryError(f"registry {name.host}: {reason(e)}") from None
 
 
 async def _verify_and_commit(store: Store, partial: _Partial, host: str, again: bool = False) -> None:
@@ -665,7 +402,7 @@ async def pull(store: Store, raw_name: object, insecure: bool = False,
     name = names.parse(raw_name)
     store.tmp.mkdir(parents=True, exist_ok=True)
     policy = Policy(registries)
-    async with _session(policy) as session:
+    async with open_session(policy) as session:
         reg = Registry(session, name.host, insecure, policy)
         raw, manifest = await fetch_manifest(reg, name, _remote_tag(raw_name, name))
         await asyncio.to_thread(_check_space, store, manifest)
@@ -780,7 +517,7 @@ async def _with_progress(work: Awaitable[None], hex_digest: str, total: int, bas
 
 async def _expect(resp: aiohttp.ClientResponse, ok: tuple[int, ...], what: str, host: str) -> None:
     if resp.status not in ok:
-        detail = await _error_body(resp)
+        detail = await error_body(resp)
         raise RegistryError(f"registry {host} answered {resp.status} to {what}: {detail}")
 
 
@@ -833,7 +570,7 @@ async def push(store: Store, raw_name: object, insecure: bool = False,
                                   "pull or create the model again")
         blobs.append((hex_digest, path, path.stat().st_size))
     policy = Policy(registries)
-    async with _session(policy) as session:
+    async with open_session(policy) as session:
         reg = Registry(session, name.host, insecure, policy)
         try:
             # Contact first, so an unreachable registry fails before anything is streamed.
@@ -857,7 +594,7 @@ async def push(store: Store, raw_name: object, insecure: bool = False,
                                          headers={"Content-Type": media}, data=lambda: raw) as resp:
                 await _expect(resp, (201, 200), f"the manifest of {name.short}", reg.host)
         except (TimeoutError, aiohttp.ClientError) as e:
-            raise RegistryError(f"pushing to registry {name.host} failed: {_reason(e)}") from None
+            raise RegistryError(f"pushing to registry {name.host} failed: {reason(e)}") from None
         logger.info("pushed %s to %s", name.short, name.host)
         yield {"status": "success"}
 
