@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tests.conftest import MODEL, NodeProc, start_node  # noqa: E402
+from tests.conftest import MODEL, NodeProc, start_node
 
 QUESTIONS = ["What is rule 3?", "Who wrote this handbook?", "Is rule 7 kind?", "Name a colour.",
              "What should I do first?", "Summarise rule 10."]

@@ -37,7 +37,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -107,8 +107,11 @@ def save(llama: Any) -> Any:
         raise RuntimeError(f"llama_state_seq_get_data copied {n} of {size} bytes")
     if n < size:
         data = data[:n]
+    # a bytearray where LlamaState says bytes: no second copy, and `restore`
+    # hands it to llama.cpp through ctypes' from_buffer, which needs it writable
     return LlamaState(input_ids=held(llama).copy(), scores=np.empty((0, 0), dtype=np.single),
-                      n_tokens=int(llama.n_tokens), llama_state=data, llama_state_size=n, seed=llama._seed)
+                      n_tokens=int(llama.n_tokens), llama_state=cast(bytes, data), llama_state_size=n,
+                      seed=llama._seed)
 
 
 def restore(llama: Any, state: Any) -> None:
