@@ -189,8 +189,14 @@ class PromptCache:
             if best is None:
                 return have
             self._kept.move_to_end(best[0])
-            kept = best[1]
-        restore(llama, kept.state)
+            key, kept = best
+        try:
+            restore(llama, kept.state)
+        except RuntimeError:
+            with self._lock:  # llama.cpp refused it: never offer it again (the caller sets the context aside)
+                if key in self._kept:
+                    self._remove(key)
+            raise
         return common_prefix(kept.tokens, tokens)
 
     def keep(self, owner: object, model: str, llama: Any, text: str) -> bool:
