@@ -143,6 +143,22 @@ def test_past_the_budget_the_least_recently_used_prefix_goes(warm_node: NodeProc
     assert generate(n, C + Q[2])["prompt_eval_count"] < 20
 
 
+def test_openai_usage_counts_the_whole_prompt_and_the_cached_part(warm_node: NodeProc) -> None:
+    import openai
+
+    c = openai.OpenAI(base_url=warm_node.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def chat(question: str) -> Any:
+        return c.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
+            {"role": "system", "content": C}, {"role": "user", "content": question}]).usage
+
+    first, second = chat("What is rule 3?"), chat("What is rule 4?")
+    assert first is not None and second is not None and second.prompt_tokens_details is not None
+    assert second.prompt_tokens == first.prompt_tokens  # the whole prompt, as OpenAI counts it
+    assert second.prompt_tokens_details.cached_tokens > 250  # C's rules were warm
+    assert second.total_tokens == second.prompt_tokens + second.completion_tokens
+
+
 # ---- the engine in-process: its life cycle ----------------------------------
 
 
