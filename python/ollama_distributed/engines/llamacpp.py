@@ -464,6 +464,7 @@ class LlamaCppEngine:
         if num_predict == 0:
             budget = 0
         if cancel.cancelled:
+            self._keep(lm, llama, "", copy=False)  # _warm may have changed what it holds: unknown now
             return
         start: Callable[[list[int]], Iterator[int]] = functools.partial(
             llama.generate,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -218,7 +219,9 @@ class PromptCache:
                     if text and len(text) > len(kept.text):
                         kept.text = text
                     return False
+        t0 = time.perf_counter()
         state = save(llama)
+        took = time.perf_counter() - t0
         entry = Kept(owner=owner, model=model, tokens=state.input_ids, state=state, text=text)
         with self._lock:
             for key, kept in list(self._kept.items()):
@@ -239,6 +242,9 @@ class PromptCache:
                              self._kept[key].model, len(self._kept[key].tokens))
                 self._remove(key)
                 self.evictions += 1
+            logger.debug("kept a prompt state of %s: %d tokens, %.1f MiB in %.0f ms; %d kept, %.0f of %.0f MiB",
+                         model, n, entry.size / 2**20, took * 1e3, len(self._kept), self._bytes / 2**20,
+                         self.budget / 2**20)
         return True
 
     def _remove(self, key: int) -> None:
