@@ -99,6 +99,12 @@ class EngineSection:
     max_queue: int = 512
     threads: int = 0  # 0: one per core
     num_ctx: int = 2048
+    # llamacpp: RAM for copies of prompt KV states kept warm beyond each slot's
+    # own (engines/prefixcache.py), every loaded model within it; 0 keeps only
+    # the slots' own. 512 MiB holds ~23 prefixes of 1,000 tokens of the bundled
+    # SmolLM2 (22 KiB of KV a token), or ~4,000 tokens of an 8B GQA model
+    # (128 KiB a token): a few tenants' system prompts, 2% of a 24 GiB machine.
+    prompt_cache_mib: int = 512
     # mock engine only: time to first token and tokens per second
     mock_ttft_ms: float = 0.0
     mock_tokens_per_second: float = 0.0
@@ -334,6 +340,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: scheduler.{key}: expected an integer >= 0")
     if cfg.engine.max_queue < 0:
         raise ConfigError(f"{where}: engine.max_queue: expected an integer >= 0")
+    if cfg.engine.prompt_cache_mib < 0:
+        raise ConfigError(f"{where}: engine.prompt_cache_mib: expected an integer >= 0 (0 = no kept prompt states)")
     if cfg.models.replication_bandwidth_mbps < 0:
         raise ConfigError(f"{where}: models.replication_bandwidth_mbps: expected an integer >= 0 (0 = unlimited)")
     from .duration import parse_keep_alive

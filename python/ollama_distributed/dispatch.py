@@ -601,9 +601,8 @@ class Dispatcher:
                     if resumed is not None:  # tells the entry node this node understood the continuation
                         chunk["continued"] = resumed
                         resumed = None
-                    if chunk.get("done") and chunk.get("load_duration"):
-                        # this request paid for a cold load: count it once, here, on the loading node
-                        self.metrics.model_load.labels(req.model).observe(chunk["load_duration"] / 1e9)
+                    if chunk.get("done"):
+                        self._count_prompt(req.model, chunk)
                     yield chunk
         except TimeoutError:
             if not cut.fired:
@@ -617,6 +616,14 @@ class Dispatcher:
             self.engine.touch(req.model, keep_alive)
             if keep_alive == 0 and self.is_idle(req.model):
                 await self.engine.unload(req.model)
+
+    def _count_prompt(self, model: str, final: dict[str, Any]) -> None:
+        """Counts from this node's engine, once, here where it ran."""
+        m = self.metrics
+        if final.get("load_duration"):  # this request paid for a cold load
+            m.model_load.labels(model).observe(final["load_duration"] / 1e9)
+        m.prompt_tokens_evaluated.labels(model).inc(max(0, int(final.get("prompt_eval_count") or 0)))
+        m.prompt_tokens_cached.labels(model).inc(max(0, int(final.get("prompt_cached_count") or 0)))
 
     async def embed(self, req: InferenceRequest, endpoint: str) -> dict[str, Any]:
         with self._tracked(req, endpoint) as rec, self._counted():

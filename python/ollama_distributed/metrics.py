@@ -112,6 +112,11 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens evaluated.", ["model"],
                                      registry=r)
+        # where the engine ran, from its own counts (a forwarded request counts on the serving node)
+        self.prompt_tokens_cached = Counter(f"{p}_prompt_tokens_cached", "Prompt tokens whose KV an engine "
+                                            "already held (a warm prefix), by model.", ["model"], registry=r)
+        self.prompt_tokens_evaluated = Counter(f"{p}_prompt_tokens_evaluated", "Prompt tokens an engine "
+                                               "evaluated, by model.", ["model"], registry=r)
         self.generated_tokens = Counter(f"{p}_generated_tokens", "Tokens generated.", ["model"],
                                         registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests waiting for an engine slot.", registry=r)

@@ -131,9 +131,11 @@ def test_options_are_honoured(node: NodeProc) -> None:
     out = post(gen, {**base, "prompt": "List three colours, one per line.",
                      "options": {"num_predict": 30, "temperature": 0, "stop": ["\n"]}})
     assert "\n" not in out["response"]
+    # seeded: evaluated whole (no warm prefix), so prompt_eval_count is each prompt's length
     raw = post(gen, {**base, "prompt": "1, 2, 3, 4,", "raw": True,
-                     "options": {"num_predict": 4, "temperature": 0}})
-    templated = post(gen, {**base, "prompt": "1, 2, 3, 4,", "options": {"num_predict": 4, "temperature": 0}})
+                     "options": {"num_predict": 4, "temperature": 0, "seed": 1}})
+    templated = post(gen, {**base, "prompt": "1, 2, 3, 4,", "options": {"num_predict": 4, "temperature": 0,
+                                                                        "seed": 1}})
     assert raw["prompt_eval_count"] < templated["prompt_eval_count"]  # no chat template around it
     a = post(gen, {**base, "prompt": "Tell me a word.", "options": {"num_predict": 8, "temperature": 1.5, "seed": 11}})
     b = post(gen, {**base, "prompt": "Tell me a word.", "options": {"num_predict": 8, "temperature": 1.5, "seed": 11}})

@@ -69,6 +69,7 @@ def test_families_follow_conventions(scraped: str, node: NodeProc) -> None:
     expected = {
         "requests": "counter", "request_duration_seconds": "histogram",
         "time_to_first_token_seconds": "histogram", "prompt_tokens": "counter",
+        "prompt_tokens_cached": "counter", "prompt_tokens_evaluated": "counter",
         "generated_tokens": "counter", "queue_depth": "gauge", "in_flight_requests": "gauge",
         "models_loaded": "gauge", "model_load_seconds": "histogram", "peers": "gauge",
         "is_leader": "gauge", "build_info": "gauge",

@@ -52,6 +52,15 @@ def test_precedence_flag_env_file(tmp_path: Path) -> None:
     assert cfg.api.auth_tokens == ["a", "b"]
 
 
+def test_prompt_cache_mib_from_file_and_environment(tmp_path: Path) -> None:
+    other = write(tmp_path / "o.yaml", "engine: {num_ctx: 4096}\n")
+    assert config.load(other, environ={}).engine.prompt_cache_mib == 512  # the default (config.py says why)
+    f = write(tmp_path / "c.yaml", "engine: {prompt_cache_mib: 64}\n")
+    assert config.load(f, environ={}).engine.prompt_cache_mib == 64
+    env = {"OLLAMA_DISTRIBUTED_ENGINE_PROMPT_CACHE_MIB": "0"}
+    assert config.load(f, environ=env).engine.prompt_cache_mib == 0  # env over file; 0 turns it off
+
+
 @pytest.mark.parametrize("text,needle", [
     ("api: {prot: 1}\n", "unknown key api.prot"),
     ("bogus: {}\n", "unknown section 'bogus'"),
@@ -67,6 +76,8 @@ def test_precedence_flag_env_file(tmp_path: Path) -> None:
     ("models: {replication_bandwidth_mbps: -1}\n", "models.replication_bandwidth_mbps: expected an integer >= 0"),
     ("models: {replication_bandwidth_mbps: fast}\n", "models.replication_bandwidth_mbps: expected an integer"),
     ("logging: {access: loud}\n", "logging.access: expected one of info, debug"),
+    ("engine: {prompt_cache_mib: -1}\n", "engine.prompt_cache_mib: expected an integer >= 0"),
+    ("engine: {prompt_cache_mib: lots}\n", "engine.prompt_cache_mib: expected an integer"),
 ])
 def test_errors_name_file_key_and_expectation(tmp_path: Path, text: str, needle: str) -> None:
     f = write(tmp_path / "bad.yaml", text)

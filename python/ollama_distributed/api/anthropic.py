@@ -241,7 +241,9 @@ def _stop_reason(final: dict[str, Any], called: bool) -> str:
 
 
 def _usage(final: dict[str, Any]) -> dict[str, int]:
+    # as Anthropic's: input_tokens leaves out what was read from a cache (a warm prefix)
     return {"input_tokens": int(final.get("prompt_eval_count") or 0),
+            "cache_read_input_tokens": int(final.get("prompt_cached_count") or 0),
             "output_tokens": int(final.get("eval_count") or 0)}
 
 

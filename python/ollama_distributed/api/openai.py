@@ -80,10 +80,15 @@ def _format(body: dict[str, Any]) -> Any:
     raise BadRequestError("response_format.type must be text, json_object or json_schema")
 
 
-def _usage(final: dict[str, Any]) -> dict[str, int]:
-    p = int(final.get("prompt_eval_count") or 0)
+def _usage(final: dict[str, Any]) -> dict[str, Any]:
+    # OpenAI's prompt_tokens is the whole prompt, the part served from a warm
+    # prefix included and also given as cached_tokens (Ollama's prompt_eval_count
+    # counts only what was evaluated)
+    cached = int(final.get("prompt_cached_count") or 0)
+    p = int(final.get("prompt_eval_count") or 0) + cached
     c = int(final.get("eval_count") or 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _finish(final: dict[str, Any]) -> str:

@@ -240,9 +240,10 @@ def _logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _usage(final: dict[str, Any]) -> dict[str, Any]:
-    p, c = int(final.get("prompt_eval_count") or 0), int(final.get("eval_count") or 0)
+    cached = int(final.get("prompt_cached_count") or 0)  # a warm prefix: counted in input_tokens too
+    p, c = int(final.get("prompt_eval_count") or 0) + cached, int(final.get("eval_count") or 0)
     return {"input_tokens": p, "output_tokens": c, "total_tokens": p + c,
-            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+            "input_tokens_details": {"cached_tokens": cached}, "output_tokens_details": {"reasoning_tokens": 0}}
 
 
 class _Response:

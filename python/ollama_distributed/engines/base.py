@@ -15,7 +15,10 @@ chunks stream to a local client or across QUIC to a peer:
                                        "arguments": {...}}}]}   (Ollama's shape; arguments an object)
 - the last chunk: {"done": True, "done_reason": "stop"|"length"|"load"|"unload",
                    "prompt_eval_count", "prompt_eval_duration", "eval_count",
-                   "eval_duration", "load_duration", "total_duration", "context"?}
+                   "eval_duration", "load_duration", "total_duration", "context"?,
+                   "prompt_cached_count"?}
+  `prompt_eval_count` counts the prompt tokens really evaluated (as Ollama's);
+  `prompt_cached_count` those whose KV was already there (a warm prefix).
 
 A continuation (`InferenceRequest.continuation`, the ids another node already
 generated) runs the same prompt with those ids appended, without re-emitting
@@ -133,3 +136,5 @@ class Engine(Protocol):
     def touch(self, model: str, keep_alive: float | None) -> None: ...
 
     def configure(self, num_parallel: int, max_loaded_models: int) -> None: ...
+
+    def warm_prompts(self) -> dict[str, list[str]]: ...

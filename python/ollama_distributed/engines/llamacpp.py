@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from ..models import gguf_info
 from ..models.store import ModelRecord
 from . import options as opt
 from .base import CancelToken, InferenceRequest, LoadedModel
+from .prefixcache import PROMPT_TEXT_MAX, PromptCache, count_evals, pick_slot, prefix_ids
 from .templates import Prompt, render_prompt
 from .textstream import StopStream
 from .toolcalls import OutputReader, call_grammar
@@ -61,6 +63,9 @@ class _Loaded:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # requests holding this instance: its contexts stay open while > 0
     draining: bool = False  # out of service: closed when `users` reaches 0
+    busy: set[int] = field(default_factory=set)  # slots a request holds (the others' contexts may be swapped)
+    texts: dict[int, str] = field(default_factory=dict)  # id(Llama) -> the prompt its KV holds
+    guard: threading.Lock = field(default_factory=threading.Lock)  # slots, busy, texts: loop and threads
 
 
 def _import_llama() -> Any:
@@ -98,6 +103,7 @@ class LlamaCppEngine:
         )
         self.reaper: asyncio.Task[None] | None = None  # supervised by the node
         self._threads = cfg.threads or (os.cpu_count() or 1)
+        self.cache = PromptCache(cfg.prompt_cache_mib << 20)  # warm prefixes, every model within one budget
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -222,9 +228,11 @@ class LlamaCppEngine:
     def _abandon_slot(self, lm: _Loaded, llama: Any) -> None:
         """A context llama.cpp failed on is neither reused nor freed (freeing one
         after a failed decode crashed the process): the slot loads afresh."""
-        for slot, held in list(lm.slots.items()):
-            if held is llama:
-                del lm.slots[slot]
+        with lm.guard:
+            for slot, held in list(lm.slots.items()):
+                if held is llama:
+                    del lm.slots[slot]
+            lm.texts.pop(id(llama), None)
         self._abandoned.append(llama)
 
     def _close(self, lm: _Loaded) -> None:
@@ -234,8 +242,11 @@ class LlamaCppEngine:
             if llama is not None:
                 with contextlib.suppress(Exception):
                     llama.close()
-        lm.slots.clear()
+        with lm.guard:
+            lm.slots.clear()
+            lm.texts.clear()
         lm.embedder = None
+        self.cache.drop(lm)  # its states fit only its contexts
         logger.info("unloaded %s", lm.record.name.short)
 
     async def _slot_llama(self, lm: _Loaded, slot: int) -> tuple[Any, float]:
@@ -255,7 +266,8 @@ class LlamaCppEngine:
                     self._models.pop(lm.record.name.short)
                 raise
             took = time.perf_counter() - t0
-            lm.slots[slot] = llama
+            with lm.guard:
+                lm.slots[slot] = llama
             lm.load_duration = took
             logger.info("loaded %s slot %d in %.2fs (n_ctx=%d)", lm.record.name.short, slot, took, lm.n_ctx)
             return llama, took
@@ -313,18 +325,29 @@ class LlamaCppEngine:
         opts = opt.normalise(req.options, record.parameters)
         lm = await self._ensure_loaded(record, opts.get("num_ctx") or None)
         fut: asyncio.Future[None] | None = None
+        with lm.guard:
+            lm.busy.add(slot)  # its context is this request's until the worker thread returns
         try:
             llama, load_s = await self._slot_llama(lm, slot)
-            async with contextlib.aclosing(self._stream(llama, lm, req, opts, cancel, t_start, load_s)) as it:
+            async with contextlib.aclosing(self._stream(llama, lm, slot, req, opts, cancel, t_start,
+                                                        load_s)) as it:
                 async for chunk in it:
                     if isinstance(chunk, asyncio.Future):
                         fut = chunk
                         continue
                     yield chunk
         finally:
+            def free(_f: Any = None) -> None:
+                with lm.guard:
+                    lm.busy.discard(slot)
+
+            if fut is None or fut.done():
+                free()
+            else:
+                fut.add_done_callback(free)
             self._release_when_done(lm, fut)
 
-    async def _stream(self, llama: Any, lm: _Loaded, req: InferenceRequest, opts: dict[str, Any],
+    async def _stream(self, llama: Any, lm: _Loaded, slot: int, req: InferenceRequest, opts: dict[str, Any],
                       cancel: CancelToken, t_start: float, load_s: float) -> AsyncGenerator[Any, None]:
         """Run the generation on a worker thread; yields its future first, then chunks."""
         loop = asyncio.get_running_loop()
@@ -335,14 +358,15 @@ class LlamaCppEngine:
 
         def run() -> None:
             try:
-                self._generate_blocking(llama, lm, req, opts, cancel, emit)
+                self._generate_blocking(llama, lm, slot, req, opts, cancel, emit)
             except BadRequestError as e:  # the client's mistake (a 400), not the engine's
                 logger.debug("refused a request for %s: %s", req.model, e)
                 emit(e)
             except BaseException as e:  # crosses to the event loop as an error chunk
                 logger.exception("generation failed for %s", req.model)
                 if isinstance(e, RuntimeError):  # llama.cpp failed: set this context aside (see _embed)
-                    loop.call_soon_threadsafe(self._abandon_slot, lm, llama)
+                    # the slot's context now: _warm may have swapped in another idle one
+                    loop.call_soon_threadsafe(self._abandon_slot, lm, lm.slots.get(slot, llama))
                 emit(e if isinstance(e, EngineError) else EngineError(f"generation failed: {e}"))
 
         fut = loop.run_in_executor(self._pool, run)
@@ -368,6 +392,7 @@ class LlamaCppEngine:
         self,
         llama: Any,
         lm: _Loaded,
+        slot: int,
         req: InferenceRequest,
         opts: dict[str, Any],
         cancel: CancelToken,
@@ -415,6 +440,8 @@ class LlamaCppEngine:
             grammar = _grammar(llama_cpp, req.format)
         reader = OutputReader(prompt.think_tags, prompt.thinking_open, prompt.tool_tag, tools)
         seed = int(opt.get(opts, "seed"))
+        if seed < 0 and not resumed:
+            llama = self._warm(lm, slot, llama, tokens)
         if seed >= 0:
             llama.set_seed(seed)
             # Reusing a cached prefix evaluates the prompt in different batches,
@@ -437,6 +464,7 @@ class LlamaCppEngine:
         if num_predict == 0:
             budget = 0
         if cancel.cancelled:
+            self._keep(lm, llama, "", copy=False)  # _warm may have changed what it holds: unknown now
             return
         start: Callable[[list[int]], Iterator[int]] = functools.partial(
             llama.generate,
@@ -455,6 +483,8 @@ class LlamaCppEngine:
             penalize_nl=bool(opt.get(opts, "penalize_newline")),
             grammar=grammar,
         )
+        evaluated = count_evals(llama)  # prompt_eval_count: what was evaluated, not what was sent
+        prompt_evaluated = 0
         if resumed and budget > 0:
             _replay(llama, tokens, len(resumed), exact=float(opt.get(opts, "temperature")) == 0 or seed >= 0)
         if budget <= 0:
@@ -469,6 +499,7 @@ class LlamaCppEngine:
             for token in gen:
                 if first_at is None:
                     first_at = time.perf_counter()
+                    prompt_evaluated = evaluated[0]
                 if cancel.cancelled:
                     done_reason = "cancel"
                     break
@@ -497,7 +528,9 @@ class LlamaCppEngine:
             if close:
                 close()
             llama.__dict__.pop("_init_sampler", None)  # undo _remember
+            llama.__dict__.pop("eval", None)  # undo count_evals
         if done_reason == "cancel":
+            self._keep(lm, llama, prompt.text, copy=False)  # the client left: free the slot now
             return
         tail = stream.flush()
         for chunk in [*reader.feed(tail), *reader.finish()] if tail else reader.finish():
@@ -508,17 +541,63 @@ class LlamaCppEngine:
             emit(_with_logprobs({"text": "", "tokens": unsent}, pending_lp))
         end = time.perf_counter()
         first = first_at or end
+        proper = max(0, len(tokens) - len(resumed))  # the prompt proper; a continuation's ids are not
+        prompt_evaluated = min(proper, max(0, prompt_evaluated - len(resumed)))
         emit(
             {
                 "done": True,
                 "done_reason": done_reason,
-                "prompt_eval_count": max(0, len(tokens) - len(resumed)),  # the prompt proper
+                "prompt_eval_count": prompt_evaluated,
+                # the rest of the prompt's KV came from the slot's context or a kept state
+                "prompt_cached_count": proper - prompt_evaluated if first_at is not None else 0,
                 "prompt_eval_duration": int((first - t0) * 1e9),
                 "eval_count": len(generated),
                 "eval_duration": int((end - first) * 1e9),
                 "context": tokens + generated,
             }
         )
+        self._keep(lm, llama, prompt.text)
+
+    def _warm(self, lm: _Loaded, slot: int, llama: Any, tokens: list[int]) -> Any:
+        """The context to run `tokens` on, its KV made the longest prefix of
+        them this node has: the idle context sharing the longest prefix
+        (swapped into this request's slot), then a kept state if one shares
+        more (prefixcache). Returns the context; `generate` then evaluates
+        only what follows the common prefix."""
+        ids = prefix_ids(tokens)
+        with lm.guard:
+            if len(lm.slots) > 1 and lm.slots.get(slot) is llama:
+                best = pick_slot(lm.slots, set(lm.slots) - lm.busy, slot, ids)
+                if best != slot:
+                    lm.slots[slot], lm.slots[best] = lm.slots[best], lm.slots[slot]
+                    llama = lm.slots[slot]
+        self.cache.restore_best(lm, llama, ids)
+        return llama
+
+    def _keep(self, lm: _Loaded, llama: Any, text: str, copy: bool = True) -> None:
+        """After an answer: note what the context holds, and keep a copy of it
+        (the client has its answer already; the slot stays taken until this returns)."""
+        with lm.guard:
+            lm.texts[id(llama)] = text[:PROMPT_TEXT_MAX]
+        if lm.draining or not copy:
+            return  # a draining instance's states are dropped with it
+        try:
+            self.cache.keep(lm, lm.record.name.short, llama, text)
+        except (RuntimeError, MemoryError) as e:  # the answer is out: only the copy is lost
+            logger.warning("could not keep the prompt state of %s: %s", lm.record.name.short, e)
+
+    def warm_prompts(self) -> dict[str, list[str]]:
+        """Model name -> the rendered prompts whose KV this node holds now: kept
+        states (most recently used first), then what the slots' contexts hold."""
+        out = self.cache.prompts(self._models)
+        for name, lm in self._models.items():
+            with lm.guard:
+                live = [lm.texts[id(llama)] for llama in lm.slots.values() if id(llama) in lm.texts]
+            have = out.setdefault(name, [])
+            have.extend(text for text in live if text and text not in have)
+            if not have:
+                del out[name]
+        return out
 
     async def embed(self, req: InferenceRequest, record: ModelRecord | None) -> dict[str, Any]:
         assert record is not None
