@@ -191,11 +191,13 @@ impl SlotPool {
                 return Admit::Run(i);
             }
         }
-        if tenant_queued >= cap {
-            return Admit::TenantFull;
-        }
+        // a full queue refuses everyone alike (503); short of that, a tenant
+        // holding its share is refused alone (429) so others still get in
         if queued >= max_queue {
             return Admit::Full;
+        }
+        if tenant_queued >= cap {
+            return Admit::TenantFull;
         }
         slots.waiting.push(Work::new(ticket, &ask, now));
         self.tenants.enqueue(ask.tenant);
@@ -441,7 +443,7 @@ mod tests {
         assert_eq!(pool.admit("m", 1, 0, Ask::default()), Admit::Run(0));
         assert_eq!(pool.admit("m", 2, 0, Ask::default()), Admit::Run(1));
         assert_eq!(pool.admit("m", 3, 0, Ask::default()), Admit::Queued);
-        assert_eq!(pool.admit("m", 4, 0, Ask::default()), Admit::TenantFull);
+        assert_eq!(pool.admit("m", 4, 0, Ask::default()), Admit::Full);
         assert_eq!(pool.admit("m", 5, 0, ask("other", 1)), Admit::Full);
         assert_eq!(pool.queue_depth(), 1);
         assert_eq!(pool.total_in_flight(), 2);

@@ -77,12 +77,51 @@ def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "OK",
                                       404: "Unknown model",
                                       409: "Conflicts with the cluster's state, or not running on this node",
                                       413: "Body too large",
+                                      429: "This tenant holds its share of the node's queue: see Retry-After",
                                       501: "Not available", 502: "Registry unreachable or answered garbage",
                                       503: "Busy: see Retry-After", 507: "No space left"}[code],
                                       "content": {"application/json": {"schema": _ERR}}}
     if body:
         op["requestBody"] = body
     return op
+
+
+_PRIORITY = {"name": "X-Priority", "in": "header", "required": False,
+             "description": "interactive (default, or the API key's) or batch: batch work waits while "
+                            "interactive work queues, until scheduler.batch_promote_after_s",
+             "schema": {"type": "string", "enum": ["interactive", "batch"]}}
+_TENANT = {"name": "X-Tenant", "in": "header", "required": False,
+           "description": "The tenant this request is served as; heeded only from api.trusted_proxies",
+           "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"}}
+_QUEUE_POSITION = {"X-Queue-Position": {
+    "description": "The place the request had in the serving node's queue (0: it ran at once)",
+    "schema": {"type": "integer", "minimum": 0}}}
+
+
+def _inference(op: dict[str, Any]) -> dict[str, Any]:
+    """An operation that goes through a node's fair queue: X-Priority and
+    X-Tenant in, X-Queue-Position and 429 out."""
+    op["parameters"] = [_PRIORITY, _TENANT]
+    op["responses"]["200"]["headers"] = _QUEUE_POSITION
+    op["responses"]["429"] = {"description": "This tenant holds its share of the node's queue: see Retry-After",
+                              "content": {"application/json": {"schema": _ERR}}}
+    return op
+
+
+_QUEUE_ROW = {"type": "object", "properties": {
+    "tenant": {"type": "string"}, "priority": {"type": "string", "enum": ["interactive", "batch"]},
+    "age_s": {"type": "number"}, "tokens_estimated": {"type": "integer"},
+    "slot": {"type": "integer"}, "position": {"type": "integer"}}}
+_QUEUE = {"type": "object", "required": ["node", "models", "tenants"], "properties": {
+    "node": {"type": "string"}, "num_parallel": {"type": "integer"}, "max_queue": {"type": "integer"},
+    "queue_depth": {"type": "integer"}, "in_flight": {"type": "integer"},
+    "tenant_queue_share": {"type": "number"}, "batch_promote_after_s": {"type": "number"},
+    "models": {"type": "array", "items": {"type": "object", "properties": {
+        "model": {"type": "string"}, "kind": {"type": "string", "enum": ["generate", "embed"]},
+        "running": {"type": "array", "items": _QUEUE_ROW}, "queued": {"type": "array", "items": _QUEUE_ROW}}}},
+    "tenants": {"type": "array", "items": {"type": "object", "properties": {
+        "tenant": {"type": "string"}, "virtual_tokens": {"type": "number"},
+        "queued": {"type": "integer"}, "running": {"type": "integer"}}}}}}
 
 
 def spec() -> dict[str, Any]:
@@ -219,6 +258,10 @@ def spec() -> dict[str, Any]:
             "parameters": [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "post": _op("End a node's drain: it takes requests again", errors=(404, 409))},
         "/api/distributed/metrics": {"get": _op("Cluster metrics summary", errors=())},
+        "/api/distributed/queue": {"get": {
+            "summary": "This node's requests per model, running and queued (tenant, priority, position, "
+                       "age), and each tenant's virtual token counter",
+            "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": _QUEUE}}}}}},
         "/api/distributed/token": {"get": {
             "summary": "Gone: the join token is never served over HTTP; `cluster token` on the node reads it",
             "responses": {"410": {"description": "Always", "content": {"application/json": {"schema": _ERR}}}}}},
@@ -243,6 +286,9 @@ def spec() -> dict[str, Any]:
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/api/openapi.json": {"get": _op("This document", errors=())},
     }
+    for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
+                 "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/responses"):
+        _inference(paths[path]["post"])
     return {
         "openapi": "3.1.0",
         "info": {"title": "ollama-distributed", "version": __version__,
