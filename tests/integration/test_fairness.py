@@ -45,12 +45,25 @@ class Pending:
         self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **headers})
         self.finished_at = 0.0
 
+        self.answer: tuple[int, dict[str, str], Any] | None = None
+
     def result(self) -> tuple[int, dict[str, str], Any]:
-        r = self.conn.getresponse()
-        raw = r.read()
-        self.finished_at = time.monotonic()
-        self.conn.close()
-        return r.status, {k: v for k, v in r.getheaders()}, json.loads(raw)
+        if self.answer is None:
+            r = self.conn.getresponse()
+            raw = r.read()
+            self.finished_at = time.monotonic()
+            self.conn.close()
+            self.answer = r.status, {k: v for k, v in r.getheaders()}, json.loads(raw)
+        return self.answer
+
+
+def finish(pending: list[Pending]) -> None:
+    """Read every answer at once, so `finished_at` orders them as the node did."""
+    threads = [threading.Thread(target=p.result) for p in pending]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
 
 
 def gen(n: int = 20) -> dict[str, Any]:
@@ -129,6 +142,7 @@ def test_a_tenant_over_its_share_gets_429_while_another_is_admitted(node: NodePr
     assert text.returncode == 0 and "TENANT" in text.stdout and "heavy" in text.stdout
 
     step("everyone admitted finishes; X-Queue-Position is the place each had on arrival")
+    finish([*heavy, light])
     results = [p.result() for p in heavy]
     light_status, light_headers, light_body = light.result()
     assert all(s == 200 and b["eval_count"] == 20 for s, _, b in results)
@@ -161,6 +175,7 @@ def test_batch_waits_while_interactive_work_queues(node: NodeProc) -> None:
     q = wait_queued(node, 2)
     assert [(r["tenant"], r["priority"], r["position"]) for r in rows(q, "queued")] == [
         ("user", "interactive", 1), ("webui", "batch", 2)]
+    finish([first, answer, title])
     for p in (first, answer, title):
         status, headers, _ = p.result()
         assert status == 200 and "X-Queue-Position" in headers
