@@ -256,9 +256,11 @@ class Dispatcher:
 
     # ---- admission -------------------------------------------------------------
 
-    async def _acquire(self, key: str, req: InferenceRequest) -> tuple[int, int]:
-        """A slot of `key` for `req`, waiting in the fair queue if need be:
-        (slot, the place it had in the queue, 0 when it ran at once)."""
+    async def _acquire(self, key: str, req: InferenceRequest | None = None) -> tuple[int, int]:
+        """A slot of `key` for `req` (None: an anonymous interactive one),
+        waiting in the fair queue if need be: (slot, the place it had in the
+        queue, 0 when it ran at once)."""
+        req = req or InferenceRequest(kind="generate", model=key)
         ticket = next(self._tickets)
         now = int(time.monotonic() * 1000)
         slot = self.scheduler.admit(key, ticket, now, tenant=req.tenant, weight=req.weight,
