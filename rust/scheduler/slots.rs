@@ -289,29 +289,42 @@ impl SlotPool {
     }
 
     /// The order `model`'s waiters would be served in if nothing else
-    /// arrived: `pick` run over copies of the counters.
+    /// arrived: `pick`'s rule run over copies of the counters. O(n^2) in the
+    /// waiters with plain arithmetic inside (about a millisecond for 512).
     fn order(&self, model: &str, now: u64) -> Vec<usize> {
         let Some(slots) = self.models.get(model) else {
             return Vec::new();
         };
-        let mut counters: HashMap<&str, f64> = slots
-            .waiting
+        let w = &slots.waiting;
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut counters: Vec<f64> = Vec::new();
+        let tenant_of: Vec<usize> = w
             .iter()
-            .map(|w| (w.tenant.as_str(), self.tenants.counter(&w.tenant)))
+            .map(|x| {
+                *ids.entry(x.tenant.as_str()).or_insert_with(|| {
+                    counters.push(self.tenants.counter(&x.tenant));
+                    counters.len() - 1
+                })
+            })
             .collect();
-        let mut left: Vec<usize> = (0..slots.waiting.len()).collect();
+        let urgent: Vec<bool> = w.iter().map(|x| self.urgent(x, now)).collect();
+        let mut left: Vec<usize> = (0..w.len()).collect();
         let mut out = Vec::with_capacity(left.len());
         while !left.is_empty() {
-            let rest: Vec<Work> = left.iter().map(|&i| slots.waiting[i].clone()).collect();
-            let Some(j) = self.pick(&rest, now, &|t| counters.get(t).copied().unwrap_or(0.0))
-            else {
-                break;
-            };
-            let i = left.remove(j);
-            let w = &slots.waiting[i];
-            if let Some(c) = counters.get_mut(w.tenant.as_str()) {
-                *c += w.tokens as f64 / w.weight;
+            let any_urgent = left.iter().any(|&i| urgent[i]);
+            let mut best: Option<(usize, f64)> = None;
+            for (p, &i) in left.iter().enumerate() {
+                if any_urgent && !urgent[i] {
+                    continue;
+                }
+                let c = counters[tenant_of[i]];
+                if best.map_or(true, |(_, b)| c < b) {
+                    best = Some((p, c));
+                }
             }
+            let Some((p, _)) = best else { break };
+            let i = left.remove(p);
+            counters[tenant_of[i]] += w[i].tokens as f64 / w[i].weight;
             out.push(i);
         }
         out
