@@ -137,7 +137,7 @@ def p95(xs: list[float]) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
 
 
 async def open_loop(url: str, rates: dict[str, float], seconds: float, tokens: int, fair: bool,

@@ -62,6 +62,12 @@ impl Work {
     }
 }
 
+/// Is the (counter, waiting) key `a` served before `b`? Strictly: a tie
+/// leaves the earlier waiter first.
+fn earlier(a: (f64, usize), b: (f64, usize)) -> bool {
+    a.0 < b.0 || (a.0 == b.0 && a.1 < b.1)
+}
+
 fn sane_weight(w: f64) -> f64 {
     if w.is_finite() && w > 0.0 {
         w
@@ -212,19 +218,24 @@ impl SlotPool {
     }
 
     /// The waiter a free slot goes to: interactive (or promoted) work first;
-    /// among it the tenant with the smallest virtual counter (`counter`);
-    /// within a tenant, and on a tie, the oldest.
-    fn pick(&self, waiting: &[Work], now: u64, counter: &dyn Fn(&str) -> f64) -> Option<usize> {
+    /// among it the tenant with the smallest virtual counter; on equal
+    /// counters the tenant with fewer requests waiting (a tenant arriving
+    /// while another is backlogged is lifted to that one's counter: it goes
+    /// first rather than behind the backlog); then the oldest.
+    fn pick(&self, waiting: &[Work], now: u64) -> Option<usize> {
         let any_urgent = waiting.iter().any(|w| self.urgent(w, now));
-        let mut best: Option<(usize, f64)> = None;
+        let mut best: Option<(usize, (f64, usize))> = None;
         for (i, w) in waiting.iter().enumerate() {
             if any_urgent && !self.urgent(w, now) {
                 continue;
             }
-            let c = counter(&w.tenant);
+            let key = (
+                self.tenants.counter(&w.tenant),
+                self.tenants.queued(&w.tenant),
+            );
             // strictly smaller: the earlier (older) waiter wins a tie
-            if best.map_or(true, |(_, b)| c < b) {
-                best = Some((i, c));
+            if best.map_or(true, |(_, b)| earlier(key, b)) {
+                best = Some((i, key));
             }
         }
         best.map(|(i, _)| i)
@@ -233,7 +244,7 @@ impl SlotPool {
     /// Hand slot `idx` of `model` to the waiter `pick` chooses, if any.
     fn hand_over(&mut self, model: &str, idx: usize, now: u64) -> Option<u64> {
         let slots = self.models.get(model)?;
-        let i = self.pick(&slots.waiting, now, &|t| self.tenants.counter(t))?;
+        let i = self.pick(&slots.waiting, now)?;
         let slots = self.models.get_mut(model)?;
         let mut w = slots.waiting.remove(i);
         self.queued -= 1;
@@ -297,13 +308,16 @@ impl SlotPool {
         };
         let w = &slots.waiting;
         let mut ids: HashMap<&str, usize> = HashMap::new();
-        let mut counters: Vec<f64> = Vec::new();
+        let mut keys: Vec<(f64, usize)> = Vec::new();
         let tenant_of: Vec<usize> = w
             .iter()
             .map(|x| {
                 *ids.entry(x.tenant.as_str()).or_insert_with(|| {
-                    counters.push(self.tenants.counter(&x.tenant));
-                    counters.len() - 1
+                    keys.push((
+                        self.tenants.counter(&x.tenant),
+                        self.tenants.queued(&x.tenant),
+                    ));
+                    keys.len() - 1
                 })
             })
             .collect();
@@ -312,19 +326,21 @@ impl SlotPool {
         let mut out = Vec::with_capacity(left.len());
         while !left.is_empty() {
             let any_urgent = left.iter().any(|&i| urgent[i]);
-            let mut best: Option<(usize, f64)> = None;
+            let mut best: Option<(usize, (f64, usize))> = None;
             for (p, &i) in left.iter().enumerate() {
                 if any_urgent && !urgent[i] {
                     continue;
                 }
-                let c = counters[tenant_of[i]];
-                if best.map_or(true, |(_, b)| c < b) {
-                    best = Some((p, c));
+                let key = keys[tenant_of[i]];
+                if best.map_or(true, |(_, b)| earlier(key, b)) {
+                    best = Some((p, key));
                 }
             }
             let Some((p, _)) = best else { break };
             let i = left.remove(p);
-            counters[tenant_of[i]] += w[i].tokens as f64 / w[i].weight;
+            let k = &mut keys[tenant_of[i]];
+            k.0 += w[i].tokens as f64 / w[i].weight;
+            k.1 = k.1.saturating_sub(1);
             out.push(i);
         }
         out
@@ -759,12 +775,11 @@ mod tests {
         assert_eq!(pool.queue_depth(), 10);
         assert_eq!(pool.admit("m", 13, 0, ask("light", 10)), Admit::Full);
         // the light tenants arrived while heavy was backlogged: lifted to its
-        // counter, they tie with its oldest request, then go before the rest
-        assert_eq!(pool.release("m", 0, 1, None).map(|x| x.0), Some(2));
+        // counter, they tie with it and, waiting with fewer requests, go first
         for t in 8..13 {
             assert_eq!(pool.release("m", 0, 1, None).map(|x| x.0), Some(t));
         }
-        assert_eq!(pool.release("m", 0, 1, None).map(|x| x.0), Some(3));
+        assert_eq!(pool.release("m", 0, 1, None).map(|x| x.0), Some(2));
     }
 
     #[test]
@@ -788,8 +803,9 @@ mod tests {
                 (3, false, 3, 8)
             ]
         );
-        // b and c were lifted to a's counter on arrival: a's older request
-        // wins the tie, then c; b's batch request goes last
+        // b and c were lifted to a's counter on arrival: a tie, and each
+        // tenant waits with one request, so a's older one goes first, then
+        // c's; b's batch request goes last
         assert_eq!(e[3].class, Class::Batch);
         assert_eq!(e[2].tenant, "c");
         let t = pool.tenants();

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
-
 from ollama_distributed import _core
 from ollama_distributed.api import tenancy
 from ollama_distributed.config import Config, ConfigError, load
@@ -20,6 +19,7 @@ from ollama_distributed.engines import parallel
 from ollama_distributed.engines.base import InferenceRequest
 from ollama_distributed.errors import BadRequestError, TenantLimitedError, from_status
 from ollama_distributed.models import gguf_info
+from ollama_distributed.models.store import Store
 from ollama_distributed.security import keys as keymod
 
 
@@ -70,7 +70,7 @@ def test_trusted_proxies_are_checked_from_yaml_and_the_environment(tmp_path: Pat
     assert cfg.api.trusted_proxies == ["127.0.0.1", "::1"]
     assert cfg.scheduler.tenant_queue_share == 0.25 and cfg.scheduler.batch_promote_after_s == 3.0
     f.write_text("api: {trusted_proxies: [nginx.local]}\n")
-    with pytest.raises(ConfigError, match="api.trusted_proxies.*nginx.local"):
+    with pytest.raises(ConfigError, match=r"api\.trusted_proxies.*nginx\.local"):
         load(f, environ={})
     f.write_text("scheduler: {tenant_queue_share: 1.5}\n")
     with pytest.raises(ConfigError, match="tenant_queue_share"):
@@ -130,6 +130,14 @@ def test_kv_cache_per_slot_of_the_bundled_model() -> None:
     assert parallel.kv_bytes_per_slot({"general.architecture": "x"}, 2048) == 0
 
 
+def test_auto_sizes_by_the_bundled_model_on_a_first_start(tmp_path: Path) -> None:
+    store = Store(tmp_path / "models")
+    store.ensure()
+    assert not store.records()
+    expected = 30 * 2048 * 3 * 128 * 2 + parallel.SLOT_OVERHEAD
+    assert parallel._largest_slot(store, 2048) == expected
+
+
 def test_auto_slots_fit_a_fraction_of_available_memory() -> None:
     mib = 1 << 20
     assert parallel.slots_for(100 * mib, 400 * mib) == 1  # a quarter of 400 MiB holds one
@@ -145,7 +153,7 @@ def test_auto_slots_fit_a_fraction_of_available_memory() -> None:
 
 
 def test_keys_keep_weight_and_priority() -> None:
-    secret, rec = keymod.make_record("gold", weight=2.5, priority="batch")
+    _secret, rec = keymod.make_record("gold", weight=2.5, priority="batch")
     back = keymod.KeyRecord.loads(rec.dumps())
     assert back is not None and back.weight == 2.5 and back.priority == "batch"
     # a record from before weights existed reads with the defaults

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import EngineSection
 from ..models import gguf_info
+from ..models.catalog import find_default_gguf
 from ..models.store import Store
 
 logger = logging.getLogger(__name__)
@@ -80,22 +81,25 @@ def slots_for(per_slot: int, available: int) -> int:
     return max(1, min(AUTO_MAX, int(available * MEMORY_FRACTION) // per_slot))
 
 
+def _slot_of(path: Path, num_ctx: int) -> int:
+    try:
+        meta = gguf_info.read(path)["model_info"]
+    except (OSError, ValueError) as e:
+        logger.debug("no KV size for %s: %s", path, e)
+        return 0
+    kv = kv_bytes_per_slot(meta, num_ctx)
+    return kv + SLOT_OVERHEAD if kv else 0
+
+
 def _largest_slot(store: Store, num_ctx: int) -> int:
-    """The largest KV cache per slot among the store's models (bytes, with overhead)."""
-    largest = 0
-    for rec in store.records():
-        path: Path | None = rec.model_path
-        if path is None:
-            continue
-        try:
-            meta = gguf_info.read(path)["model_info"]
-        except (OSError, ValueError) as e:
-            logger.debug("no KV size for %s: %s", rec.name.short, e)
-            continue
-        kv = kv_bytes_per_slot(meta, num_ctx)
-        if kv:
-            largest = max(largest, kv + SLOT_OVERHEAD)
-    return largest
+    """The largest KV cache per slot among the store's models (bytes, with
+    overhead); on a first start, before the bundled model is registered, the
+    bundled model's."""
+    paths = [rec.model_path for rec in store.records() if rec.model_path is not None]
+    if not paths:
+        bundled = find_default_gguf()
+        paths = [bundled] if bundled is not None else []
+    return max((_slot_of(p, num_ctx) for p in paths), default=0)
 
 
 def resolve(cfg: EngineSection, store: Store | None) -> int:
