@@ -59,11 +59,6 @@ impl Tenants {
         self.tenants.get(tenant).map_or(0, |t| t.queued)
     }
 
-    /// Requests of `tenant` running node-wide.
-    pub fn running(&self, tenant: &str) -> usize {
-        self.tenants.get(tenant).map_or(0, |t| t.running)
-    }
-
     /// The VTC lift, for a tenant about to queue or run with nothing queued:
     /// up to the smallest counter among backlogged tenants, else the floor.
     fn lift(&mut self, tenant: &str) {
