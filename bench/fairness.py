@@ -220,16 +220,19 @@ def main() -> None:
                   f"{rates['heavy']:.2f} req/s, victim, b and c {light:.2f} req/s each "
                   f"({sum(rates.values()) * service / args.slots:.1f}x the node's capacity), {args.seconds:g} s")
             solo = asyncio.run(open_loop(url, {"victim": light}, args.seconds, tokens, True))
-            base = p95([r.ttft for r in solo if r.status == 200])
-            print(f"   victim alone:          p95 TTFT {base:.3f} s  (n={len(solo)})")
+            solo_ok = [r.ttft for r in solo if r.status == 200]
+            base, base50 = p95(solo_ok), statistics.median(solo_ok)
+            print(f"   victim alone:          p95 TTFT {base:.3f} s, median {base50:.3f} s (n={len(solo)})")
             for fair in (True, False):
                 res = asyncio.run(open_loop(url, rates, args.seconds, tokens, fair))
                 v = [r for r in res if r.tenant == "victim"]
                 ok = [r.ttft for r in v if r.status == 200]
                 refused = {t: sum(1 for r in res if r.tenant == t and r.status != 200) for t in rates}
                 label = "fair queue (tenants)" if fair else "one tenant (FIFO)  "
+                mid = statistics.median(ok) if ok else float("nan")
                 print(f"   {label}:  victim p95 TTFT {p95(ok):.3f} s = {p95(ok) / base:.2f}x solo "
-                      f"(target <= 1.5x); victim refused {refused['victim']}/{len(v)}, "
+                      f"(target <= 1.5x), median {mid:.3f} s = {mid / base50:.2f}x; "
+                      f"victim refused {refused['victim']}/{len(v)}, "
                       f"heavy refused {refused['heavy']}/{sum(1 for r in res if r.tenant == 'heavy')} "
                       f"(429/503)")
                 time.sleep(3)  # let the queue drain
