@@ -753,7 +753,7 @@ mod tests {
             }
         }
         let at = served_at.expect("the batch request was starved");
-        assert!(at >= 100 && at < 110, "served at {at}");
+        assert!((100..110).contains(&at), "served at {at}");
     }
 
     #[test]
