@@ -36,6 +36,7 @@ from .errors import (
     StreamTimeoutError,
     TenantLimitedError,
 )
+from .fairness import estimate_tokens, queue_view
 from .metrics import Metrics
 from .models import names
 from .models.store import ModelRecord, Store
@@ -47,12 +48,6 @@ RECENT = 50  # requests kept for the dashboard's "recent requests"
 # Embeddings cross between nodes in parts of about this many bytes of JSON, so
 # a large batch never makes a frame the receiver would refuse (16 MiB).
 EMBED_PART_BYTES = 4 << 20
-# The local queue charges a request's tokens on admission before they are
-# known (and corrects on release): the prompt at about this many characters a
-# token (English text under a BPE vocabulary), plus num_predict, or this many
-# generated tokens when the request sets no limit.
-CHARS_PER_TOKEN = 4
-OUTPUT_ESTIMATE = 256
 
 
 def retryable(e: OllamaDistributedError) -> bool:
@@ -63,19 +58,6 @@ def retryable(e: OllamaDistributedError) -> bool:
     queue (429) may still find room at another."""
     return isinstance(e, ModelNotFoundError | TenantLimitedError) or e.status >= 500
 
-
-def estimate_tokens(req: InferenceRequest) -> int:
-    """Tokens (prompt + generated) `req` will take, guessed before it runs."""
-    chars = len(req.prompt) + len(req.system or "") + len(req.suffix) + sum(len(t) for t in req.input)
-    for m in req.messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        chars += len(content) if isinstance(content, str) else len(str(content or ""))
-    prompt = chars // CHARS_PER_TOKEN + len(req.continuation)
-    if req.kind == "embed":
-        return prompt
-    n = req.options.get("num_predict")
-    out = int(n) if isinstance(n, int | float) and not isinstance(n, bool) and 0 < n < 1 << 20 else OUTPUT_ESTIMATE
-    return prompt + out
 
 
 def is_empty(req: InferenceRequest) -> bool:
@@ -340,25 +322,7 @@ class Dispatcher:
     def queue(self) -> dict[str, Any]:
         """This node's requests running and queued, per model, and its tenants
         (GET /api/distributed/queue)."""
-        now = int(time.monotonic() * 1000)
-        models: dict[str, dict[str, Any]] = {}
-        for key, _ticket, tenant, priority, running, n, tokens, age in self.scheduler.queue(now):
-            model, _, kind = key.partition("#")
-            m = models.setdefault(key, {"model": model, "kind": kind or "generate", "running": [], "queued": []})
-            row: dict[str, Any] = {"tenant": tenant, "priority": priority, "age_s": round(age / 1000, 3),
-                                   "tokens_estimated": tokens}
-            if running:
-                m["running"].append({**row, "slot": n})
-            else:
-                m["queued"].append({**row, "position": n})
-        tenants = [{"tenant": name, "virtual_tokens": round(counter, 1), "queued": queued, "running": running}
-                   for name, counter, queued, running in self.scheduler.tenants()]
-        e = self.cfg.engine
-        return {"node": self.node_id, "num_parallel": e.num_parallel, "max_queue": e.max_queue,
-                "queue_depth": self.scheduler.queue_depth(), "in_flight": self.scheduler.total_in_flight(),
-                "tenant_queue_share": self.cfg.scheduler.tenant_queue_share,
-                "batch_promote_after_s": self.cfg.scheduler.batch_promote_after_s,
-                "models": list(models.values()), "tenants": tenants}
+        return queue_view(self.scheduler, self.cfg, self.node_id)
 
     # ---- inference -------------------------------------------------------------
 

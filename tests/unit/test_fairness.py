@@ -14,10 +14,10 @@ from aiohttp.test_utils import make_mocked_request
 from ollama_distributed import _core
 from ollama_distributed.api import tenancy
 from ollama_distributed.config import Config, ConfigError, load
-from ollama_distributed.dispatch import OUTPUT_ESTIMATE, estimate_tokens
 from ollama_distributed.engines import parallel
 from ollama_distributed.engines.base import InferenceRequest
 from ollama_distributed.errors import BadRequestError, TenantLimitedError, from_status
+from ollama_distributed.fairness import OUTPUT_ESTIMATE, estimate_tokens
 from ollama_distributed.models import gguf_info
 from ollama_distributed.models.store import Store
 from ollama_distributed.security import keys as keymod
