@@ -59,7 +59,6 @@ def retryable(e: OllamaDistributedError) -> bool:
     return isinstance(e, ModelNotFoundError | TenantLimitedError) or e.status >= 500
 
 
-
 def is_empty(req: InferenceRequest) -> bool:
     """A request with nothing to run: Ollama's way to load or unload a model."""
     if req.kind == "embed":
