@@ -143,9 +143,9 @@ def p95(xs: list[float]) -> float:
 async def open_loop(url: str, rates: dict[str, float], seconds: float, tokens: int, fair: bool,
                     seed: int = 7) -> list[Result]:
     """Each tenant sends Poisson arrivals at its rate (requests/s) for `seconds`."""
-    rng = random.Random(seed)
     plan: list[tuple[float, str]] = []
     for tenant, rate in sorted(rates.items()):
+        rng = random.Random(f"{seed}-{tenant}")  # a tenant's arrivals are the same alone or not
         t = rng.expovariate(rate)
         while t < seconds:
             plan.append((t, tenant))
