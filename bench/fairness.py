@@ -208,7 +208,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each load phase")
     args = ap.parse_args()
     print(f"engine: mock ({TOKENS_PER_S:g} tokens/s per slot, {TTFT_MS:g} ms to first token), "
-          f"engine.num_parallel {args.slots}, engine.max_queue 64, scheduler.tenant_queue_share 0.5")
+          f"engine.num_parallel {args.slots}, engine.max_queue 64, scheduler.tenant_queue_share 0.5; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the mock's timings stretch "
+          "under load)")
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start(Path(tmp) / "a", args.slots)
         try:
