@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
-use crate::scheduler::{Admit, NodeState, RouteError, Router, SlotPool};
+use crate::scheduler::{Admit, Ask, Class, NodeState, RouteError, Router, SlotPool};
 
 pyo3::import_exception!(ollama_distributed.errors, ModelNotFoundError);
 pyo3::import_exception!(ollama_distributed.errors, OverloadedError);
@@ -21,6 +21,18 @@ impl From<RouteError> for PyErr {
 /// `Scheduler.admit` answers with a slot index (>= 0) or one of these.
 const QUEUED: i64 = -1;
 const FULL: i64 = -2;
+const TENANT_FULL: i64 = -3;
+
+fn class_name(c: Class) -> &'static str {
+    match c {
+        Class::Interactive => "interactive",
+        Class::Batch => "batch",
+    }
+}
+
+/// One row of `Scheduler.queue`: (model, ticket, tenant, priority, running,
+/// slot or 1-based position, estimated tokens, age in the caller's unit).
+type QueueRow = (String, u64, String, &'static str, bool, u32, u64, u64);
 
 /// The node's scheduler: local engine slots and the cluster router.
 ///
@@ -48,18 +60,101 @@ impl Scheduler {
         self.router.set_stale_after(stale_after_ms);
     }
 
-    /// Ask for an engine slot: the slot index, -1 when queued, -2 when full.
-    fn admit(&mut self, model: &str, ticket: u64, now: u64) -> i64 {
-        match self.slots.admit(model, ticket, now) {
+    /// The fairness knobs: one tenant's share of the queue per unit of weight,
+    /// and the wait (in `admit`'s `now` unit) after which batch work is promoted.
+    fn configure_fairness(&mut self, tenant_share: f64, promote_after: u64) {
+        self.slots.configure_fairness(tenant_share, promote_after);
+    }
+
+    /// Ask for an engine slot for `tenant`'s request of about `tokens` tokens:
+    /// the slot index, -1 when queued, -2 when the queue is full, -3 when the
+    /// tenant holds its share of the queue.
+    #[pyo3(signature = (model, ticket, now, tenant="", weight=1.0, batch=false, tokens=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &mut self,
+        model: &str,
+        ticket: u64,
+        now: u64,
+        tenant: &str,
+        weight: f64,
+        batch: bool,
+        tokens: u64,
+    ) -> i64 {
+        let class = if batch {
+            Class::Batch
+        } else {
+            Class::Interactive
+        };
+        let ask = Ask {
+            tenant,
+            weight,
+            class,
+            tokens,
+        };
+        match self.slots.admit(model, ticket, now, ask) {
             Admit::Run(slot) => i64::from(slot),
             Admit::Queued => QUEUED,
             Admit::Full => FULL,
+            Admit::TenantFull => TENANT_FULL,
         }
     }
 
-    /// Free a slot; returns (ticket, slot) of the waiter it passes to, if any.
-    fn release(&mut self, model: &str, slot: u32, now: u64) -> Option<(u64, u32)> {
-        self.slots.release(model, slot, now)
+    /// Free a slot, charging the tokens the request really took (None: keep
+    /// the estimate); returns (ticket, slot) of the waiter it passes to, if any.
+    #[pyo3(signature = (model, slot, now, tokens=None))]
+    fn release(
+        &mut self,
+        model: &str,
+        slot: u32,
+        now: u64,
+        tokens: Option<u64>,
+    ) -> Option<(u64, u32)> {
+        self.slots.release(model, slot, now, tokens)
+    }
+
+    /// A waiting ticket's 1-based place in the order it would be served.
+    fn position(&self, model: &str, ticket: u64, now: u64) -> Option<u32> {
+        self.slots.position(model, ticket, now)
+    }
+
+    /// Every running and queued request (see `QueueRow`).
+    fn queue(&self, now: u64) -> Vec<QueueRow> {
+        self.slots
+            .entries(now)
+            .into_iter()
+            .map(|e| {
+                (
+                    e.model,
+                    e.ticket,
+                    e.tenant,
+                    class_name(e.class),
+                    e.running,
+                    e.slot_or_position,
+                    e.tokens,
+                    e.age,
+                )
+            })
+            .collect()
+    }
+
+    /// Every tenant known: (name, virtual token counter, queued, running).
+    fn tenants(&self) -> Vec<(String, f64, usize, usize)> {
+        self.slots
+            .tenants()
+            .into_iter()
+            .map(|t| (t.name, t.counter, t.queued, t.running))
+            .collect()
+    }
+
+    /// Requests of `tenant` waiting node-wide.
+    fn tenant_queued(&self, tenant: &str) -> usize {
+        self.slots.tenant_queued(tenant)
+    }
+
+    /// How many requests one tenant of `weight` may keep waiting.
+    fn tenant_cap(&self, weight: f64) -> usize {
+        self.slots.tenant_cap(weight)
     }
 
     /// Withdraw a waiting ticket; True when it was still queued.

@@ -10,6 +10,7 @@ key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import typing
@@ -64,6 +65,10 @@ class ApiSection:
     # max_template_bytes; false refuses it with 400.
     allow_request_templates: bool = True
     max_template_bytes: int = 64 * 1024
+    # Proxies (addresses or CIDR networks) whose `X-Tenant` header names the
+    # tenant a request is served as (fairness, queue shares). From anyone else
+    # the header is ignored; with API keys in force the key's name is the tenant.
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,7 +100,10 @@ class EngineSection:
     upstream: str = ""  # base URL for the ollama and openai engines
     keep_alive: str = "5m"
     max_loaded_models: int = 3
-    num_parallel: int = 1
+    # Requests one model runs at once (each slot has its own KV cache; the
+    # weights are shared). 0: chosen at start from the model's KV cache per
+    # slot and the memory available (engines/parallel.py).
+    num_parallel: int = 0
     max_queue: int = 512
     threads: int = 0  # 0: one per core
     num_ctx: int = 2048
@@ -127,6 +135,13 @@ class SchedulerSection:
     # chunk (a worker lost, wedged or failing mid-stream): the entry node resends
     # the prompt and the tokens already generated, and splices the streams.
     migration_limit: int = 3
+    # Fairness of the local queue (rust/scheduler/fair.rs): one tenant (of
+    # weight 1; a key's weight multiplies it) may fill this fraction of
+    # engine.max_queue, beyond which it gets 429 while others are admitted.
+    tenant_queue_share: float = 0.5
+    # A batch request (X-Priority: batch) waits behind interactive work for at
+    # most this long, then competes as interactive: never starved.
+    batch_promote_after_s: float = 15.0
 
 
 @dataclass
@@ -319,8 +334,19 @@ def _validate(cfg: Config) -> None:
             f"{where}: logging.access: expected one of {', '.join(ACCESS_LEVELS)}, "
             f"got {cfg.logging.access!r}"
         )
+    if cfg.engine.num_parallel < 0:
+        raise ConfigError(f"{where}: engine.num_parallel: expected an integer >= 0 (0: chosen from memory)")
+    if not 0 < cfg.scheduler.tenant_queue_share <= 1:
+        raise ConfigError(f"{where}: scheduler.tenant_queue_share: expected a fraction > 0 and <= 1")
+    if cfg.scheduler.batch_promote_after_s < 0:
+        raise ConfigError(f"{where}: scheduler.batch_promote_after_s: expected a number of seconds >= 0")
+    for proxy in cfg.api.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: api.trusted_proxies: expected addresses or CIDR networks "
+                              f"(such as 10.0.0.5 or 10.0.0.0/8), got {proxy!r}") from None
     for section, key in (
-        ("engine", "num_parallel"),
         ("engine", "max_loaded_models"),
         ("api", "max_body_bytes"),
         ("models", "replicas"),

@@ -15,6 +15,7 @@ import contextvars
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from .errors import (
     OverloadedError,
     PeerUnavailableError,
     StreamTimeoutError,
+    TenantLimitedError,
 )
+from .fairness import estimate_tokens, queue_view
 from .metrics import Metrics
 from .models import names
 from .models.store import ModelRecord, Store
@@ -51,8 +54,9 @@ def retryable(e: OllamaDistributedError) -> bool:
     """May a request that failed this way, before its first chunk, go to the
     next holder? Yes for anything about the node (lost, busy, its copy just
     trimmed, wedged, broken); no for the client's own mistake (4xx), which
-    would fail the same way everywhere."""
-    return isinstance(e, ModelNotFoundError) or e.status >= 500
+    would fail the same way everywhere. A tenant over its share of one node's
+    queue (429) may still find room at another."""
+    return isinstance(e, ModelNotFoundError | TenantLimitedError) or e.status >= 500
 
 
 def is_empty(req: InferenceRequest) -> bool:
@@ -93,11 +97,26 @@ class RequestNote:
 
     model: str = ""
     status: int | None = None
+    # Who asks (api/tenancy.py) and, once known, the place the request had in
+    # a node's queue (0: it ran at once), for the X-Queue-Position header.
+    tenant: str = ""
+    weight: float = 1.0
+    priority: str = "interactive"
+    queue_position: int | None = None
 
 
 #: Set by the API's access middleware around each handler; None for a request
 #: forwarded by a peer (the dispatcher counts those itself).
 NOTE: contextvars.ContextVar[RequestNote | None] = contextvars.ContextVar("request_note", default=None)
+
+
+def asker(req: InferenceRequest) -> RequestNote | None:
+    """Give `req` the tenant and priority the API found for the current HTTP
+    request (api/tenancy.py), unless it has them (a peer's, a playground's)."""
+    note = NOTE.get()
+    if note is not None and not req.tenant:
+        req.tenant, req.weight, req.priority = note.tenant, note.weight, note.priority
+    return note
 
 
 def note_model(model: Any) -> None:
@@ -135,6 +154,9 @@ class Dispatcher:
         self.active = 0  # generate/chat/embed requests under way here, as the entry or for a peer
         self._waiting: dict[int, str] = {}  # ticket -> slot key, of requests queued for a slot
         self._cuts: set[Cut] = set()  # local generations running now
+        self._hold_s = 1.0  # a local slot's mean hold time (EWMA), for a 429's Retry-After
+        self.scheduler.configure_fairness(cfg.scheduler.tenant_queue_share,
+                                          int(cfg.scheduler.batch_promote_after_s * 1000))
         metrics.bind(queue_depth=self.scheduler.queue_depth,
                      in_flight=self.scheduler.total_in_flight,
                      models_loaded=lambda: len(self.engine.loaded()))
@@ -146,6 +168,8 @@ class Dispatcher:
         self.cfg = cfg
         self.scheduler.configure(cfg.engine.num_parallel, cfg.engine.max_queue,
                                  cfg.scheduler.stale_after_ms)
+        self.scheduler.configure_fairness(cfg.scheduler.tenant_queue_share,
+                                          int(cfg.scheduler.batch_promote_after_s * 1000))
         self.engine.configure(cfg.engine.num_parallel, cfg.engine.max_loaded_models)
 
     # ---- models ----------------------------------------------------------------
@@ -213,26 +237,39 @@ class Dispatcher:
 
     # ---- admission -------------------------------------------------------------
 
-    async def _acquire(self, key: str) -> int:
+    async def _acquire(self, key: str, req: InferenceRequest | None = None) -> tuple[int, int]:
+        """A slot of `key` for `req` (None: an anonymous interactive one),
+        waiting in the fair queue if need be: (slot, the place it had in the
+        queue, 0 when it ran at once)."""
+        req = req or InferenceRequest(kind="generate", model=key)
         ticket = next(self._tickets)
         now = int(time.monotonic() * 1000)
-        slot = self.scheduler.admit(key, ticket, now)
+        slot = self.scheduler.admit(key, ticket, now, tenant=req.tenant, weight=req.weight,
+                                    batch=req.priority == "batch", tokens=estimate_tokens(req))
         if slot >= 0:
-            return int(slot)
+            return int(slot), 0
+        if slot == -3:
+            waiting = self.scheduler.tenant_queued(req.tenant)
+            after = min(60, max(1, math.ceil(waiting * self._hold_s / max(1, self.cfg.engine.num_parallel))))
+            raise TenantLimitedError(
+                f"too many requests queued for tenant {req.tenant or '-'!r}: {waiting} are waiting at node "
+                f"{self.node_id}, its share of the queue (scheduler.tenant_queue_share of engine.max_queue); "
+                f"retry in {after} s", retry_after=after)
         if slot == -2:
             raise OverloadedError(
                 f"server busy: {self.scheduler.queue_depth()} requests are queued "
                 f"(engine.max_queue={self.cfg.engine.max_queue}); retry later"
             )
+        position = int(self.scheduler.position(key, ticket, now) or 0)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = fut
         self._waiting[ticket] = key
         try:
-            return await fut
+            return await fut, position
         except asyncio.CancelledError:
             if not self.scheduler.cancel(key, ticket) and fut.done() and not fut.cancelled():
                 # The slot was handed over just as we were cancelled: pass it on.
-                self._release(key, fut.result())
+                self._release(key, fut.result(), 0)
             raise
         finally:
             self._waiters.pop(ticket, None)
@@ -270,15 +307,21 @@ class Dispatcher:
             cut.fire()
         return len(self._cuts)
 
-    def _release(self, key: str, slot: int) -> None:
-        handed = self.scheduler.release(key, slot, int(time.monotonic() * 1000))
+    def _release(self, key: str, slot: int, tokens: int | None = None) -> None:
+        """Free `slot`, charging the tokens the request took (None: the estimate)."""
+        handed = self.scheduler.release(key, slot, int(time.monotonic() * 1000), tokens)
         if handed is not None:
             ticket, next_slot = handed
             fut = self._waiters.get(ticket)
             if fut is not None and not fut.done():
                 fut.set_result(next_slot)
             else:  # the waiter vanished between cancel and release
-                self._release(key, next_slot)
+                self._release(key, next_slot, 0)
+
+    def queue(self) -> dict[str, Any]:
+        """This node's requests running and queued, per model, and its tenants
+        (GET /api/distributed/queue)."""
+        return queue_view(self.scheduler, self.cfg, self.node_id)
 
     # ---- inference -------------------------------------------------------------
 
@@ -355,8 +398,12 @@ class Dispatcher:
             if is_empty(req):
                 yield await self._preload(req, record)
                 return
+            note = asker(req)
             first = True
             async for chunk in self._run(req, record):
+                position = chunk.pop("queue_position", None)
+                if note is not None and note.queue_position is None and isinstance(position, int):
+                    note.queue_position = position
                 if "text" in chunk:
                     self.text_chunks += 1  # live, for the dashboard's tokens/s chart (web/app.py)
                 if first and "text" in chunk:
@@ -591,18 +638,31 @@ class Dispatcher:
             if not getattr(self.engine, "continues", False):
                 raise EngineError(f"the {self.engine.kind} engine cannot resume a stream another node began")
             resumed = len(req.continuation)
-        slot = await self._acquire(req.model)
+        slot, place = await self._acquire(req.model, req)
+        position: int | None = place
+        held_from = time.monotonic()
         cancel = CancelToken()
         cut = Cut()
         self._cuts.add(cut)
+        # what the request took, charged to its tenant on release: the final
+        # chunk's counts, else (cut short) the prompt estimate and text so far
+        taken: int | None = None
+        texts = 0
         try:
             async with contextlib.aclosing(self.engine.generate(req, record, slot, cancel)) as chunks:
                 async for chunk in cut.guard(chunks):
+                    if position is not None:  # the entry node's X-Queue-Position
+                        chunk["queue_position"] = position
+                        position = None
                     if resumed is not None:  # tells the entry node this node understood the continuation
                         chunk["continued"] = resumed
                         resumed = None
                     if chunk.get("done"):
                         self._count_prompt(req.model, chunk)
+                        # charged: what the engine evaluated (a warm prefix costs little) and generated
+                        taken = int(chunk.get("prompt_eval_count") or 0) + int(chunk.get("eval_count") or 0)
+                    elif "text" in chunk:
+                        texts += len(chunk["tokens"]) if isinstance(chunk.get("tokens"), list) else 1
                     yield chunk
         except TimeoutError:
             if not cut.fired:
@@ -612,7 +672,10 @@ class Dispatcher:
         finally:
             self._cuts.discard(cut)
             cancel.cancel()
-            self._release(req.model, slot)
+            if taken is None and texts:
+                taken = estimate_tokens(dataclasses.replace(req, options={**req.options, "num_predict": texts}))
+            self._hold_s += 0.2 * ((time.monotonic() - held_from) - self._hold_s)
+            self._release(req.model, slot, taken)
             self.engine.touch(req.model, keep_alive)
             if keep_alive == 0 and self.is_idle(req.model):
                 await self.engine.unload(req.model)
@@ -629,6 +692,7 @@ class Dispatcher:
         with self._tracked(req, endpoint) as rec, self._counted():
             model, record = await self.resolve(req.model)
             rec.model = req.model = model
+            asker(req)
             if self.remote is None:
                 result = await self._embed_local(req, record)
             else:
@@ -641,11 +705,13 @@ class Dispatcher:
             _, record = await self.resolve(req.model, local_only=True)
         keep_alive = self.keep_alive(req)
         key = f"{req.model}#embed"  # own slots: embeddings never wait behind generation
-        slot = await self._acquire(key)
+        slot, _ = await self._acquire(key, req)
+        taken: int | None = None
         try:
             result = await self.engine.embed(req, record)
+            taken = int(result.get("prompt_eval_count") or 0) or None
         finally:
-            self._release(key, slot)
+            self._release(key, slot, taken)
         self.engine.touch(req.model, keep_alive)
         return result
 

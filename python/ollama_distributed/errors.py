@@ -49,6 +49,17 @@ class OverloadedError(OllamaDistributedError):
     retry_after = 1
 
 
+class TenantLimitedError(OllamaDistributedError):
+    """This tenant holds its share of the node's queue (scheduler.tenant_queue_share)
+    while others are still admitted: 429 with Retry-After."""
+
+    status = 429
+
+    def __init__(self, message: str = "", status: int | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, status)
+        self.retry_after = max(1, retry_after)
+
+
 class DrainingError(OverloadedError):
     """This node is draining (SIGTERM or `cluster drain`) and a peer can take
     the request: its entry node retries it there, as for any 503."""
@@ -110,6 +121,7 @@ def from_status(status: int, message: str) -> OllamaDistributedError:
     cls: type[OllamaDistributedError] = {
         400: BadRequestError,
         404: ModelNotFoundError,
+        429: TenantLimitedError,
         501: NotAvailableError,
         502: PeerUnavailableError,
         503: OverloadedError,

@@ -23,6 +23,7 @@ from . import __version__, config, logs
 from .cluster import advert
 from .config import Config
 from .dispatch import Dispatcher
+from .engines import parallel
 from .engines.base import Engine
 from .errors import BadRequestError, ConfigError, ConflictError, NotFoundError
 from .metrics import Metrics
@@ -101,6 +102,10 @@ class Node:
             lambda: self.cluster.status() if getattr(self, "cluster", None) is not None else None)
         self.metrics.bind_replication(
             lambda: self.replicator.status() if getattr(self, "replicator", None) is not None else None)
+        # engine.num_parallel 0: chosen from the models' KV cache and the memory
+        # available; the running config holds the number chosen
+        self.parallel_auto = cfg.engine.num_parallel == 0
+        cfg.engine.num_parallel = parallel.resolve(cfg.engine, self.store)
         self.engine: Engine = make_engine(cfg, lambda: self.dispatcher)
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()
@@ -109,6 +114,7 @@ class Node:
         self.keys = KeyRing(self.data_dir)  # API keys: a local file until the cluster core runs
         self.http_ports: list[int] = []  # the API and web ports as bound: their origins are this node's
         self.guards: list[Any] = []  # api.guard.Guard of each HTTP port, told of a reload
+        self.tenancies: list[Any] = []  # api.tenancy.Tenancy of the API port, told of a reload
         for secret in [*cfg.api.auth_tokens, cfg.p2p.token]:
             redact.add_secret(secret)
         self.cluster: Any = None  # ClusterService once the cluster core runs
@@ -382,10 +388,14 @@ class Node:
         for key in ("cors_origins", "allowed_hosts", "allow_request_templates", "max_template_bytes"):
             setattr(self.cfg.api, key, getattr(new.api, key))
         self.cfg.web.max_clients = new.web.max_clients
+        self.cfg.api.trusted_proxies = new.api.trusted_proxies
         for guard in self.guards:
             guard.reconfigure()
+        for t in self.tenancies:
+            t.reconfigure()
         self.cfg.scheduler = new.scheduler
-        self.cfg.engine.num_parallel = new.engine.num_parallel
+        self.parallel_auto = new.engine.num_parallel == 0
+        self.cfg.engine.num_parallel = parallel.resolve(new.engine, self.store)
         self.cfg.engine.max_queue = new.engine.max_queue
         self.cfg.engine.max_loaded_models = new.engine.max_loaded_models
         self.cfg.engine.keep_alive = new.engine.keep_alive

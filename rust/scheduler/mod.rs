@@ -3,13 +3,18 @@
 //! Two layers, both driven by events and read back as decisions:
 //! - [`SlotPool`] admits a request on one node: it hands out one of a model's
 //!   `num_parallel` engine slots, queues the request when all are busy, and
-//!   refuses it once `max_queue` requests wait (the API answers 503).
+//!   refuses it once `max_queue` requests wait (the API answers 503), or once
+//!   its tenant holds its share of the queue (429). The queue is served fairly
+//!   across tenants by tokens (a virtual token counter, [`fair`]), interactive
+//!   work before batch work, old batch work promoted.
 //! - [`Router`] picks the node that serves a request across the cluster, behind
 //!   the [`Policy`] trait so a cache-aware policy can replace [`LeastLoaded`]
 //!   without touching the transport.
 
+mod fair;
 mod router;
 mod slots;
 
+pub use fair::{Class, TenantView};
 pub use router::{LeastLoaded, NodeState, Policy, RouteError, Router};
-pub use slots::{Admit, SlotPool};
+pub use slots::{Admit, Ask, Entry, SlotPool};

@@ -1,4 +1,6 @@
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+
+use super::fair::{Class, TenantView, Tenants};
 
 /// The outcome of asking for an engine slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -9,33 +11,128 @@ pub enum Admit {
     Queued,
     /// The node-wide queue bound is reached: refuse (HTTP 503 + Retry-After).
     Full,
+    /// This tenant already holds its share of the queue: refuse it (HTTP 429 +
+    /// Retry-After) while other tenants are still admitted.
+    TenantFull,
+}
+
+/// Who asks for a slot, and for how much work.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub tenant: &'a str,
+    /// The tenant's weight: its share of tokens is proportional to it (> 0).
+    pub weight: f64,
+    pub class: Class,
+    /// Estimated tokens, prompt + generated, charged on admission.
+    pub tokens: u64,
+}
+
+impl Default for Ask<'_> {
+    fn default() -> Self {
+        Self {
+            tenant: "",
+            weight: 1.0,
+            class: Class::Interactive,
+            tokens: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Work {
+    ticket: u64,
+    tenant: String,
+    weight: f64,
+    class: Class,
+    tokens: u64,
+    /// When it arrived (queued) or started (running), in the caller's clock.
+    since: u64,
+}
+
+impl Work {
+    fn new(ticket: u64, ask: &Ask<'_>, since: u64) -> Self {
+        Self {
+            ticket,
+            tenant: ask.tenant.to_owned(),
+            weight: sane_weight(ask.weight),
+            class: ask.class,
+            tokens: ask.tokens,
+            since,
+        }
+    }
+}
+
+/// Is the (counter, waiting) key `a` served before `b`? Strictly: a tie
+/// leaves the earlier waiter first.
+fn earlier(a: (f64, usize), b: (f64, usize)) -> bool {
+    a.0 < b.0 || (a.0 == b.0 && a.1 < b.1)
+}
+
+fn sane_weight(w: f64) -> f64 {
+    if w.is_finite() && w > 0.0 {
+        w
+    } else {
+        1.0
+    }
 }
 
 #[derive(Debug, Default)]
 struct ModelSlots {
-    busy: Vec<bool>,
-    waiting: VecDeque<u64>,
+    busy: Vec<Option<Work>>,
+    /// In arrival order; the order served is `SlotPool::pick`'s.
+    waiting: Vec<Work>,
     /// Monotonic "time" of the last use, fed by the caller, for eviction.
     last_used: u64,
 }
 
 impl ModelSlots {
-    fn free_slot(&self) -> Option<u32> {
-        self.busy.iter().position(|b| !*b).map(|i| i as u32)
+    fn free_slot(&self, limit: usize) -> Option<u32> {
+        self.busy
+            .iter()
+            .take(limit)
+            .position(Option::is_none)
+            .map(|i| i as u32)
     }
     fn in_flight(&self) -> usize {
-        self.busy.iter().filter(|b| **b).count()
+        self.busy.iter().filter(|b| b.is_some()).count()
     }
 }
 
-/// Engine slots per model and one bounded wait queue for the node.
+/// One request in the queue listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub model: String,
+    pub ticket: u64,
+    pub tenant: String,
+    pub class: Class,
+    /// Running: the slot; queued: the 1-based position it would be served in.
+    pub running: bool,
+    pub slot_or_position: u32,
+    pub tokens: u64,
+    pub age: u64,
+}
+
+/// Engine slots per model and one bounded wait queue for the node, served
+/// fairly across tenants by tokens (see `fair`), interactive before batch.
 #[derive(Debug)]
 pub struct SlotPool {
     num_parallel: u32,
     max_queue: usize,
+    /// The fraction of `max_queue` one tenant of weight 1 may fill.
+    tenant_share: f64,
+    /// A batch request waiting this long competes as interactive.
+    promote_after: u64,
     queued: usize,
     models: HashMap<String, ModelSlots>,
+    tenants: Tenants,
 }
+
+/// Defaults: one tenant may fill half of the queue, so another always finds
+/// room; batch work waits at most 15 s (in the caller's milliseconds) before it
+/// competes with interactive work, about the time an interactive answer of a
+/// small model on a CPU takes.
+pub const DEFAULT_TENANT_SHARE: f64 = 0.5;
+pub const DEFAULT_PROMOTE_AFTER: u64 = 15_000;
 
 impl SlotPool {
     /// `num_parallel` slots per model; at most `max_queue` requests wait node-wide.
@@ -43,8 +140,11 @@ impl SlotPool {
         Self {
             num_parallel: num_parallel.max(1),
             max_queue,
+            tenant_share: DEFAULT_TENANT_SHARE,
+            promote_after: DEFAULT_PROMOTE_AFTER,
             queued: 0,
             models: HashMap::new(),
+            tenants: Tenants::default(),
         }
     }
 
@@ -55,62 +155,134 @@ impl SlotPool {
         self.max_queue = max_queue;
     }
 
+    /// The fairness knobs: a tenant's share of the queue (0 < share <= 1, per
+    /// unit of weight) and the age at which batch work is promoted.
+    pub fn configure_fairness(&mut self, tenant_share: f64, promote_after: u64) {
+        self.tenant_share = if tenant_share.is_finite() && tenant_share > 0.0 {
+            tenant_share.min(1.0)
+        } else {
+            DEFAULT_TENANT_SHARE
+        };
+        self.promote_after = promote_after;
+    }
+
+    /// How many requests one tenant of `weight` may keep waiting.
+    pub fn tenant_cap(&self, weight: f64) -> usize {
+        let cap = (self.max_queue as f64 * self.tenant_share * sane_weight(weight)).ceil();
+        (cap as usize).clamp(1, self.max_queue.max(1))
+    }
+
     fn entry(&mut self, model: &str) -> &mut ModelSlots {
         let n = self.num_parallel as usize;
         let slots = self.models.entry(model.to_owned()).or_default();
         if slots.busy.len() < n {
-            slots.busy.resize(n, false);
+            slots.busy.resize(n, None);
         }
         slots
     }
 
     /// Ask for a slot of `model` for request `ticket` at time `now`.
-    pub fn admit(&mut self, model: &str, ticket: u64, now: u64) -> Admit {
+    pub fn admit(&mut self, model: &str, ticket: u64, now: u64, ask: Ask<'_>) -> Admit {
         let limit = self.num_parallel as usize;
-        let max_queue = self.max_queue;
-        let queued = self.queued;
+        let cap = self.tenant_cap(ask.weight);
+        let (max_queue, queued) = (self.max_queue, self.queued);
+        let tenant_queued = self.tenants.queued(ask.tenant);
         let slots = self.entry(model);
         slots.last_used = now;
         if slots.waiting.is_empty() {
-            if let Some(i) = slots.free_slot().filter(|i| (*i as usize) < limit) {
-                slots.busy[i as usize] = true;
+            if let Some(i) = slots.free_slot(limit) {
+                slots.busy[i as usize] = Some(Work::new(ticket, &ask, now));
+                self.tenants
+                    .start(ask.tenant, ask.tokens, sane_weight(ask.weight), false);
                 return Admit::Run(i);
             }
         }
+        // a full queue refuses everyone alike (503); short of that, a tenant
+        // holding its share is refused alone (429) so others still get in
         if queued >= max_queue {
             return Admit::Full;
         }
-        slots.waiting.push_back(ticket);
+        if tenant_queued >= cap {
+            return Admit::TenantFull;
+        }
+        slots.waiting.push(Work::new(ticket, &ask, now));
+        self.tenants.enqueue(ask.tenant);
         self.queued += 1;
         Admit::Queued
     }
 
-    /// Free `slot` of `model`. When a request waits, the slot passes straight to
-    /// it and its ticket is returned so the caller can wake it.
-    pub fn release(&mut self, model: &str, slot: u32, now: u64) -> Option<(u64, u32)> {
+    /// Is `w` served with interactive work at `now` (interactive, or batch old
+    /// enough to be promoted)?
+    fn urgent(&self, w: &Work, now: u64) -> bool {
+        w.class == Class::Interactive || now.saturating_sub(w.since) >= self.promote_after
+    }
+
+    /// The waiter a free slot goes to: interactive (or promoted) work first;
+    /// among it the tenant with the smallest virtual counter; on equal
+    /// counters the tenant with fewer requests waiting (a tenant arriving
+    /// while another is backlogged is lifted to that one's counter: it goes
+    /// first rather than behind the backlog); then the oldest.
+    fn pick(&self, waiting: &[Work], now: u64) -> Option<usize> {
+        let any_urgent = waiting.iter().any(|w| self.urgent(w, now));
+        let mut best: Option<(usize, (f64, usize))> = None;
+        for (i, w) in waiting.iter().enumerate() {
+            if any_urgent && !self.urgent(w, now) {
+                continue;
+            }
+            let key = (
+                self.tenants.counter(&w.tenant),
+                self.tenants.queued(&w.tenant),
+            );
+            // strictly smaller: the earlier (older) waiter wins a tie
+            if best.map_or(true, |(_, b)| earlier(key, b)) {
+                best = Some((i, key));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Hand slot `idx` of `model` to the waiter `pick` chooses, if any.
+    fn hand_over(&mut self, model: &str, idx: usize, now: u64) -> Option<u64> {
+        let slots = self.models.get(model)?;
+        let i = self.pick(&slots.waiting, now)?;
+        let slots = self.models.get_mut(model)?;
+        let mut w = slots.waiting.remove(i);
+        self.queued -= 1;
+        self.tenants.start(&w.tenant, w.tokens, w.weight, true);
+        let ticket = w.ticket;
+        w.since = now;
+        slots.busy[idx] = Some(w);
+        Some(ticket)
+    }
+
+    /// Free `slot` of `model`; `tokens` is what the request really took
+    /// (prompt + generated), or None to keep the estimate charged on
+    /// admission. When a request waits, the slot passes straight to the one
+    /// chosen fairly and its ticket is returned so the caller can wake it.
+    pub fn release(
+        &mut self,
+        model: &str,
+        slot: u32,
+        now: u64,
+        tokens: Option<u64>,
+    ) -> Option<(u64, u32)> {
         let limit = self.num_parallel as usize;
         let slots = self.models.get_mut(model)?;
         slots.last_used = now;
         let idx = slot as usize;
-        if idx >= slots.busy.len() || !slots.busy[idx] {
-            return None;
-        }
+        let done = slots.busy.get_mut(idx)?.take()?;
+        self.tenants
+            .finish(&done.tenant, done.tokens, tokens, done.weight);
         if idx < limit {
-            if let Some(ticket) = slots.waiting.pop_front() {
-                self.queued -= 1;
+            if let Some(ticket) = self.hand_over(model, idx, now) {
                 return Some((ticket, slot));
             }
+            return None;
         }
-        slots.busy[idx] = false;
         // A shrunk pool may still have waiters and a free in-limit slot.
-        if let Some(i) = slots.free_slot().filter(|i| (*i as usize) < limit) {
-            if let Some(ticket) = slots.waiting.pop_front() {
-                self.queued -= 1;
-                slots.busy[i as usize] = true;
-                return Some((ticket, i));
-            }
-        }
-        None
+        let free = self.models.get(model)?.free_slot(limit)?;
+        self.hand_over(model, free as usize, now)
+            .map(|ticket| (ticket, free))
     }
 
     /// Withdraw a waiting ticket (its client went away). True when it was queued.
@@ -118,12 +290,115 @@ impl SlotPool {
         let Some(slots) = self.models.get_mut(model) else {
             return false;
         };
-        let Some(pos) = slots.waiting.iter().position(|t| *t == ticket) else {
+        let Some(pos) = slots.waiting.iter().position(|w| w.ticket == ticket) else {
             return false;
         };
-        slots.waiting.remove(pos);
+        let w = slots.waiting.remove(pos);
         self.queued -= 1;
+        self.tenants.dequeue(&w.tenant);
         true
+    }
+
+    /// The order `model`'s waiters would be served in if nothing else
+    /// arrived: `pick`'s rule run over copies of the counters. O(n^2) in the
+    /// waiters with plain arithmetic inside (about a millisecond for 512).
+    fn order(&self, model: &str, now: u64) -> Vec<usize> {
+        let Some(slots) = self.models.get(model) else {
+            return Vec::new();
+        };
+        let w = &slots.waiting;
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut keys: Vec<(f64, usize)> = Vec::new();
+        let tenant_of: Vec<usize> = w
+            .iter()
+            .map(|x| {
+                *ids.entry(x.tenant.as_str()).or_insert_with(|| {
+                    keys.push((
+                        self.tenants.counter(&x.tenant),
+                        self.tenants.queued(&x.tenant),
+                    ));
+                    keys.len() - 1
+                })
+            })
+            .collect();
+        let urgent: Vec<bool> = w.iter().map(|x| self.urgent(x, now)).collect();
+        let mut left: Vec<usize> = (0..w.len()).collect();
+        let mut out = Vec::with_capacity(left.len());
+        while !left.is_empty() {
+            let any_urgent = left.iter().any(|&i| urgent[i]);
+            let mut best: Option<(usize, (f64, usize))> = None;
+            for (p, &i) in left.iter().enumerate() {
+                if any_urgent && !urgent[i] {
+                    continue;
+                }
+                let key = keys[tenant_of[i]];
+                if best.map_or(true, |(_, b)| earlier(key, b)) {
+                    best = Some((p, key));
+                }
+            }
+            let Some((p, _)) = best else { break };
+            let i = left.remove(p);
+            let k = &mut keys[tenant_of[i]];
+            k.0 += w[i].tokens as f64 / w[i].weight;
+            k.1 = k.1.saturating_sub(1);
+            out.push(i);
+        }
+        out
+    }
+
+    /// 1-based place of a waiting ticket in the order it would be served.
+    pub fn position(&self, model: &str, ticket: u64, now: u64) -> Option<u32> {
+        let slots = self.models.get(model)?;
+        let i = slots.waiting.iter().position(|w| w.ticket == ticket)?;
+        self.order(model, now)
+            .iter()
+            .position(|&j| j == i)
+            .map(|p| p as u32 + 1)
+    }
+
+    /// Every running and queued request, per model (by name): running ones
+    /// first by slot, then the queue in the order it would be served.
+    pub fn entries(&self, now: u64) -> Vec<Entry> {
+        let mut names: Vec<&String> = self.models.keys().collect();
+        names.sort();
+        let mut out = Vec::new();
+        for model in names {
+            let slots = &self.models[model];
+            let row = |w: &Work, running: bool, n: u32| Entry {
+                model: model.clone(),
+                ticket: w.ticket,
+                tenant: w.tenant.clone(),
+                class: w.class,
+                running,
+                slot_or_position: n,
+                tokens: w.tokens,
+                age: now.saturating_sub(w.since),
+            };
+            for (i, w) in slots.busy.iter().enumerate() {
+                if let Some(w) = w {
+                    out.push(row(w, true, i as u32));
+                }
+            }
+            for (p, i) in self.order(model, now).into_iter().enumerate() {
+                out.push(row(&slots.waiting[i], false, p as u32 + 1));
+            }
+        }
+        out
+    }
+
+    /// Every tenant's counter, queued and running requests.
+    pub fn tenants(&self) -> Vec<TenantView> {
+        self.tenants.view()
+    }
+
+    /// Requests waiting for `model`.
+    pub fn waiting(&self, model: &str) -> usize {
+        self.models.get(model).map_or(0, |s| s.waiting.len())
+    }
+
+    /// Requests of `tenant` waiting node-wide.
+    pub fn tenant_queued(&self, tenant: &str) -> usize {
+        self.tenants.queued(tenant)
     }
 
     /// Requests running on `model`'s slots.
@@ -170,87 +445,5 @@ impl SlotPool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_until_slots_are_busy_then_queues_then_refuses() {
-        let mut pool = SlotPool::new(2, 1);
-        assert_eq!(pool.admit("m", 1, 0), Admit::Run(0));
-        assert_eq!(pool.admit("m", 2, 0), Admit::Run(1));
-        assert_eq!(pool.admit("m", 3, 0), Admit::Queued);
-        assert_eq!(pool.admit("m", 4, 0), Admit::Full);
-        assert_eq!(pool.queue_depth(), 1);
-        assert_eq!(pool.total_in_flight(), 2);
-    }
-
-    #[test]
-    fn release_hands_the_slot_to_the_oldest_waiter() {
-        let mut pool = SlotPool::new(1, 8);
-        assert_eq!(pool.admit("m", 1, 0), Admit::Run(0));
-        assert_eq!(pool.admit("m", 2, 0), Admit::Queued);
-        assert_eq!(pool.admit("m", 3, 0), Admit::Queued);
-        assert_eq!(pool.release("m", 0, 1), Some((2, 0)));
-        assert_eq!(pool.release("m", 0, 2), Some((3, 0)));
-        assert_eq!(pool.release("m", 0, 3), None);
-        assert_eq!(pool.in_flight("m"), 0);
-        assert_eq!(pool.queue_depth(), 0);
-    }
-
-    #[test]
-    fn cancel_removes_a_waiter_and_frees_queue_room() {
-        let mut pool = SlotPool::new(1, 1);
-        pool.admit("m", 1, 0);
-        assert_eq!(pool.admit("m", 2, 0), Admit::Queued);
-        assert!(pool.cancel("m", 2));
-        assert!(!pool.cancel("m", 2));
-        assert_eq!(pool.admit("m", 3, 0), Admit::Queued);
-        assert_eq!(pool.release("m", 0, 1), Some((3, 0)));
-    }
-
-    #[test]
-    fn double_release_is_ignored() {
-        let mut pool = SlotPool::new(1, 1);
-        pool.admit("m", 1, 0);
-        assert_eq!(pool.release("m", 0, 1), None);
-        assert_eq!(pool.release("m", 0, 1), None);
-        assert_eq!(pool.release("other", 0, 1), None);
-        assert_eq!(pool.admit("m", 2, 2), Admit::Run(0));
-    }
-
-    #[test]
-    fn models_have_separate_slots() {
-        let mut pool = SlotPool::new(1, 0);
-        assert_eq!(pool.admit("a", 1, 0), Admit::Run(0));
-        assert_eq!(pool.admit("b", 2, 0), Admit::Run(0));
-        assert_eq!(pool.admit("a", 3, 0), Admit::Full);
-    }
-
-    #[test]
-    fn evicts_the_least_recently_used_idle_model() {
-        let mut pool = SlotPool::new(1, 4);
-        pool.admit("a", 1, 10);
-        pool.release("a", 0, 10);
-        pool.admit("b", 2, 20);
-        pool.release("b", 0, 20);
-        pool.admit("c", 3, 30); // busy
-        let loaded: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(pool.evict_candidate(&loaded, 3), Some("a".into()));
-        assert_eq!(pool.evict_candidate(&loaded, 4), None);
-        pool.admit("a", 4, 40); // now busy
-        pool.admit("b", 5, 40);
-        assert_eq!(pool.evict_candidate(&loaded, 3), None);
-    }
-
-    #[test]
-    fn shrinking_num_parallel_drains_extra_slots() {
-        let mut pool = SlotPool::new(2, 4);
-        assert_eq!(pool.admit("m", 1, 0), Admit::Run(0));
-        assert_eq!(pool.admit("m", 2, 0), Admit::Run(1));
-        pool.configure(1, 4);
-        assert_eq!(pool.admit("m", 3, 0), Admit::Queued);
-        // slot 1 is outside the new limit: it is freed, not handed on
-        assert_eq!(pool.release("m", 1, 1), None);
-        assert_eq!(pool.release("m", 0, 1), Some((3, 0)));
-    }
-}
+#[path = "slots_tests.rs"]
+mod tests;

@@ -6,8 +6,8 @@ either ever crossing a TCP port.
 
     GET    /token          {"token"}       409 without a cluster
     POST   /token/rotate   {"token"}       a new join secret cluster-wide; 409 without a cluster
-    GET    /keys           {"keys": [{name, role, rpm, tpm, created, last_used}]}
-    POST   /keys           {"name", "role"?, "rpm"?, "tpm"?} -> {"key", name, role, ...}
+    GET    /keys           {"keys": [{name, role, rpm, tpm, weight, priority, created, last_used}]}
+    POST   /keys           {"name", "role"?, "rpm"?, "tpm"?, "weight"?, "priority"?} -> {"key", name, role, ...}
     DELETE /keys/{name}    {"revoked": name, "keys_left": n}
 """
 
@@ -67,8 +67,11 @@ async def create_key(request: web.Request) -> web.Response:
     body = await read_json(request)
     name = field(body, "name", str, required=True)
     secret, rec = await _node(request).keys.create(name, field(body, "role", str, "user"),
-                                                   field(body, "rpm", int, 0), field(body, "tpm", int, 0))
-    logger.info("API key %r created (role %s, rpm %d, tpm %d)", rec.name, rec.role, rec.rpm, rec.tpm)
+                                                   field(body, "rpm", int, 0), field(body, "tpm", int, 0),
+                                                   field(body, "weight", (int, float), 1.0),
+                                                   field(body, "priority", str, "interactive"))
+    logger.info("API key %r created (role %s, rpm %d, tpm %d, weight %g, priority %s)", rec.name, rec.role,
+                rec.rpm, rec.tpm, rec.weight, rec.priority)
     return web.json_response({"key": secret, **rec.public()}, status=201)
 
 

@@ -13,8 +13,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..dispatch import NOTE, RequestNote
-from ..errors import OllamaDistributedError, OverloadedError
-from . import anthropic, cluster, guard, ollama, openai, openapi, responses
+from ..errors import OllamaDistributedError, OverloadedError, TenantLimitedError
+from . import anthropic, cluster, guard, ollama, openai, openapi, responses, tenancy
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -31,9 +31,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except OllamaDistributedError as e:
-        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, OverloadedError) else None
+        headers = ({"Retry-After": str(e.retry_after)} if isinstance(e, OverloadedError | TenantLimitedError)
+                   else None)
         if e.status >= 500:
             logger.warning("%s %s: %s", request.method, request.path, e.message)
+        if e.status == 429:
+            return _error(request, 429, e.message, headers, kind="rate_limit_error", code="rate_limit_exceeded")
         return _error(request, e.status, e.message, headers)
     except web.HTTPRequestEntityTooLarge as e:
         return _error(request, 413, f"request body too large: {e.text or ''}".strip().rstrip(":")
@@ -71,6 +74,7 @@ def access_middleware(node: Node) -> Middleware:
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         note = RequestNote()
+        request["note"] = note  # for answers prepared after this returns (X-Queue-Position)
         token = NOTE.set(note)
         t0 = time.perf_counter()
         status = 500
@@ -107,6 +111,7 @@ def create_app(node: Node) -> web.Application:
     )
     app["node"] = node
     guard.install(app, node, node.cfg.api.host, node.http_ports)
+    tenancy.install(app, node)
     ollama.add_routes(app)
     openai.add_routes(app)
     anthropic.add_routes(app)

@@ -60,6 +60,7 @@ async def status(request: web.Request) -> web.Response:
             "queue_depth": d.scheduler.queue_depth(),
             "max_queue": node.cfg.engine.max_queue,
             "num_parallel": node.cfg.engine.num_parallel,
+            "num_parallel_auto": bool(getattr(node, "parallel_auto", False)),
             "requests_processed": d.requests_total,
         },
         "runner_stats": {
@@ -200,6 +201,12 @@ async def prometheus(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def queue(request: web.Request) -> web.Response:
+    """This node's queue: per model, the requests running and waiting, with
+    their tenant, priority, position and age; and each tenant's counter."""
+    return web.json_response({**_node(request).dispatcher.queue(), "timestamp": now_iso()})
+
+
 async def token(request: web.Request) -> web.Response:
     """The join token admits nodes to the cluster: it is never served over HTTP
     (a DNS-rebound page could read it). The CLI reads it locally."""
@@ -219,6 +226,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/distributed/nodes/{node_id}/drain", drain_node)
     r.add_post("/api/distributed/nodes/{node_id}/undrain", drain_node)
     r.add_get("/api/distributed/metrics", metrics)
+    r.add_get("/api/distributed/queue", queue)
     r.add_get("/api/distributed/models", models)
     r.add_get("/api/distributed/replication/status", replication_status)
     r.add_post("/api/distributed/rebalance", rebalance)

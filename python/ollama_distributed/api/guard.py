@@ -41,7 +41,9 @@ USER_POST = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddi
 USER_GET = frozenset({"/api/tags", "/api/ps", "/api/version", "/api/openapi.json", "/metrics",
                       "/api/state", "/ws"})
 CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, X-Api-Key, User-Agent, Accept, X-Requested-With"
+CORS_HEADERS = "Authorization, Content-Type, X-Api-Key, User-Agent, Accept, X-Requested-With, X-Priority"
+# What a page may read of an answer besides the safelisted headers.
+CORS_EXPOSE = "Retry-After, X-Queue-Position"
 ADMIN_CONFIG = "config"  # the key name metrics and logs give api.auth_tokens
 # A browser's WebSocket cannot send headers: the dashboard offers its key as
 # the subprotocol "bearer.<key>" on /ws.
@@ -180,6 +182,7 @@ class Guard:
         origin = request.headers.get("Origin")
         if origin is not None and self.policy.origin_allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
             response.headers["Vary"] = "Origin"
 
 

@@ -27,7 +27,8 @@ _REASONS = {
     403: "An Origin or Host not allowed, a key whose role does not allow this, or (pull, push) a registry "
          "models.registries does not allow",
     404: "Unknown model or node", 409: "Conflicts with the cluster's state, or not running on this node",
-    410: "Gone", 413: "Body larger than api.max_body_bytes", 429: "The key's rate limit: see Retry-After",
+    410: "Gone", 413: "Body larger than api.max_body_bytes",
+    429: "The key's rate limit, or (inference) this tenant holds its share of the node's queue: see Retry-After",
     500: "The engine failed", 501: "Not available for this engine",
     502: "A peer or the registry unreachable, or it answered garbage", 503: "Busy or no quorum: see Retry-After",
     504: "A peer stopped sending", 507: "No space left"}
@@ -187,6 +188,35 @@ def _node_id() -> list[dict[str, Any]]:
     return [{"name": "node_id", "in": "path", "required": True, "schema": s.STR}]
 
 
+_PRIORITY = {"name": "X-Priority", "in": "header", "required": False,
+             "description": "interactive (default, or the API key's) or batch: batch work waits while "
+                            "interactive work queues, until scheduler.batch_promote_after_s",
+             "schema": {"type": "string", "enum": ["interactive", "batch"]}}
+_TENANT = {"name": "X-Tenant", "in": "header", "required": False,
+           "description": "The tenant this request is served as; heeded only from api.trusted_proxies",
+           "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"}}
+_QUEUE_POSITION = {"X-Queue-Position": {
+    "description": "The place the request had in the serving node's queue (0: it ran at once)",
+    "schema": {"type": "integer", "minimum": 0}}}
+_QUEUE_ROW = obj({"tenant": s.STR, "priority": {"type": "string", "enum": ["interactive", "batch"]},
+                  "age_s": s.NUM, "tokens_estimated": s.INT, "slot": s.INT, "position": s.INT})
+_QUEUE = obj({
+    "node": s.STR, "num_parallel": s.INT, "max_queue": s.INT, "queue_depth": s.INT, "in_flight": s.INT,
+    "tenant_queue_share": s.NUM, "batch_promote_after_s": s.NUM,
+    "models": s.array(obj({"model": s.STR, "kind": {"type": "string", "enum": ["generate", "embed"]},
+                           "running": s.array(_QUEUE_ROW), "queued": s.array(_QUEUE_ROW)})),
+    "tenants": s.array(obj({"tenant": s.STR, "virtual_tokens": s.NUM, "queued": s.INT, "running": s.INT}))},
+    ["node", "models", "tenants"])
+
+
+def _inference(op: dict[str, Any]) -> dict[str, Any]:
+    """An operation that goes through a node's fair queue: X-Priority and
+    X-Tenant in, X-Queue-Position out (429 is among the guard's answers)."""
+    op["parameters"] = [_PRIORITY, _TENANT]
+    op["responses"]["200"]["headers"] = _QUEUE_POSITION
+    return op
+
+
 def spec() -> dict[str, Any]:
     b = _requests()
     progress = _ollama_stream(s.PROGRESS)
@@ -258,6 +288,9 @@ def spec() -> dict[str, Any]:
             "post": _op("End a node's drain: it takes requests again", ok=s.NODE_DRAIN,
                         errors=(404, 409, 502, 503))},
         "/api/distributed/metrics": {"get": _op("Cluster metrics summary", ok=s.CLUSTER_METRICS)},
+        "/api/distributed/queue": {"get": _op(
+            "This node's requests per model, running and queued (tenant, priority, position, age), and each "
+            "tenant's virtual token counter", ok=_QUEUE)},
         "/api/distributed/token": {"get": _op(
             "Gone: the join token is never served over HTTP; `cluster token` on the node reads it", ok=s.ERROR,
             status=410, ok_text="Always")},
@@ -279,6 +312,9 @@ def spec() -> dict[str, Any]:
                                 media="text/plain")},
         "/api/openapi.json": {"get": _op("This document", ok=s.OPENAPI)},
     }
+    for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
+                 "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/responses"):
+        _inference(paths[path]["post"])
     return {
         "openapi": "3.1.0",
         "info": {"title": "ollama-distributed", "version": __version__,

@@ -52,16 +52,22 @@ def keys() -> None:
 @click.option("--rpm", type=click.IntRange(min=0), default=0, help="Requests per minute (0: no limit).")
 @click.option("--tpm", type=click.IntRange(min=0), default=0,
               help="Tokens per minute, prompt + generated (0: no limit).")
+@click.option("--weight", type=click.FloatRange(keymod.MIN_WEIGHT, keymod.MAX_WEIGHT), default=1.0,
+              show_default=True, help="The key's share of a busy node's tokens, relative to weight-1 keys.")
+@click.option("--priority", type=click.Choice(keymod.PRIORITIES), default="interactive", show_default=True,
+              help="The class of the key's requests without an X-Priority header (batch waits behind "
+                   "interactive work).")
 @data_dir_option
-def create(name: str, role: str, rpm: int, tpm: int, data_dir: Path | None) -> None:
+def create(name: str, role: str, rpm: int, tpm: int, weight: float, priority: str, data_dir: Path | None) -> None:
     """Create key NAME and print it, alone, on stdout. It is shown only this once."""
     sock, where = _target(data_dir)
     if sock is not None:
-        out = admin_client.request(sock, "POST", "/keys", {"name": name, "role": role, "rpm": rpm, "tpm": tpm})
+        out = admin_client.request(sock, "POST", "/keys", {"name": name, "role": role, "rpm": rpm, "tpm": tpm,
+                                                           "weight": weight, "priority": priority})
         secret = out["key"]
     else:
         try:
-            secret, rec = keymod.make_record(name, role, rpm, tpm)
+            secret, rec = keymod.make_record(name, role, rpm, tpm, weight, priority)
             _offline(where).add([rec])
         except OllamaDistributedError as e:
             raise click.ClickException(e.message) from None
@@ -95,9 +101,11 @@ def list_keys(data_dir: Path | None, as_json: bool) -> None:
     if not rows:
         click.echo("No API keys: the API is open to whoever reaches it (see `keys create`).")
         return
-    click.echo(f"{'NAME':<24} {'ROLE':<6} {'RPM':>6} {'TPM':>8}  {'CREATED':<19}  LAST USED")
+    click.echo(f"{'NAME':<24} {'ROLE':<6} {'RPM':>6} {'TPM':>8} {'WEIGHT':>6} {'PRIORITY':<11}  "
+               f"{'CREATED':<19}  LAST USED")
     for r in rows:
-        click.echo(f"{r['name']:<24} {r['role']:<6} {r['rpm'] or '-':>6} {r['tpm'] or '-':>8}  "
+        click.echo(f"{r['name']:<24} {r['role']:<6} {r['rpm'] or '-':>6} {r['tpm'] or '-':>8} "
+                   f"{r.get('weight', 1.0):>6g} {r.get('priority', 'interactive'):<11}  "
                    f"{_when(r['created']):<19}  {_when(r.get('last_used'))}")
 
 

@@ -11,6 +11,7 @@ from . import (  # operator surface
     keys,
     models,
     nodes,
+    queue,
     run,
     start,
     status,
@@ -40,6 +41,7 @@ cli.add_command(run.run)
 cli.add_command(status.status)
 cli.add_command(troubleshoot.troubleshoot)
 cli.add_command(nodes.nodes)
+cli.add_command(queue.queue)
 cli.add_command(cluster.cluster)
 cli.add_command(keys.keys)
 

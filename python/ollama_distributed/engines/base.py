@@ -71,6 +71,13 @@ class InferenceRequest:
     # Mid-stream migration: token ids another node already generated and the
     # client already has; generation resumes after them (see the module doc).
     continuation: list[int] = field(default_factory=list)
+    # Who asks, for the local queue's fairness (rust/scheduler/fair.rs): the
+    # API key's name, the client address or a trusted proxy's X-Tenant; the
+    # key's weight; "interactive" or "batch". Set at the entry node, carried
+    # to the node that serves the request.
+    tenant: str = ""
+    weight: float = 1.0
+    priority: str = "interactive"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +85,21 @@ class InferenceRequest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InferenceRequest:
         known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in known})
+        req = cls(**{k: v for k, v in d.items() if k in known})
+        # from a peer: a value of the wrong shape falls back to the default
+        # rather than reaching the scheduler
+        if not isinstance(req.tenant, str) or len(req.tenant) > MAX_TENANT:
+            req.tenant = ""
+        w = req.weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < float("inf"):
+            req.weight = 1.0
+        if req.priority not in PRIORITIES:
+            req.priority = "interactive"
+        return req
+
+
+PRIORITIES = ("interactive", "batch")
+MAX_TENANT = 128
 
 
 class CancelToken:

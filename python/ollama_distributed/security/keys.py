@@ -37,6 +37,9 @@ PREFIX = "key/"  # catalogue keys in the Raft state
 FILE = "keys.json"
 ROLES = ("user", "admin")
 KEY_PREFIX = "odk_"
+PRIORITIES = ("interactive", "batch")
+# A weight is a share of tokens relative to weight-1 keys: 1/100 to 100 times.
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 # How often a node re-reads the keys from the Raft state: a revoke or a new
 # key takes effect within this at every node.
@@ -68,6 +71,11 @@ class KeyRecord:
     rpm: int = 0  # requests per minute, 0: no limit
     tpm: int = 0  # tokens (prompt + generated) per minute, 0: no limit
     created: float = 0.0
+    # Fairness (rust/scheduler/fair.rs): the key's share of a busy node's
+    # tokens is proportional to its weight; the class its requests get
+    # without an X-Priority header.
+    weight: float = 1.0
+    priority: str = "interactive"
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,13 +91,17 @@ class KeyRecord:
             d = json.loads(text)
             rec = KeyRecord(name=str(d["name"]), hash=str(d["hash"]), role=str(d.get("role", "user")),
                             rpm=int(d.get("rpm") or 0), tpm=int(d.get("tpm") or 0),
-                            created=float(d.get("created") or 0.0))
+                            created=float(d.get("created") or 0.0), weight=float(d.get("weight") or 1.0),
+                            priority=str(d.get("priority") or "interactive"))
         except (ValueError, KeyError, TypeError):
+            return None
+        if not MIN_WEIGHT <= rec.weight <= MAX_WEIGHT or rec.priority not in PRIORITIES:
             return None
         return rec if rec.role in ROLES and len(rec.hash) == 64 else None
 
 
-def check_new(name: str, role: str, rpm: int, tpm: int) -> None:
+def check_new(name: str, role: str, rpm: int, tpm: int, weight: float = 1.0,
+              priority: str = "interactive") -> None:
     if not NAME_RE.match(name):
         raise BadRequestError("a key name is 1-64 letters, digits, '_', '.', '@' or '-', starting "
                               f"with a letter or digit; got {name!r}")
@@ -98,6 +110,11 @@ def check_new(name: str, role: str, rpm: int, tpm: int) -> None:
     for what, n in (("rpm", rpm), ("tpm", tpm)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise BadRequestError(f"{what} must be a whole number >= 0 (0: no limit); got {n!r}")
+    if (isinstance(weight, bool) or not isinstance(weight, int | float)
+            or not MIN_WEIGHT <= weight <= MAX_WEIGHT):
+        raise BadRequestError(f"weight must be a number from {MIN_WEIGHT} to {MAX_WEIGHT:g}; got {weight!r}")
+    if priority not in PRIORITIES:
+        raise BadRequestError(f"priority must be one of {', '.join(PRIORITIES)}; got {priority!r}")
 
 
 class LocalKeyFile:
@@ -140,11 +157,12 @@ class LocalKeyFile:
         self.write(keys)
 
 
-def make_record(name: str, role: str = "user", rpm: int = 0, tpm: int = 0) -> tuple[str, KeyRecord]:
-    check_new(name, role, rpm, tpm)
+def make_record(name: str, role: str = "user", rpm: int = 0, tpm: int = 0, weight: float = 1.0,
+                priority: str = "interactive") -> tuple[str, KeyRecord]:
+    check_new(name, role, rpm, tpm, weight, priority)
     secret = new_secret()
     return secret, KeyRecord(name=name, hash=digest(secret), role=role, rpm=rpm, tpm=tpm,
-                             created=time.time())
+                             created=time.time(), weight=float(weight), priority=priority)
 
 
 class Catalogue(Protocol):
@@ -303,8 +321,9 @@ class KeyRing:
 
     # ---- writing -----------------------------------------------------------------
 
-    async def create(self, name: str, role: str = "user", rpm: int = 0, tpm: int = 0) -> tuple[str, KeyRecord]:
-        secret, rec = make_record(name, role, rpm, tpm)
+    async def create(self, name: str, role: str = "user", rpm: int = 0, tpm: int = 0, weight: float = 1.0,
+                     priority: str = "interactive") -> tuple[str, KeyRecord]:
+        secret, rec = make_record(name, role, rpm, tpm, weight, priority)
         if self.cluster is None:
             self.file.add([rec])
         else:
