@@ -44,6 +44,14 @@ impl Cluster {
             .clone()
     }
 
+    /// The CA with its key when this node is a voter: what signs joins (a
+    /// learner that still has a key from an older release, in the moment
+    /// before `ca_key_loop` deletes it, signs nothing).
+    pub(super) fn voter_signer(&self) -> Option<Arc<ClusterCa>> {
+        self.signer()
+            .filter(|_| self.is_voter(&self.cfg.node_id) == Some(true))
+    }
+
     /// Whether this node holds the CA key.
     pub fn holds_ca_key(&self) -> bool {
         self.signer().is_some()

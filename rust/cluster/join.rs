@@ -194,7 +194,7 @@ impl super::Cluster {
             }
             _ => req.p2p_address.clone(),
         };
-        let Some(ca) = self.signer() else {
+        let Some(ca) = self.voter_signer() else {
             if via.is_some() {
                 return err(
                     503,

@@ -183,7 +183,12 @@ async fn a_promoted_learner_gets_the_key_and_an_old_learner_key_is_deleted() {
     })
     .await;
     assert!(key_file(d, "d").is_file());
-    // and d now signs joins itself
+    // and d now signs joins itself, with the token the removal rotated
+    let (a3, l4) = (a.clone(), learner.clone());
+    wait_for("d has the rotated secret", Duration::from_secs(5), || {
+        l4.join_token() == a3.join_token()
+    })
+    .await;
     let e = Cluster::start(capped("e", d, seed(&learner), Some(a.join_token()), 3))
         .await
         .unwrap();
