@@ -97,7 +97,7 @@ impl Cluster {
 impl Cluster {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (node_id, data_dir, host, port, join, token=None, api_address=String::new(), failure_timeout_ms=2000))]
+    #[pyo3(signature = (node_id, data_dir, host, port, join, token=None, api_address=String::new(), failure_timeout_ms=2000, max_voters=crate::consensus::MAX_VOTERS))]
     fn new(
         node_id: String,
         data_dir: PathBuf,
@@ -107,6 +107,7 @@ impl Cluster {
         token: Option<String>,
         api_address: String,
         failure_timeout_ms: u64,
+        max_voters: usize,
     ) -> Self {
         let cfg = ClusterConfig {
             node_id,
@@ -118,6 +119,7 @@ impl Cluster {
             api_address,
             // below ~4 keep-alives a second a peer would flap on a busy machine
             failure_timeout: Duration::from_millis(failure_timeout_ms.max(400)),
+            max_voters,
         };
         Self {
             cfg,

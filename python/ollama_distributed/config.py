@@ -30,6 +30,8 @@ SYSTEM_CONFIG = Path("/etc/ollama-distributed/config.yaml")
 ENGINES = ("llamacpp", "ollama", "openai", "mock")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 ACCESS_LEVELS = ("info", "debug")
+# The most voters Raft keeps (rust/consensus MAX_VOTERS): odd, survives two failures.
+MAX_VOTERS = 5
 
 
 @dataclass
@@ -92,6 +94,10 @@ class P2PSection:
     enabled: bool = True
     # A peer silent this long is marked down (keep-alives go out 4 times within it).
     failure_timeout_ms: int = 2000
+    # Caught-up learners become voters while there are fewer (1 to 5; the
+    # leader's setting counts). Only voters hold the cluster CA key, so fewer
+    # voters means fewer machines that can mint node certificates.
+    max_voters: int = 5
 
 
 @dataclass
@@ -356,6 +362,8 @@ def _validate(cfg: Config) -> None:
     ):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{where}: {section}.{key}: expected a positive integer")
+    if not 1 <= cfg.p2p.max_voters <= MAX_VOTERS:
+        raise ConfigError(f"{where}: p2p.max_voters: expected an integer from 1 to {MAX_VOTERS}")
     if cfg.node.drain_timeout_s < 0:
         raise ConfigError(f"{where}: node.drain_timeout_s: expected a number of seconds >= 0")
     for key in ("first_token_timeout_s", "stream_idle_timeout_s"):

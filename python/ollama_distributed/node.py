@@ -185,7 +185,7 @@ class Node:
         svc = ClusterService(node_id=self.node_id, data_dir=self.data_dir, host=p2p.host, port=p2p.port,
                              join=list(p2p.join), token=p2p.token or None,
                              api_address=f"http://{api_host}:{self.api_url.rsplit(':', 1)[1]}",
-                             failure_timeout=p2p.failure_timeout_ms / 1000)
+                             failure_timeout=p2p.failure_timeout_ms / 1000, max_voters=p2p.max_voters)
         self.notifier.status("joining the cluster" if p2p.join else "starting the cluster core")
         try:
             await svc.start()

@@ -60,10 +60,11 @@ impl JoinRequest {
     }
 }
 
+/// What a joiner receives: the CA certificate and its own certificate and
+/// key, never the CA key (only voters hold it, see `ca.rs`).
 #[derive(Serialize, Deserialize)]
 pub struct JoinResponse {
     pub ca_cert_pem: String,
-    pub ca_key_pem: String,
     pub node_cert_pem: String,
     pub node_key_pem: String,
     pub secret: String,
@@ -73,7 +74,7 @@ pub struct JoinResponse {
 impl JoinResponse {
     pub fn material(&self) -> Result<TlsMaterial, ClusterError> {
         Ok(TlsMaterial {
-            ca: ClusterCa::from_pem(&self.ca_cert_pem, &self.ca_key_pem)?,
+            ca: ClusterCa::from_pem(&self.ca_cert_pem, None)?,
             node: NodeCert {
                 cert_pem: self.node_cert_pem.clone(),
                 key_pem: self.node_key_pem.clone(),
@@ -131,6 +132,10 @@ pub async fn request(
                     if msg.0 == 403 {
                         return Err(ClusterError::JoinRefused(format!("{seed}: {}", msg.1)));
                     }
+                    // the id is taken by a member that is up: retrying won't help
+                    if msg.0 == 409 {
+                        return Err(ClusterError::Join(format!("{seed}: {}", msg.1)));
+                    }
                     last = format!("{seed}: {}", msg.1);
                 }
                 Err(transport::TransportError::Connection(
@@ -151,10 +156,15 @@ pub async fn request(
 }
 
 impl super::Cluster {
+    /// Answer a join request: from the joiner itself on a connection without
+    /// a certificate (`via` None), or passed on by member `via` that does not
+    /// hold the CA key. Signed here when this node holds the key; else passed
+    /// on to a voter, unless it was passed on already.
     pub(super) async fn handle_join(
         &self,
         conn: &quinn::Connection,
         payload: &[u8],
+        via: Option<&str>,
     ) -> (Kind, Vec<u8>) {
         let err = |status: u16, message: String| {
             (
@@ -184,7 +194,32 @@ impl super::Cluster {
             }
             _ => req.p2p_address.clone(),
         };
-        let cert = match self.material.ca.issue(&req.node_id) {
+        let Some(ca) = self.voter_signer() else {
+            if via.is_some() {
+                return err(
+                    503,
+                    format!(
+                        "node '{}' holds no CA key yet (a voter gets it a moment after its \
+                         promotion)",
+                        self.cfg.node_id
+                    ),
+                );
+            }
+            let req = JoinRequest { p2p_address, ..req };
+            return self.forward_join(&req).await;
+        };
+        // a certificate for a member that is up would let the joiner speak
+        // as it; a node that lost its data dir rejoins once it is seen down
+        if req.node_id == self.cfg.node_id || self.lock_membership().is_alive(&req.node_id) {
+            return err(
+                409,
+                format!(
+                    "node id '{}' belongs to a member that is up; give the new node its own id",
+                    req.node_id
+                ),
+            );
+        }
+        let cert = match ca.issue(&req.node_id) {
             Ok(c) => c,
             Err(e) => return err(500, e.to_string()),
         };
@@ -210,15 +245,23 @@ impl super::Cluster {
         if let Err(e) = certified {
             tracing::warn!("could not record the certificate of '{}': {e}", req.node_id);
         }
-        self.counters.joins_accepted.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            "node '{}' joined from {}",
-            req.node_id,
-            conn.remote_address()
-        );
+        match via {
+            // counted where the joiner came in
+            Some(member) => tracing::info!(
+                "node '{}' joined through '{member}', signed here",
+                req.node_id
+            ),
+            None => {
+                self.counters.joins_accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "node '{}' joined from {}",
+                    req.node_id,
+                    conn.remote_address()
+                );
+            }
+        }
         let resp = JoinResponse {
-            ca_cert_pem: self.material.ca.cert_pem.clone(),
-            ca_key_pem: self.material.ca.key_pem.clone(),
+            ca_cert_pem: ca.cert_pem.clone(),
             node_cert_pem: cert.cert_pem,
             node_key_pem: cert.key_pem,
             secret: self.join_secret(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use openraft::{ChangeMembers, ServerState};
 
 use super::{call_for, Cluster, ClusterError};
-use crate::consensus::{raft_id, Command, NodeMeta, RaftNode, MAX_VOTERS};
+use crate::consensus::{raft_id, Command, NodeMeta, RaftNode};
 use crate::transport::Kind;
 
 impl Cluster {
@@ -157,14 +157,15 @@ impl Cluster {
             }
         }
         let raft = self.raft.clone();
-        tokio::spawn(promote(raft, nid));
+        tokio::spawn(promote(raft, nid, self.cfg.max_voters));
         Ok(())
     }
 }
 
 /// Make a learner a voter once it has caught up, while voters are fewer than
-/// [`MAX_VOTERS`]. Gives up after a minute or when this node loses leadership.
-async fn promote(raft: RaftNode, nid: u64) {
+/// `max_voters`. Gives up after a minute or when this node loses leadership.
+/// The new voter then fetches the CA key itself (`ca.rs`).
+async fn promote(raft: RaftNode, nid: u64, max_voters: usize) {
     for _ in 0..240 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let m = raft.metrics().borrow().clone();
@@ -173,7 +174,7 @@ async fn promote(raft: RaftNode, nid: u64) {
         }
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        if voters.contains(&nid) || voters.len() >= MAX_VOTERS {
+        if voters.contains(&nid) || voters.len() >= max_voters {
             return;
         }
         let caught_up = m

@@ -7,11 +7,13 @@
 //! a join token and initialises Raft with itself as the only voter. A joiner
 //! proves the token to any member on a connection without a client certificate
 //! (the only thing such a connection may do), receives a certificate signed by
-//! the CA and the CA itself, and is added to Raft: as a learner first, then
-//! as a voter once it has caught up, while there are fewer than five voters.
+//! a voter and the CA certificate (never the CA key: only voters hold it, see
+//! `ca.rs`), and is added to Raft: as a learner first, then as a voter once it
+//! has caught up, while there are fewer than `max_voters` voters.
 //! From then on every connection is mTLS. A restarted node finds its
 //! certificate and Raft state in its data dir and rejoins by itself.
 
+mod ca;
 mod join;
 mod members;
 mod serve;
@@ -32,11 +34,12 @@ use tokio::task::JoinHandle;
 use crate::blobs::{BlobError, Blobs, TransferStatus};
 use crate::consensus::network::{Network, Rpc, RpcError};
 use crate::consensus::store::FileStore;
+use crate::consensus::MAX_VOTERS;
 use crate::consensus::{raft_config, raft_id, Command, NodeMeta, RaftNode};
 use crate::forward::{self, ForwardError, ForwardStream, Inbound};
 use crate::membership::{Membership, NodeView};
 use crate::transport::mesh::PeerEvent;
-use crate::transport::tls::{JoinToken, TlsError, TlsMaterial};
+use crate::transport::tls::{ClusterCa, JoinToken, TlsError, TlsMaterial};
 use crate::transport::{self, Kind, Mesh, TransportError};
 
 pub use join::{JoinParseError, JoinRequest, JoinResponse, MAX_JOIN_REQUEST};
@@ -53,6 +56,9 @@ pub struct ClusterConfig {
     pub api_address: String,
     /// A peer silent this long is marked down (quinn's idle timeout).
     pub failure_timeout: Duration,
+    /// Learners are promoted while the voters are fewer (1..=[`MAX_VOTERS`]);
+    /// the leader's setting counts. Only voters hold the CA key.
+    pub max_voters: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +83,8 @@ pub enum ClusterError {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub joins_accepted: AtomicU64,
+    /// Joins this node (without the CA key) had a voter sign; also accepted.
+    pub joins_forwarded: AtomicU64,
     /// Join attempts with a wrong token.
     pub joins_refused: AtomicU64,
     /// Connections without a client certificate that asked for more than a join.
@@ -160,7 +168,10 @@ pub struct Status {
     pub peers_connected: usize,
     pub p2p_address: String,
     pub joins_accepted: u64,
+    pub joins_forwarded: u64,
     pub joins_refused: u64,
+    /// Whether this node holds the CA key (a voter, once it has it).
+    pub holds_ca_key: bool,
     pub unauthenticated_refused: u64,
     /// Peer connections closed, by reason ([`Refusal::as_str`]).
     pub peers_refused: BTreeMap<&'static str, u64>,
@@ -220,7 +231,10 @@ impl Rpc for MeshRpc {
 pub struct Cluster {
     cfg: ClusterConfig,
     p2p_address: String,
+    /// Certificates and join secret; its CA never holds the key (`ca_key`).
     material: TlsMaterial,
+    /// The CA with its key while this node holds it (a voter).
+    ca_key: Mutex<Option<Arc<ClusterCa>>>,
     mesh: Arc<Mesh>,
     raft: RaftNode,
     store: FileStore,
@@ -271,6 +285,12 @@ impl Cluster {
                 cfg.node_id
             )));
         }
+        if !(1..=MAX_VOTERS).contains(&cfg.max_voters) {
+            return Err(ClusterError::Config(format!(
+                "max_voters must be 1 to {MAX_VOTERS}, not {}",
+                cfg.max_voters
+            )));
+        }
         let tls_dir = cfg.data_dir.join("tls");
         let store = FileStore::open(&cfg.data_dir.join("raft"))?;
         let bind_addr = resolve(&format_host_port(&cfg.host, cfg.port)).await?;
@@ -281,7 +301,7 @@ impl Cluster {
         })?;
         let p2p_address = socket.local_addr()?.to_string();
         let mut seeds = BTreeMap::new();
-        let material = if TlsMaterial::exists(&tls_dir) {
+        let mut material = if TlsMaterial::exists(&tls_dir) {
             TlsMaterial::load(&tls_dir)?
         } else if !cfg.join.is_empty() {
             let token = cfg.token.as_deref().ok_or_else(|| {
@@ -307,6 +327,9 @@ impl Cluster {
             m
         };
         let bootstrap = cfg.join.is_empty() && !store.has_state();
+        // kept apart, and dropped (with its file) by `ca_key_loop` unless
+        // this node is a voter
+        let ca_key = material.ca.take_key().map(Arc::new);
 
         let endpoint = transport::endpoint(
             socket,
@@ -346,6 +369,7 @@ impl Cluster {
             cfg,
             p2p_address,
             material,
+            ca_key: Mutex::new(ca_key),
             mesh,
             raft,
             store,
@@ -369,6 +393,7 @@ impl Cluster {
             tokio::spawn(cluster.clone().event_loop(events)),
             tokio::spawn(cluster.clone().dial_loop()),
             tokio::spawn(cluster.clone().metadata_loop()),
+            tokio::spawn(cluster.clone().ca_key_loop()),
         ];
         cluster
             .tasks
@@ -531,6 +556,8 @@ impl Cluster {
             peers_connected: self.mesh.connected().len(),
             p2p_address: self.my_meta().p2p_address,
             joins_accepted: c.joins_accepted.load(Ordering::Relaxed),
+            joins_forwarded: c.joins_forwarded.load(Ordering::Relaxed),
+            holds_ca_key: self.holds_ca_key(),
             joins_refused: c.joins_refused.load(Ordering::Relaxed),
             unauthenticated_refused: c.unauthenticated_refused.load(Ordering::Relaxed),
             peers_refused: Refusal::ALL

@@ -156,7 +156,7 @@ impl Cluster {
             conn.close(codes::UNAUTHENTICATED, b"client certificate required");
             return;
         }
-        let (kind, body) = self.handle_join(&conn, &first.payload).await;
+        let (kind, body) = self.handle_join(&conn, &first.payload, None).await;
         let refused = kind == Kind::Error;
         reply(send, kind, body).await;
         if refused {
@@ -301,8 +301,18 @@ impl Cluster {
                 self.blobs.serve(&peer, &first.payload, send).await;
             }
             Kind::JoinRequest => {
-                let (kind, body) = self.handle_join(&conn, &first.payload).await;
+                // a member without the CA key passing a join on
+                let (kind, body) = self.handle_join(&conn, &first.payload, Some(&peer)).await;
                 reply(send, kind, body).await;
+            }
+            Kind::CaKey => {
+                let res = self.serve_ca_key(&peer);
+                reply(
+                    send,
+                    Kind::CaKeyResponse,
+                    serde_json::to_vec(&res).unwrap_or_default(),
+                )
+                .await;
             }
             other => {
                 tracing::warn!("unexpected {other:?} stream from {}", conn.remote_address());

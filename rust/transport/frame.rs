@@ -58,6 +58,10 @@ pub enum Kind {
     RemoveMember = 20,
     /// `Ok`/`Err` of a RemoveMember, as JSON.
     RemoveMemberResponse = 21,
+    /// A voter asks a voter for the cluster CA key (empty payload).
+    CaKey = 22,
+    /// `Ok(key pem)`/`Err` of a CaKey, as JSON.
+    CaKeyResponse = 23,
 }
 
 impl Kind {
@@ -86,6 +90,8 @@ impl Kind {
             19 => ProposeResponse,
             20 => RemoveMember,
             21 => RemoveMemberResponse,
+            22 => CaKey,
+            23 => CaKeyResponse,
             _ => return None,
         })
     }

@@ -5,7 +5,8 @@
 //! The join token, like k3s's, carries the sha256 of the CA certificate and a
 //! secret: the joiner pins the CA with it (the server's chain must hold that
 //! CA and the server certificate must verify against it), and the member checks
-//! the secret. Every member holds the CA key, so joining any member is enough.
+//! the secret. Only voters hold the CA key (`ca.key`): a learner has the CA
+//! certificate and its own, and passes joins on to a voter (`crate::cluster`).
 
 use std::fmt;
 use std::fs;
@@ -49,6 +50,10 @@ pub enum TlsError {
     Pem(PathBuf),
     #[error("malformed join token (expected OD1:<ca sha256 hex>:<secret>)")]
     Token,
+    #[error("this node does not hold the cluster CA key (only voters do)")]
+    NoCaKey,
+    #[error("the CA key does not match the CA certificate")]
+    CaKeyMismatch,
     #[error("{0}")]
     Other(String),
 }
@@ -109,12 +114,14 @@ impl fmt::Debug for NodeCert {
     }
 }
 
-/// The cluster certificate authority.
+/// The cluster certificate authority: its certificate, and its key on the
+/// nodes that hold it (voters).
 pub struct ClusterCa {
     pub cert_pem: String,
-    pub key_pem: String,
+    /// None on a node that does not hold the key.
+    pub key_pem: Option<String>,
     cert_der: CertificateDer<'static>,
-    key: KeyPair,
+    key: Option<KeyPair>,
 }
 
 impl ClusterCa {
@@ -123,21 +130,52 @@ impl ClusterCa {
         let cert = ca_params().self_signed(&key)?;
         Ok(Self {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: Some(key.serialize_pem()),
             cert_der: cert.der().clone(),
+            key: Some(key),
+        })
+    }
+
+    /// The CA from its certificate and, on a node that holds it, its key,
+    /// which must be the certificate's (a key from a peer is checked here).
+    pub fn from_pem(cert_pem: &str, key_pem: Option<&str>) -> Result<Self, TlsError> {
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|_| TlsError::Pem(PathBuf::from(CA_CERT)))?;
+        let key = match key_pem {
+            None => None,
+            Some(pem) => {
+                let key = KeyPair::from_pem(pem)?;
+                let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
+                    .map_err(|_| TlsError::Pem(PathBuf::from(CA_CERT)))?;
+                if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                    return Err(TlsError::CaKeyMismatch);
+                }
+                Some(key)
+            }
+        };
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.map(str::to_owned),
+            cert_der,
             key,
         })
     }
 
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        let key = KeyPair::from_pem(key_pem)?;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|_| TlsError::Pem(PathBuf::from("ca.pem")))?;
-        Ok(Self {
-            cert_pem: cert_pem.to_owned(),
-            key_pem: key_pem.to_owned(),
-            cert_der,
-            key,
+    /// Whether this copy can sign certificates.
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Move the key out: `self` keeps the certificate alone, the answer is
+    /// the whole CA (None when there was no key).
+    pub fn take_key(&mut self) -> Option<ClusterCa> {
+        let key = self.key.take()?;
+        let key_pem = self.key_pem.take();
+        Some(ClusterCa {
+            cert_pem: self.cert_pem.clone(),
+            key_pem,
+            cert_der: self.cert_der.clone(),
+            key: Some(key),
         })
     }
 
@@ -151,7 +189,9 @@ impl ClusterCa {
     }
 
     /// Sign a fresh key pair for `node_id`, usable as both server and client.
+    /// [`TlsError::NoCaKey`] on a node that does not hold the CA key.
     pub fn issue(&self, node_id: &str) -> Result<NodeCert, TlsError> {
+        let ca_key = self.key.as_ref().ok_or(TlsError::NoCaKey)?;
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
         let mut dn = DistinguishedName::new();
@@ -164,7 +204,7 @@ impl ClusterCa {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.not_before = rcgen::date_time_ymd(2024, 1, 1);
         p.not_after = rcgen::date_time_ymd(2124, 1, 1);
-        let issuer = Issuer::new(ca_params(), &self.key);
+        let issuer = Issuer::new(ca_params(), ca_key);
         let cert = p.signed_by(&key, &issuer)?;
         Ok(NodeCert {
             cert_pem: cert.pem(),
@@ -249,6 +289,7 @@ pub fn secrets_match(a: &str, b: &str) -> bool {
 }
 
 /// The TLS material a node keeps in `data_dir/tls`, every file mode 0600.
+/// `ca.key` only on a voter: the rest is every member's.
 pub struct TlsMaterial {
     pub ca: ClusterCa,
     pub node: NodeCert,
@@ -274,7 +315,7 @@ impl TlsMaterial {
     }
 
     pub fn exists(dir: &Path) -> bool {
-        [CA_CERT, CA_KEY, NODE_CERT, NODE_KEY, SECRET]
+        [CA_CERT, NODE_CERT, NODE_KEY, SECRET]
             .iter()
             .all(|f| dir.join(f).is_file())
     }
@@ -284,7 +325,13 @@ impl TlsMaterial {
             let p = dir.join(name);
             fs::read_to_string(&p).map_err(io_err(&p))
         };
-        let ca = ClusterCa::from_pem(&read(CA_CERT)?, &read(CA_KEY)?)?;
+        let ca_key = dir.join(CA_KEY);
+        let ca_key = match fs::read_to_string(&ca_key) {
+            Ok(k) => Some(k),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&ca_key)(e)),
+        };
+        let ca = ClusterCa::from_pem(&read(CA_CERT)?, ca_key.as_deref())?;
         let node = NodeCert {
             cert_pem: read(NODE_CERT)?,
             key_pem: read(NODE_KEY)?,
@@ -300,11 +347,40 @@ impl TlsMaterial {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         set_mode(dir, 0o700)?;
         write_private(&dir.join(CA_CERT), self.ca.cert_pem.as_bytes())?;
-        write_private(&dir.join(CA_KEY), self.ca.key_pem.as_bytes())?;
+        if let Some(key) = &self.ca.key_pem {
+            write_private(&dir.join(CA_KEY), key.as_bytes())?;
+        }
         write_private(&dir.join(NODE_CERT), self.node.cert_pem.as_bytes())?;
         write_private(&dir.join(NODE_KEY), self.node.key_pem.as_bytes())?;
         write_private(&dir.join(SECRET), self.secret.as_bytes())?;
         Ok(())
+    }
+
+    /// Keep the CA key in `dir` (a node that became a voter).
+    pub fn save_ca_key(dir: &Path, ca: &ClusterCa) -> Result<(), TlsError> {
+        let key = ca.key_pem.as_deref().ok_or(TlsError::NoCaKey)?;
+        write_private(&dir.join(CA_KEY), key.as_bytes())
+    }
+
+    /// Delete the CA key from `dir` (a node that is not a voter); whether
+    /// there was one.
+    pub fn remove_ca_key(dir: &Path) -> Result<bool, TlsError> {
+        let path = dir.join(CA_KEY);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Ok(d) = fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Where the CA key is kept, for messages.
+    pub fn ca_key_path(dir: &Path) -> PathBuf {
+        dir.join(CA_KEY)
     }
 
     pub fn token(&self) -> JoinToken {
@@ -558,6 +634,37 @@ mod tests {
         assert_eq!(cert_node_id(&der).as_deref(), Some("node-a"));
         assert_eq!(cert_node_id(b"garbage"), None);
         assert_eq!(cert_fingerprint(&der).len(), 64);
+    }
+
+    #[test]
+    fn a_node_without_the_ca_key_cannot_issue_and_keeps_no_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = TlsMaterial::create("a").unwrap();
+        let full = m.ca.take_key().unwrap();
+        assert!(full.has_key() && !m.ca.has_key());
+        assert!(matches!(m.ca.issue("x"), Err(TlsError::NoCaKey)));
+        m.save(dir.path()).unwrap();
+        assert!(!dir.path().join(CA_KEY).exists());
+        assert!(TlsMaterial::exists(dir.path()));
+        let back = TlsMaterial::load(dir.path()).unwrap();
+        assert!(!back.ca.has_key());
+        back.server_config().unwrap();
+        // the key comes back (a promotion), then goes again (not a voter)
+        TlsMaterial::save_ca_key(dir.path(), &full).unwrap();
+        assert!(TlsMaterial::load(dir.path()).unwrap().ca.has_key());
+        assert!(TlsMaterial::remove_ca_key(dir.path()).unwrap());
+        assert!(!TlsMaterial::remove_ca_key(dir.path()).unwrap());
+        assert!(!TlsMaterial::load(dir.path()).unwrap().ca.has_key());
+    }
+
+    #[test]
+    fn a_ca_key_must_be_the_certificates() {
+        let a = ClusterCa::generate().unwrap();
+        let b = ClusterCa::generate().unwrap();
+        let mismatch = ClusterCa::from_pem(&a.cert_pem, b.key_pem.as_deref());
+        assert!(matches!(mismatch, Err(TlsError::CaKeyMismatch)));
+        let ok = ClusterCa::from_pem(&a.cert_pem, a.key_pem.as_deref()).unwrap();
+        assert!(ok.issue("n").is_ok());
     }
 
     #[test]

@@ -50,6 +50,7 @@ def test_precedence_flag_env_file(tmp_path: Path) -> None:
     assert cfg.engine.num_parallel == 3  # env over file
     assert cfg.api.host == "0.0.0.0"  # file over default; a None flag is "not given"
     assert cfg.api.auth_tokens == ["a", "b"]
+    assert config.load(f, environ={"OLLAMA_DISTRIBUTED_P2P_MAX_VOTERS": "3"}).p2p.max_voters == 3
 
 
 def test_prompt_cache_mib_from_file_and_environment(tmp_path: Path) -> None:
@@ -78,6 +79,8 @@ def test_prompt_cache_mib_from_file_and_environment(tmp_path: Path) -> None:
     ("logging: {access: loud}\n", "logging.access: expected one of info, debug"),
     ("engine: {prompt_cache_mib: -1}\n", "engine.prompt_cache_mib: expected an integer >= 0"),
     ("engine: {prompt_cache_mib: lots}\n", "engine.prompt_cache_mib: expected an integer"),
+    ("p2p: {max_voters: 0}\n", "p2p.max_voters: expected an integer from 1 to 5"),
+    ("p2p: {max_voters: 7}\n", "p2p.max_voters: expected an integer from 1 to 5"),
 ])
 def test_errors_name_file_key_and_expectation(tmp_path: Path, text: str, needle: str) -> None:
     f = write(tmp_path / "bad.yaml", text)

@@ -50,12 +50,13 @@ class ClusterService:
         token: str | None,
         api_address: str,
         failure_timeout: float = DEFAULT_FAILURE_TIMEOUT_S,
+        max_voters: int = 5,
     ) -> None:
         self.node_id = node_id
         self.data_dir = pathlib.Path(data_dir)
         self._core = _core.Cluster(
             node_id, str(self.data_dir), host, int(port), list(join), token, api_address,
-            int(failure_timeout * 1000),
+            int(failure_timeout * 1000), int(max_voters),
         )
         self._handler: InboundHandler | None = None
         self._catalog_text = ""
