@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-fn cfg(id: &str, dir: &std::path::Path, join: Vec<String>, token: Option<String>) -> ClusterConfig {
+pub(super) fn cfg(id: &str, dir: &std::path::Path, join: Vec<String>, token: Option<String>) -> ClusterConfig {
     ClusterConfig {
         node_id: id.into(),
         data_dir: dir.join(id),
@@ -17,7 +17,7 @@ fn cfg(id: &str, dir: &std::path::Path, join: Vec<String>, token: Option<String>
     }
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+pub(super) async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !f() {
         assert!(
@@ -29,11 +29,11 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) ->
     t0.elapsed()
 }
 
-fn seed(c: &Cluster) -> Vec<String> {
+pub(super) fn seed(c: &Cluster) -> Vec<String> {
     vec![c.local_addr().unwrap().to_string()]
 }
 
-async fn three(dir: &std::path::Path) -> Vec<Arc<Cluster>> {
+pub(super) async fn three(dir: &std::path::Path) -> Vec<Arc<Cluster>> {
     let a = Cluster::start(cfg("a", dir, vec![], None)).await.unwrap();
     wait_for("a to lead", Duration::from_secs(5), || {
         a.status().role == "leader"
