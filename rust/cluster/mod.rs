@@ -947,6 +947,6 @@ fn format_host_port(host: &str, port: u16) -> String {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod handover_tests;
+#[cfg(test)]
+mod tests;

@@ -4,7 +4,12 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-pub(super) fn cfg(id: &str, dir: &std::path::Path, join: Vec<String>, token: Option<String>) -> ClusterConfig {
+pub(super) fn cfg(
+    id: &str,
+    dir: &std::path::Path,
+    join: Vec<String>,
+    token: Option<String>,
+) -> ClusterConfig {
     ClusterConfig {
         node_id: id.into(),
         data_dir: dir.join(id),
@@ -17,7 +22,11 @@ pub(super) fn cfg(id: &str, dir: &std::path::Path, join: Vec<String>, token: Opt
     }
 }
 
-pub(super) async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+pub(super) async fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Duration {
     let t0 = Instant::now();
     while !f() {
         assert!(

@@ -35,7 +35,11 @@ pub fn successors(raft: &RaftNode) -> Vec<u64> {
         .membership()
         .voter_ids()
         .filter(|id| *id != m.id)
-        .filter(|id| replication.get(id).is_some_and(|matched| matched.map(|l| l.index) >= last))
+        .filter(|id| {
+            replication
+                .get(id)
+                .is_some_and(|matched| matched.map(|l| l.index) >= last)
+        })
         .collect()
 }
 
