@@ -76,10 +76,10 @@ def request(host: str, port: int, kind: str, model: str, prompt: str) -> None:
         elif kind == "openai-chat-stream":
             done = False
             for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
+                text = raw.decode().strip()
+                if not text.startswith("data:"):
                     continue
-                data = line[5:].strip()
+                data = text[5:].strip()
                 if data == "[DONE]":
                     done = True
                     continue

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -211,11 +213,11 @@ def leader(g: Guest) -> str:
 
 def handovers(g: Guest) -> int:
     """How many times this host's node logged a handover of the lead."""
-    return g.journal(lines=100000).count("leadership handed to")
+    return int(g.journal(lines=100000).count("leadership handed to"))
 
 
 def term(g: Guest) -> int:
-    return int(get(g, "/api/distributed/status").get("term") or 0)  # type: ignore[call-overload]
+    return int(str(get(g, "/api/distributed/status").get("term") or 0))
 
 
 def test_rolling_upgrade_under_load(
@@ -327,14 +329,22 @@ def test_rolling_upgrade_under_load(
 
     step("requests per phase")
     recs = load.records()
-    print(f"{'phase':<44} {'sent':>5} {'failed':>6}   by kind (ok/sent)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'phase':<40} {'sent':>5} {'failed':>6} {'p50 s':>6} {'max s':>6}   by kind (ok/sent)")
     for ph in phases:
         rs = [r for r in recs if r["phase"] == ph]
         kinds = "  ".join(f"{k}:{sum(1 for r in rs if r['kind'] == k and r['ok'])}/"
                           f"{sum(1 for r in rs if r['kind'] == k)}"
                           for k in sorted({str(r["kind"]) for r in rs}))
-        print(f"{ph:<44} {len(rs):>5} {sum(1 for r in rs if not r['ok']):>6}   {kinds}")
-    print(f"{'total':<44} {len(recs):>5} {sum(1 for r in recs if not r['ok']):>6}")
+        secs = [float(r["seconds"]) for r in rs] or [0.0]  # type: ignore[arg-type]
+        print(f"{ph:<40} {len(rs):>5} {sum(1 for r in rs if not r['ok']):>6} "
+              f"{statistics.median(secs):>6.1f} {max(secs):>6.1f}   {kinds}")
+    print(f"{'total':<40} {len(recs):>5} {sum(1 for r in recs if not r['ok']):>6}")
+    for h, g in hosts.items():  # what the nodes did to hide the restarts, from their journals
+        log = g.journal(lines=100000)
+        print(f"{h}: {log.count('moves from node')} request(s) moved, {log.count('peer silent')} of them "
+              f"after a silent peer; {log.count('leadership handed to')} handover(s); "
+              f"{log.count('draining:')} drain(s)")
     print(f"whole test: {time.monotonic() - t_start:.0f} s")
     failed = [r for r in recs if not r["ok"]]
     assert not failed, "failed requests:\n" + "\n".join(json.dumps(r) for r in failed[:20])
