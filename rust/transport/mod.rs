@@ -113,17 +113,24 @@ pub async fn answers(conn: &quinn::Connection, within: Duration) -> bool {
         Err(quinn::SendDatagramError::ConnectionLost(_)) => return false,
         Err(_) => return true,
     }
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
+    let mut deadline = tokio::time::Instant::now() + within;
+    loop {
+        let slept = tokio::time::Instant::now();
         tokio::time::sleep(PROBE_POLL).await;
+        // A wake-up far later than asked means this node was starved (a busy
+        // CPU): packets may wait unread in the socket meanwhile, and that time
+        // is not the peer's silence, so the window moves on by as much.
+        deadline += slept.elapsed().saturating_sub(PROBE_POLL * 4);
         if conn.stats().udp_rx.datagrams > before {
             return true;
         }
         if conn.close_reason().is_some() {
             return false;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
     }
-    false
 }
 
 /// The largest UDP payload a node accepts and searches for (see
