@@ -60,9 +60,11 @@ impl Watch {
     /// several token gaps of any engine, and a probe costs one datagram, so
     /// probing a slow but healthy stream is cheap. probe: half (1 s): a
     /// peer's QUIC threads answer within its 25 ms ACK delay, so only a
-    /// process killed or frozen (or a machine starved for a second) stays
-    /// silent that long; a wrong verdict costs a migration, not the answer.
-    /// Detection then takes at most 1.25 s instead of 2 s.
+    /// process killed or frozen, or a peer starved of CPU for a whole second,
+    /// stays silent that long (time the prober itself was starved does not
+    /// count). A wrong verdict costs a migration (one of
+    /// scheduler.migration_limit), not the answer. Detection then takes at
+    /// most 1.25 s instead of the 2 s idle timeout.
     pub fn for_failure_timeout(failure_timeout: Duration) -> Self {
         Self {
             quiet: failure_timeout / 8,

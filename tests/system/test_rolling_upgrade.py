@@ -340,6 +340,10 @@ def test_rolling_upgrade_under_load(
         print(f"{ph:<40} {len(rs):>5} {sum(1 for r in rs if not r['ok']):>6} "
               f"{statistics.median(secs):>6.1f} {max(secs):>6.1f}   {kinds}")
     print(f"{'total':<40} {len(recs):>5} {sum(1 for r in recs if not r['ok']):>6}")
+    t_first = min((float(r["start"]) for r in recs), default=0.0)  # type: ignore[arg-type]
+    for r in sorted(recs, key=lambda r: -float(r["seconds"]))[:5]:  # type: ignore[arg-type]
+        print(f"  slow: {float(r['seconds']):5.1f} s  {r['kind']:<19} at {r['target']} "  # type: ignore[arg-type]
+              f"from t={float(r['start']) - t_first:5.1f} s  ({r['phase']})")  # type: ignore[arg-type]
     for h, g in hosts.items():  # what the nodes did to hide the restarts, from their journals
         log = g.journal(lines=100000)
         print(f"{h}: {log.count('moves from node')} request(s) moved, {log.count('peer silent')} of them "
