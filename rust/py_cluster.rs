@@ -312,6 +312,32 @@ impl Cluster {
         })
     }
 
+    /// Voters that could lead after this leader (caught up and connected),
+    /// by name; empty on a follower.
+    fn successors(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let core = self.running()?;
+        Ok(py.detach(|| core.successors()))
+    }
+
+    /// Hold (True) or release this node's candidacy in elections: a draining
+    /// leader holds it so it does not take back the lead it hands over.
+    fn hold_candidacy(&self, held: bool) -> PyResult<()> {
+        self.running()?.hold_candidacy(held);
+        Ok(())
+    }
+
+    /// Stand for election now (asked by a draining leader).
+    fn campaign<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let c = self.running()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            runtime()
+                .spawn(async move { c.campaign().await })
+                .await
+                .map_err(join_err)?
+                .map_err(cluster_err)
+        })
+    }
+
     /// Remove node `name`, which must be down, from the cluster (through the
     /// leader); RuntimeError naming why not.
     fn remove_member<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
@@ -446,6 +472,7 @@ impl ForwardStream {
             return Ok(Some((Vec::new(), true)));
         };
         let mut out = Vec::new();
+        let _rt = runtime().enter(); // next_batch arms a timer (the silent-peer watch)
         match poll_once(s.next_batch(&mut out)) {
             None => Ok(None),
             Some(Ok(more)) => {

@@ -128,6 +128,7 @@ class Node:
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: stop without waiting for the drain
         self._drain_task: asyncio.Task[None] | None = None
+        self._candidacy_held = False  # a draining leader that handed over does not stand for election
         self.api_url = ""
         self.web_url = ""
         psutil.cpu_percent(interval=None)  # prime: the first reading is meaningless
@@ -276,6 +277,9 @@ class Node:
         dispatcher, or a drain/undrain of this node (`cluster drain NODE` at
         any member travels here over the cluster's mTLS link)."""
         if request.get("kind") == "control":
+            if request.get("action") == "campaign":
+                yield await self.campaign()
+                return
             yield self.control(str(request.get("action", "")))
             return
         async for chunk in self.dispatcher.handle_inbound(request):
@@ -330,10 +334,60 @@ class Node:
             self._drain_task.cancel()
             self._drain_task = None
         self.dispatcher.draining = False
+        if self._candidacy_held and self.cluster is not None:
+            self.cluster.hold_candidacy(False)
+            self._candidacy_held = False
         self._refresh_local_node()
         logger.info("drain ended: taking requests again")
         self.notifier.status(f"serving on {self.api_url}")
         return True
+
+    async def campaign(self) -> dict[str, Any]:
+        """The draining leader asks this node to lead: stand for election now."""
+        if self.cluster is None:
+            raise BadRequestError("this node runs without the cluster core: there is no election")
+        if self.draining:
+            raise ConflictError(f"node {self.node_id} is draining: it does not take over the lead")
+        logger.info("the leader is draining and hands over: standing for election")
+        await self.cluster.campaign()
+        return {"done": True, "node": self.node_id, "campaign": True}
+
+    async def hand_over_leadership(self, timeout: float = 3.0) -> str | None:
+        """A draining leader hands the lead to a caught-up peer first, so the
+        cluster has a leader before this node stops rather than an election
+        timeout after (openraft 0.9 has no leader transfer: see
+        rust/consensus/handover.rs). The new leader's id, or None when this
+        node is not the leader or no peer took over (the others then elect one
+        when it stops, as before)."""
+        c = self.cluster
+        if c is None or c.status().get("role") != "leader":
+            return None
+        draining = {n["id"] for n in self.cluster_nodes() if n.get("draining")}
+        loop = asyncio.get_running_loop()
+        for name in [s for s in c.successors() if s not in draining]:
+            c.hold_candidacy(True)  # once it steps down, it never takes the lead back while draining
+            self._candidacy_held = True
+            t0 = loop.time()
+            try:
+                async with asyncio.timeout(timeout):
+                    async for _ in c.forward(name, {"kind": "control", "action": "campaign"}):
+                        pass
+            except Exception as e:  # an older node, or one going down: try the next
+                logger.info("could not hand the lead to %s: %s", name, e)
+                continue
+            while loop.time() - t0 < timeout:
+                status = c.status()
+                if status.get("role") != "leader" and status.get("leader_id"):
+                    logger.info("draining: leadership handed to %s in %.0f ms (term %s)",
+                                status["leader_id"], (loop.time() - t0) * 1000, status.get("term"))
+                    return str(status["leader_id"])
+                await asyncio.sleep(0.02)
+            logger.info("%s stood for election but this node still leads after %gs", name, timeout)
+        if self._candidacy_held:
+            c.hold_candidacy(False)  # nobody took over: stay a candidate so the cluster keeps a leader
+            self._candidacy_held = False
+        logger.warning("draining leader: no peer took over the lead; the others elect one when this node stops")
+        return None
 
     async def drain(self, stopping: bool = False) -> None:
         """Stop taking requests and let those under way finish: readiness 503
@@ -352,6 +406,7 @@ class Node:
         shed = d.shed_queue()
         logger.info("draining: %d request(s) under way, %d queued one(s) sent elsewhere; waiting up to %gs "
                     "(node.drain_timeout_s)", d.active, shed, timeout)
+        await self.hand_over_leadership()
         verb = "stopping" if stopping else "draining"
         while d.active > 0 and loop.time() < deadline and not self._hurry.is_set():
             self.notifier.status(f"{verb}: waiting for {d.active} request(s) under way, "

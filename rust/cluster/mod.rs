@@ -572,6 +572,31 @@ impl Cluster {
         }
     }
 
+    /// Voters that could lead next, by name: caught up with this leader's log
+    /// and connected (see `consensus::handover`); empty on a follower.
+    pub fn successors(&self) -> Vec<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let ms = self.lock_membership();
+        crate::consensus::handover::successors(&self.raft)
+            .into_iter()
+            .filter_map(|id| membership.get_node(&id).map(|n| n.name.clone()))
+            .filter(|name| ms.is_alive(name))
+            .collect()
+    }
+
+    /// Hold (or release) this node's candidacy while it drains.
+    pub fn hold_candidacy(&self, held: bool) {
+        crate::consensus::handover::hold_candidacy(&self.raft, held);
+    }
+
+    /// Stand for election now: a draining leader hands over to this node.
+    pub async fn campaign(&self) -> Result<(), ClusterError> {
+        crate::consensus::handover::campaign(&self.raft)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))
+    }
+
     /// Every node the cluster state knows, with liveness and latest advert.
     pub fn nodes(&self) -> Vec<NodeView> {
         let mut known = self.store.nodes();
@@ -652,7 +677,8 @@ impl Cluster {
             .connection(peer)
             .ok_or_else(|| ForwardError::Unavailable(format!("no connection to node '{peer}'")))?;
         self.counters.forwards_out.fetch_add(1, Ordering::Relaxed);
-        forward::open(&conn, request).await
+        let watch = forward::Watch::for_failure_timeout(self.cfg.failure_timeout);
+        forward::open(&conn, request, watch).await
     }
 
     /// Serve and store model blobs under `models_dir` (the store's root),

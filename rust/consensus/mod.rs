@@ -3,6 +3,7 @@
 //! - [`types`]: the Raft type configuration, node metadata and commands.
 //! - [`store`]: the log, vote and state machine, persisted together in one file
 //!   that is replaced atomically on every change.
+//! - [`handover`]: a draining leader hands leadership to a caught-up voter.
 //! - [`network`]: Raft RPCs over the QUIC mesh, behind the [`network::Rpc`]
 //!   trait so tests can run Raft over an in-memory network.
 //!
@@ -10,6 +11,7 @@
 //! rest learners) with each node's metadata (name, P2P and API addresses),
 //! and model tombstones (`Command::Tombstone`) so a delete reaches every node.
 
+pub mod handover;
 pub mod network;
 pub mod store;
 pub mod types;

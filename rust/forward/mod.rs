@@ -10,12 +10,22 @@
 //! Cancellation: a caller that drops its [`ForwardStream`] stops the stream
 //! (STOP_SENDING); the serving side sees `stopped()` resolve, marks the
 //! [`Reply`] cancelled, and the handler stops its work.
+//!
+//! A silent peer: the caller does not wait for the connection's idle timeout
+//! (the failure timeout) to learn that the serving node died. After
+//! [`Watch::quiet`] without a frame it probes the connection
+//! ([`transport::answers`]); a peer that answers nothing within
+//! [`Watch::probe`] ends this stream as unavailable, so the entry node
+//! migrates it at once. The peer is not marked down for that (a stream's
+//! verdict, not the cluster's): the idle timeout still decides membership.
+
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::transport::{codes, frame, write_frame, FrameReader, Kind, TransportError};
+use crate::transport::{self, codes, frame, write_frame, FrameReader, Kind, TransportError};
 
 /// Why a forwarded request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,18 +45,52 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// How a caller watches a silent serving node (see the module notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    /// Silence on the stream before the connection is probed.
+    pub quiet: Duration,
+    /// How long the probed peer has to show a sign of life.
+    pub probe: Duration,
+}
+
+impl Watch {
+    /// From the failure timeout (the idle timeout, with keep-alives at a
+    /// quarter of it). quiet: an eighth (250 ms at the default 2 s) is
+    /// several token gaps of any engine, and a probe costs one datagram, so
+    /// probing a slow but healthy stream is cheap. probe: half (1 s): a
+    /// peer's QUIC threads answer within its 25 ms ACK delay, so only a
+    /// process killed or frozen, or a peer starved of CPU for a whole second,
+    /// stays silent that long (time the prober itself was starved does not
+    /// count). A wrong verdict costs a migration (one of
+    /// scheduler.migration_limit), not the answer. Detection then takes at
+    /// most 1.25 s instead of the 2 s idle timeout.
+    pub fn for_failure_timeout(failure_timeout: Duration) -> Self {
+        Self {
+            quiet: failure_timeout / 8,
+            probe: failure_timeout / 2,
+        }
+    }
+}
+
 /// The caller's side of one forwarded request.
 pub struct ForwardStream {
     recv: FrameReader,
     done: bool,
+    conn: quinn::Connection,
+    watch: Watch,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ForwardError {
     ForwardError::Unavailable(e.to_string())
 }
 
-/// Send `request` on a new stream of `conn`.
-pub async fn open(conn: &quinn::Connection, request: &[u8]) -> Result<ForwardStream, ForwardError> {
+/// Send `request` on a new stream of `conn`, watched as `watch` says.
+pub async fn open(
+    conn: &quinn::Connection,
+    request: &[u8],
+    watch: Watch,
+) -> Result<ForwardStream, ForwardError> {
     if request.len() > frame::MAX_PAYLOAD {
         return Err(ForwardError::Remote {
             status: 413,
@@ -65,7 +109,16 @@ pub async fn open(conn: &quinn::Connection, request: &[u8]) -> Result<ForwardStr
     Ok(ForwardStream {
         recv: FrameReader::new(recv),
         done: false,
+        conn: conn.clone(),
+        watch,
     })
+}
+
+/// What came first while a silent stream's peer was probed.
+enum Probed {
+    Frame(Result<Option<transport::Frame>, TransportError>),
+    Alive,
+    Silent,
 }
 
 impl ForwardStream {
@@ -75,7 +128,7 @@ impl ForwardStream {
         if self.done {
             return Ok(false);
         }
-        let first = self.recv.next().await.map_err(|e| self.broken(e))?;
+        let first = self.next_watched().await?;
         let mut next = first;
         loop {
             match next {
@@ -112,6 +165,36 @@ impl ForwardStream {
             match self.recv.buffered().map_err(|e| self.broken(e))? {
                 Some(f) => next = Some(f),
                 None => return Ok(true),
+            }
+        }
+    }
+
+    /// The next frame; a peer silent for `watch.quiet` is probed, and one
+    /// that answers nothing within `watch.probe` ends the stream. Reading is
+    /// cancel-safe, so the timers lose nothing.
+    async fn next_watched(&mut self) -> Result<Option<transport::Frame>, ForwardError> {
+        loop {
+            if let Ok(r) = tokio::time::timeout(self.watch.quiet, self.recv.next()).await {
+                return r.map_err(|e| self.broken(e));
+            }
+            let conn = self.conn.clone();
+            let probed = tokio::select! {
+                biased;
+                r = self.recv.next() => Probed::Frame(r),
+                alive = transport::answers(&conn, self.watch.probe) => {
+                    if alive { Probed::Alive } else { Probed::Silent }
+                }
+            };
+            match probed {
+                Probed::Frame(r) => return r.map_err(|e| self.broken(e)),
+                Probed::Alive => continue,
+                Probed::Silent => {
+                    self.done = true;
+                    let ms = (self.watch.quiet + self.watch.probe).as_millis();
+                    return Err(ForwardError::Unavailable(format!(
+                        "peer silent for {ms} ms: it answered no probe (killed or frozen)"
+                    )));
+                }
             }
         }
     }

@@ -96,6 +96,43 @@ pub fn transport_config(failure_timeout: Duration) -> Arc<quinn::TransportConfig
     Arc::new(t)
 }
 
+/// How often [`answers`] looks for a packet from the peer: a loopback or LAN
+/// round trip plus the peer's ACK delay (25 ms) is a few of these.
+const PROBE_POLL: Duration = Duration::from_millis(5);
+
+/// Whether the peer on `conn` shows a sign of life within `within`: one
+/// datagram goes out (ack-eliciting, so the peer's QUIC stack must answer
+/// within its ACK delay, whatever its application is doing) and any packet
+/// from the peer counts. A killed or frozen process answers nothing; a busy
+/// one still runs its QUIC threads. When the peer takes no datagrams there is
+/// no verdict (true): the idle timeout decides, as before.
+pub async fn answers(conn: &quinn::Connection, within: Duration) -> bool {
+    let before = conn.stats().udp_rx.datagrams;
+    match conn.send_datagram(Bytes::from_static(&[0])) {
+        Ok(()) => {}
+        Err(quinn::SendDatagramError::ConnectionLost(_)) => return false,
+        Err(_) => return true,
+    }
+    let mut deadline = tokio::time::Instant::now() + within;
+    loop {
+        let slept = tokio::time::Instant::now();
+        tokio::time::sleep(PROBE_POLL).await;
+        // A wake-up far later than asked means this node was starved (a busy
+        // CPU): packets may wait unread in the socket meanwhile, and that time
+        // is not the peer's silence, so the window moves on by as much.
+        deadline += slept.elapsed().saturating_sub(PROBE_POLL * 4);
+        if conn.stats().udp_rx.datagrams > before {
+            return true;
+        }
+        if conn.close_reason().is_some() {
+            return false;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
 /// The largest UDP payload a node accepts and searches for (see
 /// `transport_config`).
 pub const MAX_UDP_PAYLOAD: u16 = 65_527;

@@ -129,3 +129,37 @@ def test_cluster_drain_and_undrain_a_peer_from_any_node(tmp_path: Path) -> None:
         assert out.returncode != 0 and "no node 'no-such-node'" in out.stderr + out.stdout, out
     finally:
         stop_all(nodes)
+
+
+def test_a_draining_leader_hands_over_before_it_stops(tmp_path: Path) -> None:
+    nodes = start_cluster(tmp_path, MOCK)
+    try:
+        a_id = status(nodes["a"])["node_id"]
+        assert status(nodes["a"])["role"] == "leader", "a started the cluster: it leads"
+        term0 = status(nodes["a"])["term"]
+        step("`cluster drain` of the leader, the process kept: it hands the lead over")
+        out = cli("cluster", "drain", "--api", nodes["a"].url, "--json")
+        assert out.returncode == 0, out.stderr
+        took = until("b or c leads, seen by every node", 5, lambda: all(
+            status(n)["leader_id"] not in (None, a_id) for n in nodes.values()))
+        new = status(nodes["b"])["leader_id"]
+        print(f"the lead moved to {new} {took:.2f} s after the drain began")
+        assert status(nodes["a"])["role"] == "follower" and status(nodes["b"])["term"] > term0
+        assert "leadership handed to" in nodes["a"].log()
+        time.sleep(2.5)  # more than an election timeout: the held candidacy keeps a from taking it back
+        assert all(status(n)["leader_id"] == new for n in nodes.values())
+        step("undrain: a takes requests again and may stand for election again, as a follower")
+        out = cli("cluster", "undrain", "--api", nodes["a"].url)
+        assert out.returncode == 0, out
+        until("a is ready again", 10, lambda: ready(nodes["a"]) == 200)
+        assert status(nodes["a"])["role"] == "follower" and not status(nodes["a"])["degraded"]
+        step("SIGTERM of the new leader: it hands over too, then exits cleanly")
+        name = next(k for k, n in nodes.items() if status(n)["node_id"] == new)
+        nodes[name].proc.send_signal(signal.SIGTERM)
+        assert nodes[name].proc.wait(45) == 0
+        assert "leadership handed to" in nodes[name].log()
+        rest = [n for k, n in nodes.items() if k != name]
+        until("the others agree on a leader among them", 5, lambda: all(
+            status(n)["leader_id"] not in (None, new) for n in rest))
+    finally:
+        stop_all(nodes)

@@ -50,6 +50,7 @@ async def status(request: web.Request) -> web.Response:
         "node_id": node.node_id,
         "role": cluster["role"],
         "leader_id": cluster.get("leader_id"),
+        "term": cluster.get("term", 0),
         "degraded": cluster.get("degraded", False),
         "cluster_size": len(nodes),
         "data_dir": str(node.data_dir),

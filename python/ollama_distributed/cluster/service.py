@@ -178,6 +178,23 @@ class ClusterService:
                                 "on it), then remove it")
         await self._core.remove_member(node_id)
 
+    # ---- leadership handover (rust/consensus/handover.rs) ----------------------
+
+    def successors(self) -> list[str]:
+        """Voters that could lead after this leader: caught up and connected;
+        empty when this node is not the leader."""
+        names: list[str] = self._core.successors()
+        return names
+
+    def hold_candidacy(self, held: bool) -> None:
+        """While held, this node never stands for election (a draining leader
+        does not take back the lead it handed over)."""
+        self._core.hold_candidacy(held)
+
+    async def campaign(self) -> None:
+        """Stand for election now: a draining leader hands over to this node."""
+        await self._core.campaign()
+
     def catalog_text(self) -> str:
         """The catalogue as the core's JSON text, undecoded: a reader that
         polls it compares the text and decodes only when it changed."""

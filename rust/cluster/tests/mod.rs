@@ -7,6 +7,7 @@ use super::*;
 
 mod ca_key;
 mod forwarding;
+mod handover;
 mod membership;
 mod replication;
 mod security;
