@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.conftest import CLI, NodeProc, start_node
@@ -118,6 +120,26 @@ def test_split_model_answers_as_the_local_one(rpc_node: NodeProc) -> None:
     assert local["text"].strip(), local
     assert split["text"] == local["text"]
     assert "Accepted client connection" in rpc_node.log()
+
+
+def test_rpc_server_restarts_and_dies_with_the_node(tmp_path: Path) -> None:
+    """A killed server comes back; a node killed with -9 leaves no server behind."""
+    n = start_node(tmp_path, "--engine", "mock", env={"OLLAMA_DISTRIBUTED_ENGINE_RPC_SERVER": "true"})
+    try:
+        first = until("the RPC server", 90, lambda: rpc_service(n)["ready"] and rpc_service(n))
+        print("=== kill -9 the RPC server", flush=True)
+        os.kill(first["pid"], signal.SIGKILL)
+        again = until("the RPC server again", 90,
+                      lambda: (s := rpc_service(n))["ready"] and s["pid"] != first["pid"] and s)
+        assert again["restarts"] == 1
+        assert n.get("/health")["status"] == "healthy"  # type: ignore[index]
+        print("=== kill -9 the node", flush=True)
+        n.proc.kill()
+        n.proc.wait(10)
+        until("the RPC server to die with the node", 30, lambda: not psutil.pid_exists(again["pid"])
+              or psutil.Process(again["pid"]).status() == psutil.STATUS_ZOMBIE)
+    finally:
+        n.stop()
 
 
 # ---- another network namespace cannot reach it --------------------------------
