@@ -47,9 +47,10 @@ def test_advert_rpc_fields_are_checked() -> None:
     assert (ok["rpc_ready"], ok["rpc_memory_mib"]) == (True, 2048)
     # memory offered by a server that is not ready is no memory
     assert advert.check({"rpc_ready": False, "rpc_memory_mib": 2048})["rpc_memory_mib"] == 0
-    # an advert from an older node has neither field
-    old = advert.check({})
-    assert (old["rpc_ready"], old["rpc_memory_mib"]) == (False, 0)
+    # an advert from an older node has neither field, and gets none
+    assert advert.check({"in_flight": 1}) == {"in_flight": 1, "queue_depth": 0, "max_queue": 0,
+                                              "max_loaded_models": 0, "models": [], "loaded": [],
+                                              "busy": [], "resources": {}}
     for bad, field in (({"rpc_ready": "yes"}, "rpc_ready"), ({"rpc_memory_mib": -5}, "rpc_memory_mib"),
                        ({"rpc_memory_mib": True}, "rpc_memory_mib"), ({"rpc_memory_mib": 2**62}, "rpc_memory_mib"),
                        ({"rpc_memory_mib": "1024"}, "rpc_memory_mib")):

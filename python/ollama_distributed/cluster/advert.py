@@ -96,8 +96,8 @@ def check(adv: Any) -> dict[str, Any]:
     mib = adv.get("rpc_memory_mib", 0)
     if isinstance(mib, bool) or not isinstance(mib, int) or not 0 <= mib <= MAX_MIB:
         raise BadAdvert("rpc_memory_mib", "expected an integer of MiB >= 0")
-    out["rpc_ready"] = bool(adv.get("rpc_ready", False))
-    out["rpc_memory_mib"] = mib if out["rpc_ready"] else 0
+    if "rpc_memory_mib" in adv and not adv.get("rpc_ready", False):
+        out["rpc_memory_mib"] = 0  # memory behind a server that is not serving is no memory
     labels = adv.get("labels", {})
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                for k, v in labels.items()):
