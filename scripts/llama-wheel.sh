@@ -13,7 +13,9 @@
 #                    model (engines/rpc.py) and loads models across RPC parts.
 #   LLAVA_BUILD=OFF  llama-cpp-python's multimodal library (mtmd): never loaded
 #                    here (llama_cpp imports it lazily, only for vision chat
-#                    handlers), and a large part of the cold build.
+#                    handlers); 49 of the 178 compile units of a cold build.
+#   (llama.cpp's common library is still compiled, unused: llama-cpp-python's
+#   CMakeLists forces LLAMA_BUILD_COMMON on.)
 #   LLAMA_BUILD_{TESTS,TOOLS,EXAMPLES,SERVER}=OFF: off already when llama.cpp
 #                    is a subdirectory, said here so that stays true.
 # usage: llama-wheel.sh VERSION WHEEL_CACHE [PYTHON]
@@ -27,7 +29,7 @@ dir="$wheels/$version-$key"
 mkdir -p "$dir"
 if ! ls "$dir"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $version with $LLAMA_CMAKE_ARGS" >&2
-  echo "(about 5 minutes on 2 idle cores; cached in $dir)" >&2
+  echo "(129 compile units, 11 CPU-minutes; cached in $dir)" >&2
   # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by
   # CMAKE_ARGS, and would hand back a wheel built with other flags.
   tmp=$(mktemp -d "$dir/.build-XXXXXX")
