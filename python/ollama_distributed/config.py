@@ -126,6 +126,14 @@ class EngineSection:
     # mock engine only: end a stream with an engine error after this many
     # tokens (0: never), to test mid-stream migration; a continuation never fails
     mock_fail_after_tokens: int = 0
+    # Serve this machine's CPU backend over llama.cpp's ggml RPC (engines/rpc.py),
+    # for a model split across nodes (issue 16). The server binds 127.0.0.1
+    # only, by design: it authenticates nobody.
+    rpc_server: bool = False
+    rpc_port: int = 0  # 0: a free loopback port, chosen at each start
+    # Memory offered to split models, advertised to the cluster; 0: the
+    # machine's available memory at each advert.
+    rpc_memory_mib: int = 0
 
 
 @dataclass
@@ -372,6 +380,11 @@ def _validate(cfg: Config) -> None:
     for key in ("retries", "migration_limit"):
         if getattr(cfg.scheduler, key) < 0:
             raise ConfigError(f"{where}: scheduler.{key}: expected an integer >= 0")
+    if not 0 <= cfg.engine.rpc_port <= 65535:
+        raise ConfigError(f"{where}: engine.rpc_port: expected a port 0-65535 (0: any free one), "
+                          f"got {cfg.engine.rpc_port}")
+    if cfg.engine.rpc_memory_mib < 0:
+        raise ConfigError(f"{where}: engine.rpc_memory_mib: expected an integer >= 0 (0: the memory available)")
     if cfg.engine.max_queue < 0:
         raise ConfigError(f"{where}: engine.max_queue: expected an integer >= 0")
     if cfg.engine.prompt_cache_mib < 0:

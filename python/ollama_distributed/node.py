@@ -110,6 +110,12 @@ class Node:
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()
         self.supervisor = Supervisor()
+        # ggml RPC server offering this machine's CPU to split models (engines/rpc.py)
+        self.rpc: Any = None
+        if cfg.engine.rpc_server:
+            from .engines.rpc import RpcServer
+
+            self.rpc = RpcServer(cfg.engine)
         self._adverts: dict[str, tuple[float, dict[str, Any] | None]] = {}  # peer -> (advert_at, checked)
         self.keys = KeyRing(self.data_dir)  # API keys: a local file until the cluster core runs
         self.http_ports: list[int] = []  # the API and web ports as bound: their origins are this node's
@@ -140,6 +146,8 @@ class Node:
         await asyncio.to_thread(self.store.ensure)
         if self.engine.uses_store and self.cfg.models.default:  # "" means no bundled model
             await asyncio.to_thread(catalog.register_default, self.store, self.cfg.models.default)
+        if self.rpc is not None:
+            self.rpc.check()  # a wheel without libggml-rpc is a config error, said at start
         await self.engine.start()
         reaper = getattr(self.engine, "reaper", None)
         if reaper is not None:
@@ -159,6 +167,8 @@ class Node:
         if self.cluster is not None:
             await self.keys.attach(self.cluster)
         self.supervisor.watch("keys", self.keys.run())
+        if self.rpc is not None:
+            self.supervisor.watch("rpc-server", self.rpc.run())
         if not is_loopback_host(self.cfg.api.host) and not (self.cfg.api.auth_tokens or self.keys.active):
             logger.warning("the API listens on %s without API keys: anyone who can reach it can use it; "
                            "create an admin key (`ollama-distributed keys create admin --role admin`) "
@@ -511,6 +521,8 @@ class Node:
             "busy": [m for m in loaded if not d.is_idle(m)],
             **(self.replicator.advert_fields() if self.replicator is not None else {}),
             **self.keys.advert_fields(),
+            # the memory this node offers to split models over its RPC server
+            **(self.rpc.advert_fields() if self.rpc is not None else {"rpc_ready": False, "rpc_memory_mib": 0}),
         }
 
     def _refresh_local_node(self) -> None:
@@ -604,6 +616,7 @@ class Node:
             "resources": me["resources"], "in_flight": me["in_flight"],
             "queue_depth": me["queue_depth"], "last_seen": time.time(), "local": True,
             "version": __version__, "draining": self.draining,
+            "rpc": {"ready": me["rpc_ready"], "memory_mib": me["rpc_memory_mib"]},
         }
         out = [local]
         if self.cluster is not None:
@@ -623,6 +636,7 @@ class Node:
                     "resources": adv.get("resources", {}), "in_flight": adv.get("in_flight", 0),
                     "queue_depth": adv.get("queue_depth", 0), "last_seen": n.get("last_seen"),
                     "local": False, "version": adv.get("version"), "draining": bool(adv.get("draining")),
+                    "rpc": {"ready": bool(adv.get("rpc_ready")), "memory_mib": adv.get("rpc_memory_mib", 0)},
                 })
         return out
 
@@ -703,7 +717,9 @@ class Node:
         if self.cluster is not None:
             p2p = {"url": f"quic://{self.cfg.p2p.host}:{self.cfg.p2p.port}", "port": self.cfg.p2p.port,
                    "protocol": "udp", "connections": self.cluster_status().get("peers_connected", 0)}
-        return {"api": tcp(self.api_url), "web": tcp(self.web_url), "p2p": p2p}
+        # the ggml RPC server: on 127.0.0.1 only, reached by peers only through the cluster
+        rpc = self.rpc.status() if self.rpc is not None else None
+        return {"api": tcp(self.api_url), "web": tcp(self.web_url), "p2p": p2p, "rpc": rpc}
 
     def health(self) -> dict[str, Any]:
         from .api.common import now_iso

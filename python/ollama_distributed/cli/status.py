@@ -19,7 +19,8 @@ answered, or what answered is not an ollama-distributed node).
                      memory_percent, disk_used_bytes, disk_total_bytes, disk_percent}
     models          [{name, size, loaded, requests}]
     nodes           [{id, status, role, address, local}]
-    services        {api|web|p2p: {url, port, protocol, connections} or null}
+    services        {api|web|p2p: {url, port, protocol, connections} or null,
+                     rpc: {enabled, ready, address, memory_mib, restarts, pid} or null}
 
 With `--watch --json` one such object is printed per line (NDJSON).
 """
@@ -207,6 +208,11 @@ def render(data: dict[str, Any], color: bool) -> str:
                              f"{s['connections']} connection(s)")
             else:
                 lines.append(f"   {label}: not running")
+        rpc = (data.get("services") or {}).get("rpc")
+        if isinstance(rpc, dict):  # only when engine.rpc_server is on
+            state = "serving" if rpc.get("ready") else "not serving yet"
+            lines.append(f"   RPC: {state} on {rpc.get('address')} (loopback only), "
+                         f"{rpc.get('memory_mib')} MiB offered")
     lines += ["", "📊 Quick Summary", RULE]
     if status == "healthy":
         lines += ["✅ All systems operational", "🚀 Ready to serve AI models"]

@@ -18,6 +18,7 @@ from ..models import names
 MAX_COUNT = 1_000_000
 MAX_MODELS = 10_000
 MAX_TEXT = 1024
+MAX_MIB = 2**40  # a memory size in MiB: an exbibyte, far above any machine
 
 
 class BadAdvert(ValueError):
@@ -90,6 +91,13 @@ def check(adv: Any) -> dict[str, Any]:
     out["resources"] = clean
     if not isinstance(adv.get("draining", False), bool):
         raise BadAdvert("draining", "expected true or false")
+    if not isinstance(adv.get("rpc_ready", False), bool):
+        raise BadAdvert("rpc_ready", "expected true or false")
+    mib = adv.get("rpc_memory_mib", 0)
+    if isinstance(mib, bool) or not isinstance(mib, int) or not 0 <= mib <= MAX_MIB:
+        raise BadAdvert("rpc_memory_mib", "expected an integer of MiB >= 0")
+    if "rpc_memory_mib" in adv and not adv.get("rpc_ready", False):
+        out["rpc_memory_mib"] = 0  # memory behind a server that is not serving is no memory
     labels = adv.get("labels", {})
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                for k, v in labels.items()):
