@@ -24,6 +24,7 @@ from . import _core
 from .config import Config
 from .duration import parse_keep_alive
 from .engines.base import CancelToken, Engine, InferenceRequest
+from .engines.prefix import PromptAliases, routing_text
 from .errors import (
     BadRequestError,
     DrainingError,
@@ -117,6 +118,7 @@ class Dispatcher:
         self.metrics = metrics
         self.scheduler = _core.Scheduler(node_id, cfg.engine.num_parallel, cfg.engine.max_queue,
                                          cfg.scheduler.stale_after_ms)
+        self.scheduler.set_policy(cfg.scheduler.policy)
         self.remote: Remote | None = None
         self._upstream_names: list[str] = []
         self._tickets = itertools.count(1)
@@ -135,9 +137,11 @@ class Dispatcher:
         self.active = 0  # generate/chat/embed requests under way here, as the entry or for a peer
         self._waiting: dict[int, str] = {}  # ticket -> slot key, of requests queued for a slot
         self._cuts: set[Cut] = set()  # local generations running now
+        self.aliases = PromptAliases()  # for the advert's warm prefixes (Node.prefix_hashes)
         metrics.bind(queue_depth=self.scheduler.queue_depth,
                      in_flight=self.scheduler.total_in_flight,
                      models_loaded=lambda: len(self.engine.loaded()))
+        metrics.bind_routing(self.scheduler.routing_decisions)
 
     # ---- configuration ---------------------------------------------------------
 
@@ -146,6 +150,8 @@ class Dispatcher:
         self.cfg = cfg
         self.scheduler.configure(cfg.engine.num_parallel, cfg.engine.max_queue,
                                  cfg.scheduler.stale_after_ms)
+        if cfg.scheduler.policy != self.scheduler.policy:
+            self.scheduler.set_policy(cfg.scheduler.policy)
         self.engine.configure(cfg.engine.num_parallel, cfg.engine.max_loaded_models)
 
     # ---- models ----------------------------------------------------------------
@@ -470,8 +476,9 @@ class Dispatcher:
         tried: list[str] = []
         last: OllamaDistributedError | None = None
         force: str | None = None
+        prompt = routing_text(req, record)  # the prefix a warm node skips evaluating
         while True:
-            node = force or self._next_holder(req.model, tried, last, revisit=progress.sent)
+            node = force or self._next_holder(req.model, tried, last, revisit=progress.sent, prompt=prompt)
             force = None
             if node is None:
                 assert last is not None
@@ -519,14 +526,15 @@ class Dispatcher:
             return False
 
     def _next_holder(self, model: str, tried: list[str], last: OllamaDistributedError | None,
-                     revisit: bool = False) -> str | None:
+                     revisit: bool = False, prompt: str | None = None) -> str | None:
         """The best holder not tried yet for this request, else, for a
         migration (`revisit`: two holders, a transient failure on each), the
         best but the one that just failed; None when none is left. The first choice raises the scheduler's own
-        error (404, 503)."""
+        error (404, 503). `prompt` (engines/prefix.py) ranks nodes with more
+        of it warm first under scheduler.policy prefix_aware."""
         self.update_local()
         try:
-            order = self.scheduler.route(model, int(time.time() * 1000))
+            order = self.scheduler.route(model, int(time.time() * 1000), prompt)
         except OllamaDistributedError:
             if last is None:
                 raise
@@ -592,6 +600,7 @@ class Dispatcher:
                 raise EngineError(f"the {self.engine.kind} engine cannot resume a stream another node began")
             resumed = len(req.continuation)
         slot = await self._acquire(req.model)
+        self.aliases.note(req, record)
         cancel = CancelToken()
         cut = Cut()
         self._cuts.add(cut)

@@ -226,16 +226,31 @@ impl PrefixIndex {
     }
 
     /// How many of `chain`'s leading blocks each node has. Walks the chain
-    /// until no node has the next block.
+    /// while some node has every block so far, narrowing the set of such
+    /// nodes; along a shared prefix the set rarely changes, so a step is one
+    /// lookup and one comparison of a short list.
     pub fn matches(&self, chain: &[u64]) -> Matches<'_> {
         let mut by_slot: FxHashMap<u32, u32> = FxHashMap::default();
+        let mut current: Vec<u32> = Vec::new();
         for (i, h) in chain.iter().enumerate() {
-            let Some(owners) = self.owners.get(h) else {
-                break;
-            };
-            for &s in owners {
-                by_slot.insert(s, i as u32 + 1);
+            let owners = self.owners.get(h).map_or(&[][..], Vec::as_slice);
+            if i == 0 {
+                current.extend_from_slice(owners);
+            } else if owners != current.as_slice() {
+                current.retain(|s| {
+                    let kept = owners.contains(s);
+                    if !kept {
+                        by_slot.insert(*s, i as u32);
+                    }
+                    kept
+                });
             }
+            if current.is_empty() {
+                break;
+            }
+        }
+        for s in current {
+            by_slot.insert(s, chain.len() as u32);
         }
         Matches {
             index: self,
@@ -268,15 +283,19 @@ pub struct Matches<'a> {
 impl Matches<'_> {
     /// Blocks of the request's prefix node `id` has (0: none, or unknown).
     pub fn get(&self, id: &str) -> u32 {
-        if self.by_slot.is_empty() {
-            return 0;
-        }
-        self.index
-            .slots
-            .get(id)
-            .and_then(|s| self.by_slot.get(s))
-            .copied()
-            .unwrap_or(0)
+        self.get_with_size(id).0
+    }
+
+    /// (blocks of the request's prefix node `id` has, blocks it has in all),
+    /// in one lookup of the node.
+    pub fn get_with_size(&self, id: &str) -> (u32, u32) {
+        let Some(&s) = self.index.slots.get(id) else {
+            return (0, 0);
+        };
+        let size = self.index.nodes[s as usize]
+            .as_ref()
+            .map_or(0, |n| n.blocks.len() as u32);
+        (self.by_slot.get(&s).copied().unwrap_or(0), size)
     }
 
     /// No node has any of it.

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use super::policy::{Candidate, Policy, PrefixAware};
 use super::prefix::{chain, PrefixIndex};
@@ -73,6 +73,12 @@ pub struct Decisions {
     pub spread: u64,
 }
 
+/// Node ids [`Router::route_prompt`] returns at most: a request is tried on
+/// at most `1 + scheduler.retries + scheduler.migration_limit` nodes (6 by
+/// default), and turning a 1,000-node cluster's whole order into strings
+/// (and Python objects) cost more than the decision.
+pub const ROUTE_PROMPT_MAX: usize = 16;
+
 /// The last routed request's prefix, until [`Router::dispatched`] says where
 /// it went.
 struct Pending {
@@ -90,6 +96,8 @@ pub struct Router {
     /// model -> ids of the nodes that hold it, so a decision looks at the
     /// holders only instead of scanning every node's model list (100 nodes ×
     /// 20 models took ~8 µs a decision that way; this keeps it under 5 µs).
+    /// FxHash, not SipHash: the keys are ids and names from our own adverts,
+    /// and with 1,000 candidates the lookups were half of a decision.
     holders: HashMap<String, Vec<String>>,
     policy: Box<dyn Policy>,
     prefixes: PrefixIndex,
@@ -103,8 +111,8 @@ impl Router {
         Self {
             local: local.into(),
             stale_after_ms,
-            nodes: HashMap::new(),
-            holders: HashMap::new(),
+            nodes: HashMap::default(),
+            holders: HashMap::default(),
             policy: Box::new(PrefixAware),
             prefixes: PrefixIndex::default(),
             pending: None,
@@ -276,8 +284,9 @@ impl Router {
 
     /// As [`Router::route`], for a request whose prompt is `prompt` (the
     /// rendered prompt, or the canonical message list): nodes that have more
-    /// of it warm rank higher under `prefix_aware`. The next
-    /// [`Router::dispatched`] records where it went.
+    /// of it warm rank higher under `prefix_aware`. The best
+    /// [`ROUTE_PROMPT_MAX`] only. The next [`Router::dispatched`] records
+    /// where it went.
     pub fn route_prompt(
         &mut self,
         model: &str,
@@ -290,10 +299,13 @@ impl Router {
             let matches = self.prefixes.matches(&chain);
             let candidates: Vec<Candidate> = open
                 .into_iter()
-                .map(|node| Candidate {
-                    matched: matches.get(&node.id),
-                    cached: self.prefixes.len(&node.id) as u32,
-                    node,
+                .map(|node| {
+                    let (matched, cached) = matches.get_with_size(&node.id);
+                    Candidate {
+                        node,
+                        matched,
+                        cached,
+                    }
                 })
                 .collect();
             let best = candidates.iter().map(|c| c.matched).max().unwrap_or(0);
@@ -302,6 +314,7 @@ impl Router {
                 .policy
                 .rank(model, candidates, &self.local)
                 .into_iter()
+                .take(ROUTE_PROMPT_MAX)
                 .map(|c| c.node.id.clone())
                 .collect();
             (order, best, worst)
