@@ -128,12 +128,13 @@ impl Policy for RoundRobin {
 }
 
 /// The longest warm prefix wins, within a bounded load (consistent hashing
-/// with bounded loads, CHWBL): a node may take the request only while its load
-/// (running + queued) stays within `ceil(LOAD_FACTOR × (total + 1) / nodes)`,
-/// the request counted. Nodes over the bound come after every node within it,
-/// so a hot prefix whose node is full spreads to the next best node (which
-/// then has it warm too). Then, as [`LeastLoaded`]: loaded first, loadable
-/// without evicting a busy model, fewest in flight; then least cached, local.
+/// with bounded loads, CHWBL): a node may take the request only while its
+/// load (running + queued) with it stays within `ceil(LOAD_FACTOR ×` the mean
+/// load with it`)`, `(total + 1) / nodes`. Nodes over
+/// the bound come after every node within it, so a hot prefix whose node is
+/// busy spreads to the next best node (which then has it warm too). Then, as
+/// [`LeastLoaded`]: loaded first, loadable without evicting a busy model,
+/// fewest in flight; then least cached, local.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PrefixAware;
 
@@ -141,16 +142,12 @@ pub struct PrefixAware;
 /// max/mean in flight ≤ 1.25). SGLang's abs/rel pair (64 requests, ×1.5) is
 /// sized for GPU batches of hundreds; a CPU node runs one to four at a time,
 /// so an absolute threshold of 64 would never trigger, while 1.25 of the mean
-/// already moves the second concurrent request of a hot prefix off a busy
-/// node when another is idle.
+/// moves a hot prefix's third concurrent request off its node while another
+/// is idle. The bound is rounded up as CHWBL does: without the rounding, the
+/// few requests a CPU cluster runs at once left no room for affinity at all
+/// (3 in flight over 3 nodes had to be one per node, whatever was warm, and
+/// the simulated hit rate fell to that of round robin).
 pub const LOAD_FACTOR: f64 = 1.25;
-
-/// The highest load a node may have and still take one more request.
-pub fn load_bound(candidates: &[Candidate<'_>]) -> u32 {
-    let n = candidates.len().max(1) as f64;
-    let total: u32 = candidates.iter().map(|c| load(c.node)).sum();
-    (LOAD_FACTOR * (total as f64 + 1.0) / n).ceil() as u32
-}
 
 impl Policy for PrefixAware {
     fn rank<'a>(
@@ -159,7 +156,9 @@ impl Policy for PrefixAware {
         mut candidates: Vec<Candidate<'a>>,
         local: &str,
     ) -> Vec<Candidate<'a>> {
-        let bound = load_bound(&candidates);
+        let n = candidates.len().max(1) as f64;
+        let total: u32 = candidates.iter().map(|c| load(c.node)).sum();
+        let bound = (LOAD_FACTOR * (total as f64 + 1.0) / n).ceil() as u32;
         candidates.sort_by_cached_key(|c| {
             let n = c.node;
             (

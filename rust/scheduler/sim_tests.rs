@@ -107,14 +107,19 @@ fn a_saturated_hot_prefix_spreads_to_a_second_node_and_is_counted() {
 
 /// A closed loop of `concurrency` clients over `nodes` nodes: each step one
 /// random running request ends and a new one starts. Returns (hit rate
-/// against the oracle, max in flight over mean in flight, sampled each step).
+/// against the oracle, the busiest node's mean in flight over all nodes'
+/// mean, as the benchmark measures it).
 fn closed_loop(policy: &str, nodes: usize, concurrency: usize, hot_half: bool) -> (f64, f64) {
     let mut r = cluster(nodes, policy);
+    // each node's index stands for its engine's cache here: room for about
+    // five tenants' prompts, so a policy that sends every tenant everywhere
+    // thrashes as a real prompt cache would
+    r.set_prefix_capacity(330);
     let mut rng = StdRng::seed_from_u64(11);
     let mut running: Vec<String> = Vec::new();
     let mut seen = vec![false; 12];
     let (mut hits, mut oracle) = (0u64, 0u64);
-    let mut worst_ratio: f64 = 0.0;
+    let mut sum_loads = vec![0.0f64; nodes];
     for q in 0..4_000 {
         if running.len() == concurrency {
             let k = rng.gen_range(0..running.len());
@@ -139,34 +144,35 @@ fn closed_loop(policy: &str, nodes: usize, concurrency: usize, hot_half: bool) -
         seen[t] = true;
         r.dispatched(&id);
         running.push(id);
-        if q > 100 && running.len() == concurrency {
-            let loads: Vec<f64> = (0..nodes)
-                .map(|i| running.iter().filter(|x| **x == format!("n{i}")).count() as f64)
-                .collect();
-            let mean = loads.iter().sum::<f64>() / nodes as f64;
-            let max = loads.iter().cloned().fold(0.0, f64::max);
-            worst_ratio = worst_ratio.max(max / mean);
+        if q > 100 {
+            for (i, s) in sum_loads.iter_mut().enumerate() {
+                *s += running.iter().filter(|x| **x == format!("n{i}")).count() as f64;
+            }
         }
     }
-    (hits as f64 / oracle as f64, worst_ratio)
+    let mean = sum_loads.iter().sum::<f64>() / nodes as f64;
+    let max = sum_loads.iter().cloned().fold(0.0, f64::max);
+    (hits as f64 / oracle as f64, max / mean)
 }
 
 #[test]
 fn under_load_prefix_aware_hits_near_the_oracle_within_the_load_bound() {
-    let (hit, ratio) = closed_loop("prefix_aware", 3, 6, false);
-    assert!(hit >= 0.9, "hit rate {hit}");
-    // CHWBL's bound with 6 in flight over 3 nodes: at most ceil(1.25 × 6/3) = 3
-    assert!(ratio <= 1.5 + 1e-9, "max/mean {ratio}");
-    let (rr_hit, _) = closed_loop("round_robin", 3, 6, false);
-    assert!(rr_hit < hit, "round robin {rr_hit} vs prefix {hit}");
+    for concurrency in [3, 6] {
+        let (hit, ratio) = closed_loop("prefix_aware", 3, concurrency, false);
+        assert!(hit >= 0.9, "hit rate {hit} at {concurrency}");
+        assert!(ratio <= 1.25, "max/mean {ratio} at {concurrency}");
+        for other in ["round_robin", "least_loaded"] {
+            let (h, _) = closed_loop(other, 3, concurrency, false);
+            assert!(h < hit - 0.15, "{other} {h} vs prefix_aware {hit}");
+        }
+    }
 }
 
 #[test]
 fn one_tenant_sending_half_the_traffic_keeps_max_over_mean_in_bound() {
     let (hit, ratio) = closed_loop("prefix_aware", 3, 12, true);
-    // ceil(1.25 × 12/3) = 5 of a mean of 4
-    assert!(ratio <= 1.25 + 1e-9, "max/mean {ratio}");
-    assert!(hit >= 0.8, "hit rate {hit}");
+    assert!(ratio <= 1.25, "max/mean {ratio}");
+    assert!(hit >= 0.9, "hit rate {hit}");
 }
 
 #[test]
