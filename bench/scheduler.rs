@@ -71,12 +71,9 @@ fn models_only() {
 /// chains overlap as real traffic does.
 fn prompt(p: usize, question: usize) -> String {
     let family = p / 10;
-    format!(
-        "{}{}{}",
-        format!("system prompt of family {family}. ").repeat(60),
-        format!("document {p} body. ").repeat(100),
-        format!(" question {question}")
-    )
+    let system = format!("system prompt of family {family}. ").repeat(60);
+    let body = format!("document {p} body. ").repeat(100);
+    format!("{system}{body} question {question}")
 }
 
 fn with_prefixes(nodes: usize, prefixes: usize, calls: usize, target: f64) {

@@ -117,7 +117,7 @@ fn closed_loop(policy: &str, nodes: usize, concurrency: usize, hot_half: bool) -
     r.set_prefix_capacity(330);
     let mut rng = StdRng::seed_from_u64(11);
     let mut running: Vec<String> = Vec::new();
-    let mut seen = vec![false; 12];
+    let mut seen = [false; 12];
     let (mut hits, mut oracle) = (0u64, 0u64);
     let mut sum_loads = vec![0.0f64; nodes];
     for q in 0..4_000 {
@@ -251,10 +251,7 @@ fn eviction_bounds_the_index_and_forgotten_tenants_route_by_load() {
 fn nodes_joining_and_dying_under_random_churn_never_route_to_a_dead_node() {
     let mut r = cluster(5, "prefix_aware");
     let mut rng = StdRng::seed_from_u64(42);
-    let mut alive = [true; 8];
-    for i in 5..8 {
-        alive[i] = false;
-    }
+    let mut alive = [true, true, true, true, true, false, false, false];
     let mut running: Vec<String> = Vec::new();
     for q in 0..5_000 {
         if q % 50 == 0 {
