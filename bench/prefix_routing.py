@@ -115,13 +115,14 @@ class Node:
     data_dir: Path
     p2p_port: int
 
-    def metric(self, name: str) -> float | None:
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The sum of a metric's samples with these labels; None when the node has no such metric."""
         text = get(self.url + "/metrics").decode()
         total, seen = 0.0, False
         for line in text.splitlines():
-            m = re.match(rf"^{name}(?:\{{.*\}})? ([0-9.e+-]+)$", line)
-            if m:
-                total += float(m.group(1))
+            m = re.match(rf"^{name}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+            if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+                total += float(m.group(2))
                 seen = True
         return total if seen else None
 
@@ -140,7 +141,7 @@ def start_node(data_dir: Path, env: dict[str, str], *args: str) -> Node:
     full = {**os.environ, "OLLAMA_DISTRIBUTED_ENGINE_THREADS": "1", "OLLAMA_DISTRIBUTED_ENGINE_KIND": "llamacpp",
             "OLLAMA_DISTRIBUTED_MODELS_REPLICAS": "3", "HOME": str(data_dir.parent), **env}
     full.pop("OLLAMA_DISTRIBUTED_CONFIG", None)
-    log = open(data_dir.parent / f"{data_dir.name}.log", "wb")  # noqa: SIM115 - the node's lifetime
+    log = open(data_dir.parent / f"{data_dir.name}.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ollama_distributed.cli.main", "start", "--data-dir", str(data_dir),
          "--api-port", str(api), "--web-port", str(free_port()), "--p2p-port", str(p2p),
@@ -375,7 +376,7 @@ def run_litellm(py: Path, tmp: Path, nodes: list[Node], strategy: str, seq: list
     cfg.write_text(f"model_list:\n{deployments}router_settings:\n  routing_strategy: {strategy}\n")
     port = free_port()
     litellm = py.parent / "litellm"
-    log = open(tmp / f"litellm-{strategy}.log", "wb")  # noqa: SIM115
+    log = open(tmp / f"litellm-{strategy}.log", "wb")
     proc = subprocess.Popen([str(litellm), "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1"],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LITELLM_LOG": "ERROR"})
     url = f"http://127.0.0.1:{port}"
@@ -432,9 +433,10 @@ def main() -> None:
                 if not rate:
                     rate = cold_rate(nodes[1])
                     print(f"cold prompt evaluation: {rate:.0f} tokens/s on one node", flush=True)
-                res = replay(lambda t, q: ask_ollama(nodes[0].url, t, q, args.tokens), seq, nodes,
+                entry = nodes[0].url
+                res = replay(lambda t, q, url=entry: ask_ollama(url, t, q, args.tokens), seq, nodes,
                              args.concurrency, rate)
-                dec = {r: nodes[0].metric(f'ollama_distributed_routing_decisions_total{{reason="{r}"}}')
+                dec = {r: nodes[0].metric("ollama_distributed_routing_decisions_total", reason=r)
                        for r in ("prefix_hit", "load", "spread")}
                 rows.append(row(f"cluster {policy}", res, orc))
                 print(rows[-1], f" decisions at a: {dec}", flush=True)

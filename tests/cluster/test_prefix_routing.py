@@ -13,7 +13,6 @@ import json
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest

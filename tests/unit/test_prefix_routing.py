@@ -69,7 +69,7 @@ def test_policy_from_yaml_and_environment(tmp_path: Path) -> None:
     assert load(str(f), environ={"HOME": str(tmp_path)}).scheduler.policy == "round_robin"
     cfg = load(str(f), environ={"OLLAMA_DISTRIBUTED_SCHEDULER_POLICY": "least_loaded"})
     assert cfg.scheduler.policy == "least_loaded"
-    with pytest.raises(ConfigError, match="scheduler.policy: expected one of prefix_aware"):
+    with pytest.raises(ConfigError, match=r"scheduler\.policy: expected one of prefix_aware"):
         load(str(f), environ={"OLLAMA_DISTRIBUTED_SCHEDULER_POLICY": "fastest"})
 
 
