@@ -24,7 +24,7 @@ one hits); mean and p90 time to first token; throughput; max/mean in-flight
 per node (each node's in-flight gauge, sampled every 0.2 s, averaged over the
 run). Asserts nothing.
 
-    .venv/bin/python bench/prefix_routing.py [--requests 36] [--concurrency 3] [--skip-alternatives]
+    .venv/bin/python bench/prefix_routing.py [--requests 24] [--concurrency 3] [--skip-alternatives]
 """
 
 from __future__ import annotations
@@ -410,7 +410,7 @@ def run_herd(py: Path, tmp: Path, nodes: list[Node], seq: list[tuple[int, str]],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=36)
+    ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--concurrency", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=8, help="tokens generated per answer")
     ap.add_argument("--seed", type=int, default=12)

@@ -169,3 +169,34 @@ def test_the_mock_run_records_the_prompt_it_was_given(node: Node) -> None:
             pass
     asyncio.run(go())
     assert node.engine.warm_prompts() == {MODEL: ["hello " * 50]}
+
+
+@pytest.mark.parametrize("req", [
+    chat("what is due?"),
+    InferenceRequest(kind="generate", model=MODEL, prompt="summarise", system="be brief"),
+    InferenceRequest(kind="generate", model=MODEL, prompt="hello"),
+    InferenceRequest(kind="chat", model=MODEL, messages=[{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"},
+                                                         {"role": "user", "content": "again"}]),
+], ids=["chat", "generate-system", "generate", "conversation"])
+def test_the_routing_text_is_what_the_llamacpp_engine_renders(node: Node, req: InferenceRequest) -> None:
+    """With a Go template the engine renders without the model (render_prompt
+    reads nothing from the GGUF then), so the entry node's key and the engine's
+    warm prompt (its rendered text) are the same string."""
+    from ollama_distributed.engines.templates import render_prompt
+
+    rec = node.store.get(MODEL)
+    assert routing_text(req, rec) == render_prompt(None, rec, req).text
+
+
+def test_the_routing_text_is_what_the_engine_renders_with_the_bundled_template(node: Node) -> None:
+    from ollama_distributed.engines.templates import render_prompt
+    from ollama_distributed.models.catalog import DEFAULT_TEMPLATE
+
+    rec = node.store.get(MODEL)
+    rec.template = DEFAULT_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "due", "description": "amount due",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    for req in (chat("what is due?"), InferenceRequest(kind="chat", model=MODEL, tools=tools,
+                                                        messages=[{"role": "user", "content": "due?"}])):
+        assert routing_text(req, rec) == render_prompt(None, rec, req).text
