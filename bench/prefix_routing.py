@@ -396,16 +396,40 @@ def run_litellm(py: Path, tmp: Path, nodes: list[Node], strategy: str, seq: list
 
 def run_herd(py: Path, tmp: Path, nodes: list[Node], seq: list[tuple[int, str]], args: argparse.Namespace,
              rate: float) -> tuple[Result | None, str]:
-    herd = py.parent / "herd"
-    if not herd.exists():
-        return None, "ollama-herd installed no `herd` command"
-    # ollama-herd discovers its nodes with its own agent (`herd-node`) on each
-    # Ollama host over mDNS, reporting the host's Ollama; our nodes speak
-    # Ollama's API, but the agent must run beside each and find it on
-    # localhost:11434, one per host: three on one machine cannot each claim it.
-    return None, ("not run: ollama-herd's router learns its nodes from a `herd-node` agent per host that "
-                  "watches the Ollama at localhost:11434 (one per machine); three nodes on one machine "
-                  "cannot each be that Ollama")
+    """ollama-herd's router (`herd`) with one `herd-node` agent per node, each
+    pointed at its node's Ollama API (--ollama-host) and at the router
+    directly (no mDNS); its state under the bench's temporary HOME."""
+    herd, agent = py.parent / "herd", py.parent / "herd-node"
+    if not herd.exists() or not agent.exists():
+        return None, "ollama-herd installed no `herd` / `herd-node` command"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HOME": str(tmp)}
+    log = open(tmp / "herd.log", "wb")  # noqa: SIM115
+    procs = [subprocess.Popen([str(herd), "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)]
+    try:
+        until("herd ready", 120, lambda: procs[0].poll() is None and get(url + "/api/version") != b"")
+        for i, n in enumerate(nodes):
+            procs.append(subprocess.Popen([str(agent), "--node-id", f"bench-{i}", "--ollama-host", n.url,
+                                           "--router-url", url], stdout=log, stderr=subprocess.STDOUT, env=env))
+
+        def online() -> bool:
+            return int(json.loads(get(url + "/fleet/status"))["fleet"]["nodes_online"]) == len(nodes)
+
+        until("herd sees every node online", 120, online)
+        time.sleep(3)  # a few heartbeats: the router's scores have data
+        return replay(lambda t, q: ask_ollama(url, t, q, args.tokens), seq, nodes, args.concurrency, rate), ""
+    except RuntimeError as e:
+        tail = (tmp / "herd.log").read_text(errors="replace")[-400:]
+        return None, f"ollama-herd did not come up: {e}; log: {tail!r}"
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def main() -> None:
