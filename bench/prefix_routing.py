@@ -405,7 +405,7 @@ def run_herd(py: Path, tmp: Path, nodes: list[Node], seq: list[tuple[int, str]],
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HOME": str(tmp)}
-    log = open(tmp / "herd.log", "wb")  # noqa: SIM115
+    log = open(tmp / "herd.log", "wb")
     procs = [subprocess.Popen([str(herd), "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
                               stdout=log, stderr=subprocess.STDOUT, env=env)]
     try:
