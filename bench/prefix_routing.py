@@ -24,7 +24,7 @@ one hits); mean and p90 time to first token; throughput; max/mean in-flight
 per node (each node's in-flight gauge, sampled every 0.2 s, averaged over the
 run). Asserts nothing.
 
-    .venv/bin/python bench/prefix_routing.py [--requests 24] [--concurrency 3] [--skip-alternatives]
+    .venv/bin/python bench/prefix_routing.py [--requests 12] [--concurrency 3] [--skip-alternatives]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -65,7 +66,7 @@ def system_prompt(t: int) -> str:
     """Tenant t's own ~1,000-token system prompt (deterministic)."""
     rng = random.Random(1000 + t)
     rules = []
-    for i in range(60):
+    for i in range(45):
         words = " ".join(rng.choice(WORDS) for _ in range(10))
         rules.append(f"Rule {t}.{i}: {words}.")
     return f"You are the assistant of tenant {t}. Follow these rules.\n" + "\n".join(rules)
@@ -434,13 +435,15 @@ def run_herd(py: Path, tmp: Path, nodes: list[Node], seq: list[tuple[int, str]],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--concurrency", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=8, help="tokens generated per answer")
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--policies", default="round_robin,least_loaded,prefix_aware")
     ap.add_argument("--skip-alternatives", action="store_true")
     args = ap.parse_args()
+    # SIGTERM ends the run through the `finally`s that stop the nodes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seq = workload(args.requests, args.seed)
     orc = oracle(seq)
     counts = [sum(1 for t, _ in seq if t == k) for k in range(TENANTS)]
