@@ -56,6 +56,7 @@ TENANTS = 12
 ZIPF_S = 1.1
 REPO = Path(__file__).resolve().parent.parent
 ALT_VENV = REPO / "bench" / ".venv-alt"
+BENCH_KEY = "sk-prefix-routing-bench"  # LiteLLM's master key, for this run only
 WORDS = ("invoice", "payment", "customer", "refund", "account", "balance", "policy", "contract", "service",
          "delivery", "warranty", "discount", "order", "shipping", "return", "credit", "tax", "receipt",
          "subscription", "renewal", "support", "ticket", "priority", "escalation", "manager", "region",
@@ -218,7 +219,7 @@ def ask_openai(url: str, t: int, q: str, tokens: int) -> tuple[float, dict[str, 
     body = {"model": "smollm2", "messages": messages(t, q), "stream": True, "max_tokens": tokens,
             "temperature": 0, "stream_options": {"include_usage": True}}
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": "Bearer sk-bench"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"})
     t0 = time.perf_counter()
     ttft: float | None = None
     final: dict[str, Any] = {}
@@ -378,8 +379,10 @@ def run_litellm(py: Path, tmp: Path, nodes: list[Node], strategy: str, seq: list
     port = free_port()
     litellm = py.parent / "litellm"
     log = open(tmp / f"litellm-{strategy}.log", "wb")
+    # the proxy refuses to start without a master key; the client sends it (ask_openai)
     proc = subprocess.Popen([str(litellm), "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LITELLM_LOG": "ERROR"})
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": BENCH_KEY})
     url = f"http://127.0.0.1:{port}"
     try:
         until("LiteLLM ready", 120, lambda: proc.poll() is None and get(url + "/health/liveliness") != b"")
@@ -439,7 +442,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=8, help="tokens generated per answer")
     ap.add_argument("--seed", type=int, default=12)
-    ap.add_argument("--policies", default="round_robin,least_loaded,prefix_aware")
+    ap.add_argument("--policies", default="round_robin,least_loaded,prefix_aware",
+                    help="cluster policies to run, comma-separated ('' for the alternatives alone)")
     ap.add_argument("--skip-alternatives", action="store_true")
     args = ap.parse_args()
     # SIGTERM ends the run through the `finally`s that stop the nodes
@@ -452,7 +456,7 @@ def main() -> None:
           f"{args.tokens} tokens per answer, {args.concurrency} clients; oracle hit rate {orc:.1%}", flush=True)
     rows: list[str] = []
     rate = 0.0
-    for policy in args.policies.split(","):
+    for policy in [p for p in args.policies.split(",") if p]:
         with tempfile.TemporaryDirectory(prefix="prefix-bench-") as d:
             nodes = start_cluster(Path(d), policy)
             try:
@@ -477,6 +481,9 @@ def main() -> None:
             nodes = start_standalone(tmp)
             try:
                 preload(nodes)
+                if not rate:
+                    rate = cold_rate(nodes[1])
+                    print(f"cold prompt evaluation: {rate:.0f} tokens/s on one node", flush=True)
                 for strategy in ("simple-shuffle", "least-busy"):
                     res, note = (None, why) if py is None else run_litellm(py, tmp, nodes, strategy, seq, args, rate)
                     rows.append(row(f"LiteLLM {strategy}", res, orc, note))
