@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -56,7 +57,7 @@ TENANTS = 12
 ZIPF_S = 1.1
 REPO = Path(__file__).resolve().parent.parent
 ALT_VENV = REPO / "bench" / ".venv-alt"
-BENCH_KEY = "sk-prefix-routing-bench"  # LiteLLM's master key, for this run only
+BENCH_KEY = "sk-" + secrets.token_hex(16)  # LiteLLM's master key, for this run only
 WORDS = ("invoice", "payment", "customer", "refund", "account", "balance", "policy", "contract", "service",
          "delivery", "warranty", "discount", "order", "shipping", "return", "credit", "tax", "receipt",
          "subscription", "renewal", "support", "ticket", "priority", "escalation", "manager", "region",
