@@ -4,7 +4,9 @@ use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
-use crate::scheduler::{Admit, Ask, Class, NodeState, RouteError, Router, SlotPool};
+use crate::scheduler::{
+    policy_by_name, prefix, Admit, Ask, Class, NodeState, RouteError, Router, SlotPool, POLICIES,
+};
 
 pyo3::import_exception!(ollama_distributed.errors, ModelNotFoundError);
 pyo3::import_exception!(ollama_distributed.errors, OverloadedError);
@@ -234,10 +236,61 @@ impl Scheduler {
     }
 
     /// Node ids able to serve `model`, best first. Raises ModelNotFoundError
-    /// or OverloadedError.
-    fn route(&self, model: &str, now_ms: u64) -> PyResult<Vec<String>> {
-        Ok(self.router.route(model, now_ms)?)
+    /// or OverloadedError. With `prompt` (the rendered prompt, or the
+    /// canonical message list), nodes with more of it warm rank higher under
+    /// `prefix_aware`, and the next `dispatched` records where it went.
+    #[pyo3(signature = (model, now_ms, prompt=None))]
+    fn route(&mut self, model: &str, now_ms: u64, prompt: Option<&str>) -> PyResult<Vec<String>> {
+        Ok(match prompt {
+            Some(p) => self.router.route_prompt(model, p, now_ms)?,
+            None => self.router.route(model, now_ms)?,
+        })
     }
+
+    /// Choose the routing policy by its `scheduler.policy` name; ValueError
+    /// for an unknown one.
+    fn set_policy(&mut self, name: &str) -> PyResult<()> {
+        let policy = policy_by_name(name).ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "unknown scheduler policy {name:?}; expected one of {}",
+                POLICIES.join(", ")
+            ))
+        })?;
+        self.router.set_policy(policy);
+        Ok(())
+    }
+
+    /// The routing policy's name.
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.router.policy()
+    }
+
+    /// What node `id` keeps warm, from its advert taken at `advert_at_ms`:
+    /// the chain hashes of its warm prompts (`prefix_hashes`). They replace
+    /// the router's guess for that node; routes sent there since are kept.
+    fn set_warm(&mut self, id: &str, hashes: Vec<u64>, advert_at_ms: u64) {
+        self.router.set_warm(id, &hashes, advert_at_ms)
+    }
+
+    /// Routing decisions so far, by reason: prefix_hit, load, spread.
+    fn routing_decisions(&self) -> std::collections::HashMap<&'static str, u64> {
+        let d = self.router.decisions();
+        [
+            ("prefix_hit", d.prefix_hit),
+            ("load", d.load),
+            ("spread", d.spread),
+        ]
+        .into_iter()
+        .collect()
+    }
+}
+
+/// The chain hashes of `text`'s whole blocks for `model`, as the router
+/// indexes prompts: what a node advertises for the prompts it keeps warm.
+#[pyfunction]
+fn prefix_hashes(model: &str, text: &str) -> Vec<u64> {
+    prefix::chain(model, text)
 }
 
 pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
@@ -274,5 +327,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Scheduler>()?;
     crate::py_cluster::register(m)?;
     m.add_function(wrap_pyfunction!(ping, m)?)?;
+    m.add_function(wrap_pyfunction!(prefix_hashes, m)?)?;
+    m.add("POLICIES", POLICIES.to_vec())?;
     Ok(())
 }

@@ -33,6 +33,9 @@ ACCESS_LEVELS = ("info", "debug")
 # The most voters Raft keeps (rust/consensus MAX_VOTERS): odd, survives two failures.
 MAX_VOTERS = 5
 
+# scheduler.policy, the default first (the Rust router's names, _core.POLICIES)
+POLICIES = ("prefix_aware", "least_loaded", "round_robin")
+
 
 @dataclass
 class NodeSection:
@@ -138,6 +141,9 @@ class EngineSection:
 
 @dataclass
 class SchedulerSection:
+    # Where a request runs: prefix_aware (the node with the longest warm prompt
+    # prefix, within a bounded load), least_loaded, or round_robin.
+    policy: str = "prefix_aware"
     stale_after_ms: int = 3000
     advert_interval_ms: int = 1000
     retries: int = 2  # further holders tried when one fails before the first token
@@ -337,6 +343,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"{where}: engine.upstream: the {cfg.engine.kind} engine needs an upstream URL "
             "(set engine.upstream or pass --upstream)"
+        )
+    if cfg.scheduler.policy not in POLICIES:
+        raise ConfigError(
+            f"{where}: scheduler.policy: expected one of {', '.join(POLICIES)}, "
+            f"got {cfg.scheduler.policy!r}"
         )
     if cfg.logging.level.lower() not in LOG_LEVELS:
         raise ConfigError(

@@ -25,6 +25,7 @@ from . import _core
 from .config import Config
 from .duration import parse_keep_alive
 from .engines.base import CancelToken, Engine, InferenceRequest
+from .engines.prefix import PromptAliases, routing_text
 from .errors import (
     BadRequestError,
     DrainingError,
@@ -136,6 +137,7 @@ class Dispatcher:
         self.metrics = metrics
         self.scheduler = _core.Scheduler(node_id, cfg.engine.num_parallel, cfg.engine.max_queue,
                                          cfg.scheduler.stale_after_ms)
+        self.scheduler.set_policy(cfg.scheduler.policy)
         self.remote: Remote | None = None
         self._upstream_names: list[str] = []
         self._tickets = itertools.count(1)
@@ -157,9 +159,11 @@ class Dispatcher:
         self._hold_s = 1.0  # a local slot's mean hold time (EWMA), for a 429's Retry-After
         self.scheduler.configure_fairness(cfg.scheduler.tenant_queue_share,
                                           int(cfg.scheduler.batch_promote_after_s * 1000))
+        self.aliases = PromptAliases()  # for the advert's warm prefixes (Node.prefix_hashes)
         metrics.bind(queue_depth=self.scheduler.queue_depth,
                      in_flight=self.scheduler.total_in_flight,
                      models_loaded=lambda: len(self.engine.loaded()))
+        metrics.bind_routing(self.scheduler.routing_decisions)
 
     # ---- configuration ---------------------------------------------------------
 
@@ -170,6 +174,8 @@ class Dispatcher:
                                  cfg.scheduler.stale_after_ms)
         self.scheduler.configure_fairness(cfg.scheduler.tenant_queue_share,
                                           int(cfg.scheduler.batch_promote_after_s * 1000))
+        if cfg.scheduler.policy != self.scheduler.policy:
+            self.scheduler.set_policy(cfg.scheduler.policy)
         self.engine.configure(cfg.engine.num_parallel, cfg.engine.max_loaded_models)
 
     # ---- models ----------------------------------------------------------------
@@ -517,8 +523,9 @@ class Dispatcher:
         tried: list[str] = []
         last: OllamaDistributedError | None = None
         force: str | None = None
+        prompt = routing_text(req, record)  # the prefix a warm node skips evaluating
         while True:
-            node = force or self._next_holder(req.model, tried, last, revisit=progress.sent)
+            node = force or self._next_holder(req.model, tried, last, revisit=progress.sent, prompt=prompt)
             force = None
             if node is None:
                 assert last is not None
@@ -566,14 +573,15 @@ class Dispatcher:
             return False
 
     def _next_holder(self, model: str, tried: list[str], last: OllamaDistributedError | None,
-                     revisit: bool = False) -> str | None:
+                     revisit: bool = False, prompt: str | None = None) -> str | None:
         """The best holder not tried yet for this request, else, for a
         migration (`revisit`: two holders, a transient failure on each), the
         best but the one that just failed; None when none is left. The first choice raises the scheduler's own
-        error (404, 503)."""
+        error (404, 503). `prompt` (engines/prefix.py) ranks nodes with more
+        of it warm first under scheduler.policy prefix_aware."""
         self.update_local()
         try:
-            order = self.scheduler.route(model, int(time.time() * 1000))
+            order = self.scheduler.route(model, int(time.time() * 1000), prompt)
         except OllamaDistributedError:
             if last is None:
                 raise
@@ -641,6 +649,7 @@ class Dispatcher:
         slot, place = await self._acquire(req.model, req)
         position: int | None = place
         held_from = time.monotonic()
+        self.aliases.note(req, record)
         cancel = CancelToken()
         cut = Cut()
         self._cuts.add(cut)

@@ -98,6 +98,23 @@ class ReplicationCounters(Collector):
                                 "(memory, disk, labels, too few nodes).", value=float(s.get("copies_unplaced", 0)))
 
 
+class RoutingCounters(Collector):
+    """The Rust router's decisions by reason, read at scrape time."""
+
+    def __init__(self, decisions: Callable[[], dict[str, int]]) -> None:
+        self._decisions = decisions
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = CounterMetricFamily(
+            "ollama_distributed_routing_decisions",
+            "Requests routed, by reason: prefix_hit (to the node with the longest warm prompt prefix), "
+            "load (no node had more of it than another), spread (a node with more of it warm was "
+            "passed over for its load, so the prefix spreads to a second node).", labels=["reason"])
+        for reason, n in sorted(self._decisions().items()):
+            c.add_metric([reason], float(n))
+        yield c
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -155,6 +172,9 @@ class Metrics:
 
     def bind_replication(self, status: Callable[[], dict[str, Any] | None]) -> None:
         self.registry.register(ReplicationCounters(status))
+
+    def bind_routing(self, decisions: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(RoutingCounters(decisions))
 
     def bind(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float],
              models_loaded: Callable[[], float]) -> None:

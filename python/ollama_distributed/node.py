@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
-from . import __version__, config, logs
+from . import __version__, _core, config, logs
 from .cluster import advert
 from .config import Config
 from .dispatch import Dispatcher
@@ -519,16 +519,40 @@ class Node:
             # whether a model can load here without evicting one a request is running on
             "max_loaded_models": self.cfg.engine.max_loaded_models,
             "busy": [m for m in loaded if not d.is_idle(m)],
+            # what the engine keeps warm, for every entry node's prefix-aware routing
+            "prefix_hashes": self.prefix_hashes(),
             **(self.replicator.advert_fields() if self.replicator is not None else {}),
             **self.keys.advert_fields(),
             # the memory this node offers to split models over its RPC server
             **(self.rpc.advert_fields() if self.rpc is not None else {"rpc_ready": False, "rpc_memory_mib": 0}),
         }
 
+    def prefix_hashes(self) -> list[int] | None:
+        """The chain hashes (rust/scheduler/prefix.rs) of the prompts the
+        engine keeps warm, without repeats, at most advert.MAX_PREFIX_HASHES.
+        None when the engine cannot know (an upstream server's cache is out of
+        sight): the advert then leaves the field out and routers keep their
+        guesses about this node."""
+        warm = getattr(self.engine, "warm_prompts", None)
+        if not self.engine.uses_store or warm is None:
+            return None
+        seen: dict[int, None] = {}
+        for model, prompts in self.dispatcher.aliases.expand(warm()).items():
+            for p in prompts:
+                for h in _core.prefix_hashes(model, p):
+                    seen[h] = None
+                    if len(seen) >= advert.MAX_PREFIX_HASHES:
+                        return list(seen)
+        return list(seen)
+
     def _refresh_local_node(self) -> None:
         a = self.advert()
         self.dispatcher.advertised_models = list(a["models"])
         self.dispatcher.update_local()
+        # this node's own warm prefixes replace its router's guess about itself
+        # as a peer's advert does
+        if a["prefix_hashes"] is not None:
+            self._set_warm(self.node_id, a["prefix_hashes"], time.time())
         if self.cluster is not None:
             self.cluster.publish_advert(a)
             self._sync_peers()
@@ -547,7 +571,16 @@ class Node:
             logger.warning("ignored an advert from %s: %s", n["id"], e)
             adv = None
         self._adverts[n["id"]] = (at, adv)
+        if adv and "prefix_hashes" in adv:  # once per advert: what the peer keeps warm now
+            self._set_warm(n["id"], adv["prefix_hashes"], at)
         return adv
+
+    def _set_warm(self, node_id: str, hashes: list[int], at: float) -> None:
+        """A node's warm prefixes replace the router's guess about it. Routes
+        sent there in the advert period before are kept: queued there, or
+        still evaluating their prompt, they are not in its engine's cache yet."""
+        since = int(at * 1000) - self.cfg.scheduler.advert_interval_ms
+        self.dispatcher.scheduler.set_warm(node_id, hashes, max(0, since))
 
     def _sync_peers(self) -> None:
         """Feed the scheduler every peer's latest advert and liveness."""

@@ -8,13 +8,21 @@
 //!   across tenants by tokens (a virtual token counter, [`fair`]), interactive
 //!   work before batch work, old batch work promoted.
 //! - [`Router`] picks the node that serves a request across the cluster, behind
-//!   the [`Policy`] trait so a cache-aware policy can replace [`LeastLoaded`]
-//!   without touching the transport.
+//!   the [`Policy`] trait (`scheduler.policy`): [`PrefixAware`] (the default:
+//!   the node with the longest warm prompt prefix, within a bounded load, as
+//!   kept by the [`prefix::PrefixIndex`]), [`LeastLoaded`] or [`RoundRobin`].
 
 mod fair;
+mod policy;
+pub mod prefix;
 mod router;
+#[cfg(test)]
+mod sim_tests;
 mod slots;
 
 pub use fair::{Class, TenantView};
-pub use router::{LeastLoaded, NodeState, Policy, RouteError, Router};
+pub use policy::{
+    by_name as policy_by_name, Candidate, LeastLoaded, Policy, PrefixAware, RoundRobin, POLICIES,
+};
+pub use router::{Decisions, NodeState, RouteError, Router};
 pub use slots::{Admit, Ask, Entry, SlotPool};

@@ -1,4 +1,7 @@
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
+
+use super::policy::{Candidate, Policy, PrefixAware};
+use super::prefix::{chain, PrefixIndex};
 
 /// What the scheduler knows about one node, from its latest advert (or, for the
 /// local node, from itself). Times are milliseconds on the caller's clock.
@@ -29,12 +32,12 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    fn has_loaded(&self, model: &str) -> bool {
+    pub(crate) fn has_loaded(&self, model: &str) -> bool {
         self.loaded.iter().any(|m| m == model)
     }
     /// `model` is loaded, or loading it needs no eviction of a busy model: the
     /// engine has a free model slot, or one of its loaded models is idle.
-    fn can_load_without_evicting_busy(&self, model: &str) -> bool {
+    pub(crate) fn can_load_without_evicting_busy(&self, model: &str) -> bool {
         self.has_loaded(model)
             || self.max_loaded == 0
             || self.loaded.len() < self.max_loaded as usize
@@ -57,50 +60,32 @@ pub enum RouteError {
     Saturated(String),
 }
 
-/// Orders the candidate nodes for one request, best first.
-pub trait Policy: Send + Sync {
-    /// `candidates` are alive, fresh, hold the model and are not saturated.
-    fn rank<'a>(
-        &self,
-        model: &str,
-        candidates: Vec<&'a NodeState>,
-        local: &str,
-    ) -> Vec<&'a NodeState>;
+/// Why a request went where it did, counted per decision
+/// (`ollama_distributed_routing_decisions_total{reason}`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Decisions {
+    /// To the node with the longest warm prefix, longer than another candidate's.
+    pub prefix_hit: u64,
+    /// No candidate had more of the prefix than another: load decided.
+    pub load: u64,
+    /// A node with more of the prefix warm was passed over for its load: the
+    /// prefix spreads to a second node.
+    pub spread: u64,
 }
 
-/// Bounded load, then loaded-first; when a node must load the model, one that
-/// can without evicting a busy model (a free model slot, or an idle loaded
-/// model) before one that would have to; then fewest in flight (and queued),
-/// then local on a tie.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LeastLoaded;
+/// Node ids [`Router::route_prompt`] returns at most: a request is tried on
+/// at most `1 + scheduler.retries + scheduler.migration_limit` nodes (6 by
+/// default), and turning a 1,000-node cluster's whole order into strings
+/// (and Python objects) cost more than the decision.
+pub const ROUTE_PROMPT_MAX: usize = 16;
 
-/// A node whose in-flight count exceeds `BOUND_FACTOR × mean + 1` is passed
-/// over while a less loaded node exists: the same bound SGLang's cache-aware
-/// router uses, so preferring warm nodes never piles everything on one.
-const BOUND_FACTOR: f64 = 1.25;
-
-impl Policy for LeastLoaded {
-    fn rank<'a>(
-        &self,
-        model: &str,
-        mut candidates: Vec<&'a NodeState>,
-        local: &str,
-    ) -> Vec<&'a NodeState> {
-        let n = candidates.len().max(1) as f64;
-        let mean = candidates.iter().map(|c| c.in_flight as f64).sum::<f64>() / n;
-        let bound = BOUND_FACTOR * mean + 1.0;
-        candidates.sort_by_cached_key(|c| {
-            (
-                (c.in_flight as f64) > bound,
-                !c.has_loaded(model),
-                !c.can_load_without_evicting_busy(model),
-                c.in_flight + c.queue_depth,
-                c.id != local,
-            )
-        });
-        candidates
-    }
+/// The last routed request's prefix, until [`Router::dispatched`] says where
+/// it went.
+struct Pending {
+    chain: Vec<u64>,
+    best: u32,
+    worst: u32,
+    at_ms: u64,
 }
 
 /// The cluster view the scheduler decides on.
@@ -111,8 +96,13 @@ pub struct Router {
     /// model -> ids of the nodes that hold it, so a decision looks at the
     /// holders only instead of scanning every node's model list (100 nodes ×
     /// 20 models took ~8 µs a decision that way; this keeps it under 5 µs).
+    /// FxHash, not SipHash: the keys are ids and names from our own adverts,
+    /// and with 1,000 candidates the lookups were half of a decision.
     holders: HashMap<String, Vec<String>>,
     policy: Box<dyn Policy>,
+    prefixes: PrefixIndex,
+    pending: Option<Pending>,
+    decisions: Decisions,
 }
 
 impl Router {
@@ -121,9 +111,12 @@ impl Router {
         Self {
             local: local.into(),
             stale_after_ms,
-            nodes: HashMap::new(),
-            holders: HashMap::new(),
-            policy: Box::new(LeastLoaded),
+            nodes: HashMap::default(),
+            holders: HashMap::default(),
+            policy: Box::new(PrefixAware),
+            prefixes: PrefixIndex::default(),
+            pending: None,
+            decisions: Decisions::default(),
         }
     }
 
@@ -132,9 +125,29 @@ impl Router {
         self.policy = policy;
     }
 
+    /// The ranking policy's name.
+    pub fn policy(&self) -> &'static str {
+        self.policy.name()
+    }
+
     /// Tune staleness live.
     pub fn set_stale_after(&mut self, ms: u64) {
         self.stale_after_ms = ms;
+    }
+
+    /// Replace the prefix index with an empty one holding `blocks` per node.
+    pub fn set_prefix_capacity(&mut self, blocks: usize) {
+        self.prefixes = PrefixIndex::new(blocks);
+    }
+
+    /// Decisions so far, by reason.
+    pub fn decisions(&self) -> Decisions {
+        self.decisions
+    }
+
+    /// The prefix index (read-only, for tests and benches).
+    pub fn prefixes(&self) -> &PrefixIndex {
+        &self.prefixes
     }
 
     /// Insert or replace a node's state.
@@ -155,10 +168,18 @@ impl Router {
         self.nodes.insert(state.id.clone(), state);
     }
 
+    /// What node `id` keeps warm, from its advert taken at `advert_at_ms`
+    /// (chain hashes, [`super::prefix::chain`]): it replaces the router's guess
+    /// for that node, routes sent there since then kept.
+    pub fn set_warm(&mut self, id: &str, warm: &[u64], advert_at_ms: u64) {
+        self.prefixes.replace(id, warm, advert_at_ms);
+    }
+
     /// Forget a node that left the cluster.
     pub fn remove(&mut self, id: &str) {
         self.unindex(id);
         self.nodes.remove(id);
+        self.prefixes.remove(id);
     }
 
     fn unindex(&mut self, id: &str) {
@@ -183,10 +204,24 @@ impl Router {
     }
 
     /// Count a request sent to `id` before its next advert arrives, so a burst
-    /// spreads instead of landing on the node that looked idlest.
+    /// spreads instead of landing on the node that looked idlest. The prefix
+    /// of the request last routed with [`Router::route_prompt`] is now (about
+    /// to be) warm there, and the decision is counted by its reason.
     pub fn dispatched(&mut self, id: &str) {
         if let Some(n) = self.nodes.get_mut(id) {
             n.in_flight += 1;
+        }
+        self.policy.dispatched();
+        if let Some(p) = self.pending.take() {
+            let got = self.prefixes.matched(id, &p.chain);
+            if got < p.best {
+                self.decisions.spread += 1;
+            } else if got > p.worst {
+                self.decisions.prefix_hit += 1;
+            } else {
+                self.decisions.load += 1;
+            }
+            self.prefixes.routed(id, &p.chain, p.at_ms);
         }
     }
 
@@ -206,9 +241,7 @@ impl Router {
             || (n.alive && now_ms.saturating_sub(n.advert_at_ms) <= self.stale_after_ms)
     }
 
-    /// Node ids that can serve `model`, best first; the caller tries them in
-    /// order, moving on while no token has been sent.
-    pub fn route(&self, model: &str, now_ms: u64) -> Result<Vec<String>, RouteError> {
+    fn open(&self, model: &str, now_ms: u64) -> Result<Vec<&NodeState>, RouteError> {
         let holders: Vec<&NodeState> = self
             .holders
             .get(model)
@@ -226,17 +259,79 @@ impl Router {
         if open.is_empty() {
             return Err(RouteError::Saturated(model.to_owned()));
         }
+        Ok(open)
+    }
+
+    /// Node ids that can serve `model`, best first, with no prompt to match;
+    /// the caller tries them in order, moving on while no token has been sent.
+    pub fn route(&self, model: &str, now_ms: u64) -> Result<Vec<String>, RouteError> {
+        let open = self.open(model, now_ms)?;
+        let candidates = open
+            .into_iter()
+            .map(|node| Candidate {
+                node,
+                matched: 0,
+                cached: 0,
+            })
+            .collect();
         Ok(self
             .policy
-            .rank(model, open, &self.local)
+            .rank(model, candidates, &self.local)
             .into_iter()
-            .map(|n| n.id.clone())
+            .map(|c| c.node.id.clone())
             .collect())
+    }
+
+    /// As [`Router::route`], for a request whose prompt is `prompt` (the
+    /// rendered prompt, or the canonical message list): nodes that have more
+    /// of it warm rank higher under `prefix_aware`. The best
+    /// [`ROUTE_PROMPT_MAX`] only. The next [`Router::dispatched`] records
+    /// where it went.
+    pub fn route_prompt(
+        &mut self,
+        model: &str,
+        prompt: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, RouteError> {
+        let chain = chain(model, prompt);
+        let (order, best, worst) = {
+            let open = self.open(model, now_ms)?;
+            let matches = self.prefixes.matches(&chain);
+            let candidates: Vec<Candidate> = open
+                .into_iter()
+                .map(|node| {
+                    let (matched, cached) = matches.get_with_size(&node.id);
+                    Candidate {
+                        node,
+                        matched,
+                        cached,
+                    }
+                })
+                .collect();
+            let best = candidates.iter().map(|c| c.matched).max().unwrap_or(0);
+            let worst = candidates.iter().map(|c| c.matched).min().unwrap_or(0);
+            let order: Vec<String> = self
+                .policy
+                .rank(model, candidates, &self.local)
+                .into_iter()
+                .take(ROUTE_PROMPT_MAX)
+                .map(|c| c.node.id.clone())
+                .collect();
+            (order, best, worst)
+        };
+        self.pending = Some(Pending {
+            chain,
+            best,
+            worst,
+            at_ms: now_ms,
+        });
+        Ok(order)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::policy::LeastLoaded;
     use super::*;
 
     fn node(id: &str, models: &[&str], loaded: &[&str], in_flight: u32) -> NodeState {
@@ -262,6 +357,7 @@ mod tests {
 
     fn router(nodes: Vec<NodeState>) -> Router {
         let mut r = Router::new("a", 3_000);
+        r.set_policy(Box::new(LeastLoaded));
         for n in nodes {
             r.update(n);
         }

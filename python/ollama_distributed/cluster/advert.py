@@ -19,6 +19,10 @@ MAX_COUNT = 1_000_000
 MAX_MODELS = 10_000
 MAX_TEXT = 1024
 MAX_MIB = 2**40  # a memory size in MiB: an exbibyte, far above any machine
+# Prompt-prefix block hashes (rust/scheduler/prefix.rs) a node may advertise:
+# 16,384 × 64-byte blocks is 1 MiB of warm prompt text, far above what a node
+# keeps warm, and about 340 KB of JSON at worst.
+MAX_PREFIX_HASHES = 16_384
 
 
 class BadAdvert(ValueError):
@@ -63,6 +67,19 @@ def _text(adv: dict[str, Any], key: str) -> str | None:
     return v
 
 
+def _hashes(adv: dict[str, Any], key: str) -> list[int] | None:
+    v = adv.get(key)
+    if v is None:
+        return None  # a node from before prefix routing: the router keeps its guess
+    if not isinstance(v, list):
+        raise BadAdvert(key, f"expected a list, got {type(v).__name__}")
+    if len(v) > MAX_PREFIX_HASHES:
+        raise BadAdvert(key, f"too many entries: {len(v)}")
+    if not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 2**64 for h in v):
+        raise BadAdvert(key, "expected unsigned 64-bit integers")
+    return v
+
+
 def check(adv: Any) -> dict[str, Any]:
     """The advert with its fields checked; BadAdvert when one is wrong."""
     if adv is None:
@@ -74,6 +91,11 @@ def check(adv: Any) -> dict[str, Any]:
         out[key] = _count(adv, key)
     for key in ("models", "loaded", "busy"):
         out[key] = _models(adv, key)
+    hashes = _hashes(adv, "prefix_hashes")
+    if hashes is None:
+        out.pop("prefix_hashes", None)
+    else:
+        out["prefix_hashes"] = hashes
     for key in ("name", "version", "api_address", "engine"):
         text = _text(adv, key)
         if text is None:

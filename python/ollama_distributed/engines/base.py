@@ -158,4 +158,10 @@ class Engine(Protocol):
 
     def configure(self, num_parallel: int, max_loaded_models: int) -> None: ...
 
-    def warm_prompts(self) -> dict[str, list[str]]: ...
+    def warm_prompts(self) -> dict[str, list[str]]:
+        """Model name -> the prompt texts (as given to the engine, i.e. the
+        rendered prompt) whose KV state this node keeps warm now. The node
+        advertises their prefix hashes so the routers of every entry node
+        (scheduler.policy prefix_aware) correct their guesses within an
+        advert period."""
+        ...

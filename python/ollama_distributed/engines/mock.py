@@ -11,6 +11,7 @@ first tool, or the one `tool_choice` names, its required arguments filled in."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import math
 import time
@@ -22,8 +23,15 @@ from ..errors import EngineError
 from ..models.store import ModelRecord
 from . import options as opt
 from .base import CancelToken, InferenceRequest, LoadedModel
+from .prefix import routing_text
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+# The mock's model of a prompt cache: the last few prompts per model stay
+# "warm", as a real engine keeps as many KV states as engine.prompt_cache_mib
+# holds, and are what `warm_prompts` reports (routing tests see a node forget
+# a prefix once enough others came after it). prompt_eval_count stays the
+# whole prompt's word count: the mock does not model the saving.
+WARM_PROMPTS = 4
 
 
 class MockEngine:
@@ -34,6 +42,7 @@ class MockEngine:
     def __init__(self, cfg: EngineSection) -> None:
         self.cfg = cfg
         self._loaded: dict[str, LoadedModel] = {}
+        self._warm: dict[str, collections.OrderedDict[str, None]] = {}
 
     async def start(self) -> None:
         return None
@@ -58,6 +67,18 @@ class MockEngine:
 
     async def unload(self, model: str) -> None:
         self._loaded.pop(model, None)
+        self._warm.pop(model, None)
+
+    def warm_prompts(self) -> dict[str, list[str]]:
+        return {m: list(reversed(p)) for m, p in self._warm.items() if p}
+
+    def _remember(self, model: str, prompt: str) -> None:
+        """`prompt` becomes the most recent warm one of `model`."""
+        warm = self._warm.setdefault(model, collections.OrderedDict())
+        warm[prompt] = None
+        warm.move_to_end(prompt)
+        while len(warm) > WARM_PROMPTS:
+            warm.popitem(last=False)
 
     def touch(self, model: str, keep_alive: float | None) -> None:
         if model in self._loaded:
@@ -89,6 +110,9 @@ class MockEngine:
         gap = 1.0 / self.cfg.mock_tokens_per_second if self.cfg.mock_tokens_per_second > 0 else 0.0
         seed = (req.prompt or str(req.messages)).encode()
         base = hashlib.sha256(seed).digest()[0]
+        prompt = routing_text(req, record)
+        if prompt:
+            self._remember(record.name.short, prompt)
         if req.think and not skip:
             yield {"thinking": "mock thinking. ", "tokens": []}
         call = _tool_call(req) if not skip else None

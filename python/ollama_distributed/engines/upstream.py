@@ -52,6 +52,11 @@ class _Upstream(abc.ABC):
         if self._session:
             await self._session.close()
 
+    def warm_prompts(self) -> dict[str, list[str]]:
+        """Nothing: the upstream's cache is out of sight (routing falls back on
+        the prefixes this node's router sent it)."""
+        return {}
+
     def configure(self, num_parallel: int, max_loaded_models: int) -> None:
         return None
 
