@@ -118,10 +118,10 @@ def test_a_busy_warm_worker_spreads_the_prefix_to_the_other(trio: dict[str, Node
     spread = decisions(a, "spread")
     step("three long requests of tenant 3 at once: the third finds the warm worker over the load bound")
     # CHWBL's bound over two idle workers: ceil(1.25 × 3/2) = 2 requests each
-    threads = [threading.Thread(target=ask, args=(a, 3, f"long {i}", 50)) for i in range(3)]
+    threads = [threading.Thread(target=ask, args=(a, 3, f"long {i}", 150)) for i in range(3)]
     for t in threads:
         t.start()
-        time.sleep(0.2)  # each is running (50 tokens at 25/s) when the next is routed
+        time.sleep(0.2)  # each is running (150 tokens at 25/s: 6 s, even on a busy CPU) when the next is routed
     for t in threads:
         t.join(60)
     got = served_since(trio, before, 3)
