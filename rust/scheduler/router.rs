@@ -103,6 +103,10 @@ pub struct Router {
     prefixes: PrefixIndex,
     pending: Option<Pending>,
     decisions: Decisions,
+    /// Requests this router sent to each node and not yet finished: a lower
+    /// bound on the node's load that an advert taken before they arrived
+    /// must not erase (a burst would land on one node again).
+    sent: HashMap<String, u32>,
 }
 
 impl Router {
@@ -117,6 +121,7 @@ impl Router {
             prefixes: PrefixIndex::default(),
             pending: None,
             decisions: Decisions::default(),
+            sent: HashMap::default(),
         }
     }
 
@@ -151,7 +156,10 @@ impl Router {
     }
 
     /// Insert or replace a node's state.
-    pub fn update(&mut self, state: NodeState) {
+    pub fn update(&mut self, mut state: NodeState) {
+        if let Some(&sent) = self.sent.get(&state.id) {
+            state.in_flight = state.in_flight.max(sent);
+        }
         let unchanged = self
             .nodes
             .get(&state.id)
@@ -178,6 +186,7 @@ impl Router {
     /// Forget a node that left the cluster.
     pub fn remove(&mut self, id: &str) {
         self.unindex(id);
+        self.sent.remove(id);
         self.nodes.remove(id);
         self.prefixes.remove(id);
     }
@@ -210,6 +219,7 @@ impl Router {
     pub fn dispatched(&mut self, id: &str) {
         if let Some(n) = self.nodes.get_mut(id) {
             n.in_flight += 1;
+            *self.sent.entry(id.to_owned()).or_default() += 1;
         }
         self.policy.dispatched();
         if let Some(p) = self.pending.take() {
@@ -229,6 +239,12 @@ impl Router {
     pub fn finished(&mut self, id: &str) {
         if let Some(n) = self.nodes.get_mut(id) {
             n.in_flight = n.in_flight.saturating_sub(1);
+        }
+        if let Some(k) = self.sent.get_mut(id) {
+            *k = k.saturating_sub(1);
+            if *k == 0 {
+                self.sent.remove(id);
+            }
         }
     }
 
@@ -362,6 +378,23 @@ mod tests {
             r.update(n);
         }
         r
+    }
+
+    #[test]
+    fn an_advert_taken_before_a_burst_arrived_does_not_erase_it() {
+        let mut r = router(vec![
+            node("b", &["m"], &["m"], 0),
+            node("c", &["m"], &["m"], 0),
+        ]);
+        r.dispatched("c");
+        r.dispatched("c");
+        r.update(node("c", &["m"], &["m"], 0)); // c's advert from before the two arrived
+        assert_eq!(r.route("m", 1_000).unwrap()[0], "b");
+        r.finished("c");
+        r.finished("c");
+        r.update(node("c", &["m"], &["m"], 0));
+        r.update(node("b", &["m"], &["m"], 1));
+        assert_eq!(r.route("m", 1_000).unwrap()[0], "c");
     }
 
     #[test]
