@@ -172,7 +172,7 @@ def start_cluster(tmp: Path, worker_env: dict[str, str], entry: dict[str, str] |
     c = start_node(tmp, *join_args(a, token), data_dir=tmp / "c", env=worker_env)
     nodes = {"a": a, "b": b, "c": c}
     post(a.url + "/api/distributed/placement", {"model": MODEL, "replicas": 2, "node_labels": {"role": "worker"}})
-    until("a sees b and c alive, both holding the model", 60, lambda: both_route(nodes))
+    until("a sees b and c alive, both holding the model", 240, lambda: both_route(nodes))
     time.sleep(1.5)  # a's scheduler takes the adverts it has seen once a second
     return nodes
 
@@ -219,7 +219,7 @@ def test_kill9_the_serving_worker_mid_stream_10_times(mock_trio: dict[str, NodeP
                                   lambda name: nodes[name].proc.send_signal(signal.SIGKILL))
         check(api, got, refs[api])
         restart(nodes, victim, MOCK)
-        until(f"{victim} back and routed", 60, lambda: both_route(nodes))
+        until(f"{victim} back and routed", 240, lambda: both_route(nodes))
         time.sleep(1.5)
     moved = metric(nodes["a"], "ollama_distributed_migrations_total", type="ongoing") - before
     print(f"10/10 streams complete and identical to the reference; {moved:.0f} migrations")
@@ -243,7 +243,7 @@ def test_sigstop_the_serving_worker_mid_stream(mock_trio: dict[str, NodeProc]) -
         os.kill(nodes[victim].proc.pid, signal.SIGCONT)
         check(api, got, refs[api])
         print(f"  completed in {took:.1f}s")
-        until(f"{victim} routed again", 60, lambda: both_route(nodes))
+        until(f"{victim} routed again", 240, lambda: both_route(nodes))
         time.sleep(1.5)
     moved = metric(nodes["a"], "ollama_distributed_migrations_total", type="ongoing") - before
     print(f"10/10 streams complete and identical to the reference; {moved:.0f} migrations")
@@ -298,7 +298,7 @@ def test_kill9_on_the_real_engine_greedy_text_is_identical(tmp_path: Path) -> No
                     print(f"  parted at char {k} (cut at char {len(''.join(got.pieces[:at]))}): "
                           f"{got.text[max(0, k - 20):k + 20]!r} vs {ref.text[max(0, k - 20):k + 20]!r}")
                 restart(nodes, victim, env)
-                until(f"{victim} back and routed", 90, lambda: both_route(nodes))
+                until(f"{victim} back and routed", 240, lambda: both_route(nodes))
                 time.sleep(1.5)
             results[label] = (same, trials)
             print(f"{label}: {same}/{trials} byte-identical to the uninterrupted run")
@@ -313,7 +313,7 @@ def test_nothing_to_migrate_to_still_ends_with_a_clear_error(mock_trio: dict[str
     nodes = mock_trio
     post(nodes["b"].url + "/api/copy", {"source": MODEL, "destination": "only-b"})
     post(nodes["a"].url + "/api/distributed/placement", {"model": "only-b", "replicas": 1})
-    until("a routes only-b", 30, lambda: any(
+    until("a routes only-b", 120, lambda: any(
         m["name"] == "only-b:latest" for m in nodes["a"].get("/api/distributed/models")["models"]))  # type: ignore[index]
     time.sleep(1.5)
     path, body = request_of("generate", "x", N)
