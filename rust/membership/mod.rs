@@ -7,6 +7,10 @@
 //! timeout (keep-alives go out four times within it). So a node killed with -9
 //! is marked down about one failure timeout after its last packet.
 
+pub mod adverts;
+pub mod sim;
+pub mod swim;
+
 use std::collections::HashMap;
 
 use bytes::Bytes;
