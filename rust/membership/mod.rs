@@ -6,6 +6,15 @@
 //! is, and quinn closes a connection that heard nothing for the failure
 //! timeout (keep-alives go out four times within it). So a node killed with -9
 //! is marked down about one failure timeout after its last packet.
+//!
+//! For large clusters, [`swim`] (SWIM by the `foca` crate, plus versioned
+//! adverts by broadcast and push, kept in [`adverts`]) replaces the full mesh's
+//! liveness; [`sim`] runs thousands of them on a simulated network. Not wired
+//! into the real cluster yet (ARCHITECTURE.md, "Scaling to a thousand nodes").
+
+pub mod adverts;
+pub mod sim;
+pub mod swim;
 
 use std::collections::HashMap;
 
