@@ -34,7 +34,6 @@ import json
 import os
 import random
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -52,12 +51,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import alternatives
+from alternatives import BENCH_KEY, free_port, get, until
+
 MODEL = "smollm2:135m"
 TENANTS = 12
 ZIPF_S = 1.1
 REPO = Path(__file__).resolve().parent.parent
-ALT_VENV = REPO / "bench" / ".venv-alt"
-BENCH_KEY = "sk-" + secrets.token_hex(16)  # LiteLLM's master key, for this run only
 WORDS = ("invoice", "payment", "customer", "refund", "account", "balance", "policy", "contract", "service",
          "delivery", "warranty", "discount", "order", "shipping", "return", "credit", "tax", "receipt",
          "subscription", "renewal", "support", "ticket", "priority", "escalation", "manager", "region",
@@ -81,34 +81,10 @@ def workload(n: int, seed: int) -> list[tuple[int, str]]:
     return [(t, f"Question {i}: which rule mentions {rng.choice(WORDS)}?") for i, t in enumerate(tenants)]
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str, timeout: float = 5) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        data: bytes = r.read()
-        return data
-
-
 def post(url: str, body: dict[str, Any], timeout: float = 600) -> Any:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def until(what: str, timeout: float, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -356,85 +332,23 @@ def row(name: str, res: Result | None, orc: float, note: str = "") -> str:
             f"  max/mean in-flight {res.load_ratio:4.2f}" + (f"  errors {len(res.errors)}" if res.errors else ""))
 
 
-def alt_python() -> tuple[Path | None, str]:
-    """bench/.venv-alt with litellm[proxy] and ollama-herd from PyPI, created on first use."""
-    py = ALT_VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(ALT_VENV)], check=True)
-    missing = [p for p, mod in (("litellm[proxy]", "litellm.proxy.proxy_server"), ("ollama-herd", "herd"))
-               if subprocess.run([str(py), "-c", f"import {mod}"], capture_output=True).returncode != 0]
-    if missing:
-        out = subprocess.run([str(py), "-m", "pip", "install", "-q", *missing], capture_output=True, text=True)
-        if out.returncode != 0:
-            return None, f"pip install {' '.join(missing)} failed: {out.stderr.strip().splitlines()[-1:]}"
-    return py, ""
-
-
 def run_litellm(py: Path, tmp: Path, nodes: list[Node], strategy: str, seq: list[tuple[int, str]],
                 args: argparse.Namespace, rate: float) -> tuple[Result | None, str]:
-    cfg = tmp / f"litellm-{strategy}.yaml"
-    deployments = "".join(
-        f"  - model_name: smollm2\n    litellm_params:\n      model: ollama_chat/{MODEL}\n"
-        f"      api_base: {n.url}\n" for n in nodes)
-    cfg.write_text(f"model_list:\n{deployments}router_settings:\n  routing_strategy: {strategy}\n")
-    port = free_port()
-    litellm = py.parent / "litellm"
-    log = open(tmp / f"litellm-{strategy}.log", "wb")
-    # the proxy refuses to start without a master key; the client sends it (ask_openai)
-    proc = subprocess.Popen([str(litellm), "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": BENCH_KEY})
-    url = f"http://127.0.0.1:{port}"
     try:
-        until("LiteLLM ready", 120, lambda: proc.poll() is None and get(url + "/health/liveliness") != b"")
-        return replay(lambda t, q: ask_openai(url, t, q, args.tokens), seq, nodes, args.concurrency, rate), ""
-    except RuntimeError as e:
-        tail = (tmp / f"litellm-{strategy}.log").read_text(errors="replace")[-300:]
-        return None, f"LiteLLM did not start: {e}; log: {tail!r}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with alternatives.litellm(py, tmp, "smollm2", [(f"ollama_chat/{MODEL}", n.url) for n in nodes],
+                                  strategy, name=f"litellm-{strategy}") as (url, _):
+            return replay(lambda t, q: ask_openai(url, t, q, args.tokens), seq, nodes, args.concurrency, rate), ""
+    except alternatives.Unavailable as e:
+        return None, str(e)
 
 
 def run_herd(py: Path, tmp: Path, nodes: list[Node], seq: list[tuple[int, str]], args: argparse.Namespace,
              rate: float) -> tuple[Result | None, str]:
-    """ollama-herd's router (`herd`) with one `herd-node` agent per node, each
-    pointed at its node's Ollama API (--ollama-host) and at the router
-    directly (no mDNS); its state under the bench's temporary HOME."""
-    herd, agent = py.parent / "herd", py.parent / "herd-node"
-    if not herd.exists() or not agent.exists():
-        return None, "ollama-herd installed no `herd` / `herd-node` command"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HOME": str(tmp)}
-    log = open(tmp / "herd.log", "wb")
-    procs = [subprocess.Popen([str(herd), "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)]
     try:
-        until("herd ready", 120, lambda: procs[0].poll() is None and get(url + "/api/version") != b"")
-        for i, n in enumerate(nodes):
-            procs.append(subprocess.Popen([str(agent), "--node-id", f"bench-{i}", "--ollama-host", n.url,
-                                           "--router-url", url], stdout=log, stderr=subprocess.STDOUT, env=env))
-
-        def online() -> bool:
-            return int(json.loads(get(url + "/fleet/status"))["fleet"]["nodes_online"]) == len(nodes)
-
-        until("herd sees every node online", 120, online)
-        time.sleep(3)  # a few heartbeats: the router's scores have data
-        return replay(lambda t, q: ask_ollama(url, t, q, args.tokens), seq, nodes, args.concurrency, rate), ""
-    except RuntimeError as e:
-        tail = (tmp / "herd.log").read_text(errors="replace")[-400:]
-        return None, f"ollama-herd did not come up: {e}; log: {tail!r}"
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        with alternatives.herd(py, tmp, [n.url for n in nodes]) as (url, _):
+            return replay(lambda t, q: ask_ollama(url, t, q, args.tokens), seq, nodes, args.concurrency, rate), ""
+    except alternatives.Unavailable as e:
+        return None, str(e)
 
 
 def main() -> None:
@@ -476,7 +390,11 @@ def main() -> None:
                 for n in nodes:
                     n.stop()
     if not args.skip_alternatives:
-        py, why = alt_python()
+        py: Path | None
+        try:
+            py, why = alternatives.alt_python(), ""
+        except alternatives.Unavailable as e:
+            py, why = None, str(e)
         with tempfile.TemporaryDirectory(prefix="prefix-bench-alt-") as d:
             tmp = Path(d)
             nodes = start_standalone(tmp)

@@ -227,6 +227,8 @@ impl Drop for ForwardStream {
 #[derive(Debug)]
 enum ReplyMsg {
     Chunk(Bytes),
+    /// Several chunks queued at once: one message, one wake-up of the writer.
+    Chunks(Vec<Bytes>),
     End,
     Error(u16, String),
 }
@@ -250,6 +252,11 @@ impl Reply {
     /// Queue a chunk; false when the caller is gone.
     pub fn chunk(&self, b: Bytes) -> bool {
         self.tx.send(ReplyMsg::Chunk(b)).is_ok() && !self.is_cancelled()
+    }
+
+    /// Queue several chunks in order; false when the caller is gone.
+    pub fn chunks(&self, b: Vec<Bytes>) -> bool {
+        self.tx.send(ReplyMsg::Chunks(b)).is_ok() && !self.is_cancelled()
     }
 
     pub fn end(&self) {
@@ -286,7 +293,35 @@ pub fn accept(from: String, request: Bytes, send: quinn::SendStream) -> Inbound 
 
 fn encode(m: &ReplyMsg, buf: &mut BytesMut) -> bool {
     match m {
-        ReplyMsg::Chunk(b) if b.len() > frame::MAX_PAYLOAD => {
+        ReplyMsg::Chunks(chunks) => {
+            for b in chunks {
+                if encode_chunk(b, buf) {
+                    return true;
+                }
+            }
+            false
+        }
+        ReplyMsg::Chunk(b) => encode_chunk(b, buf),
+        ReplyMsg::End => {
+            frame::encode_into(Kind::End, &[], buf);
+            true
+        }
+        ReplyMsg::Error(status, message) => {
+            let body = serde_json::to_vec(&ErrorBody {
+                status: *status,
+                message: message.clone(),
+            })
+            .unwrap_or_default();
+            frame::encode_into(Kind::Error, &body, buf);
+            true
+        }
+    }
+}
+
+/// One chunk's frame; true when it ends the stream (a chunk too large).
+fn encode_chunk(b: &Bytes, buf: &mut BytesMut) -> bool {
+    match b {
+        b if b.len() > frame::MAX_PAYLOAD => {
             // the caller would refuse it: say why instead (413, not a lost peer)
             let body = serde_json::to_vec(&ErrorBody {
                 status: 413,
@@ -300,22 +335,9 @@ fn encode(m: &ReplyMsg, buf: &mut BytesMut) -> bool {
             frame::encode_into(Kind::Error, &body, buf);
             true
         }
-        ReplyMsg::Chunk(b) => {
+        b => {
             frame::encode_into(Kind::Chunk, b, buf);
             false
-        }
-        ReplyMsg::End => {
-            frame::encode_into(Kind::End, &[], buf);
-            true
-        }
-        ReplyMsg::Error(status, message) => {
-            let body = serde_json::to_vec(&ErrorBody {
-                status: *status,
-                message: message.clone(),
-            })
-            .unwrap_or_default();
-            frame::encode_into(Kind::Error, &body, buf);
-            true
         }
     }
 }
@@ -389,6 +411,29 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
         assert_eq!(body["status"], 413);
         assert!(body["message"].as_str().unwrap().contains("too large"));
+    }
+
+    #[test]
+    fn chunks_sent_together_become_one_frame_each_in_order() {
+        let mut buf = BytesMut::new();
+        let batch = vec![
+            Bytes::from_static(b"{\"a\":1}"),
+            Bytes::from_static(b"{\"b\":2}"),
+        ];
+        assert!(!encode(&ReplyMsg::Chunks(batch), &mut buf));
+        let mut dec = Decoder::default();
+        dec.push(&buf);
+        let first = dec.next_frame().unwrap().unwrap();
+        let second = dec.next_frame().unwrap().unwrap();
+        assert_eq!(
+            (first.kind, &first.payload[..]),
+            (Kind::Chunk, &b"{\"a\":1}"[..])
+        );
+        assert_eq!(
+            (second.kind, &second.payload[..]),
+            (Kind::Chunk, &b"{\"b\":2}"[..])
+        );
+        assert!(dec.next_frame().unwrap().is_none());
     }
 
     #[test]

@@ -31,6 +31,10 @@ DEFAULT_FAILURE_TIMEOUT_S = 2.0
 # A forwarded request still running after this long starts watching for the
 # caller's cancellation (a future per request is measurable at zero delay).
 WATCH_AFTER_S = 0.002
+# Chunks of a forwarded answer held for one crossing into the core at most:
+# a handler that yields this many without waiting (a zero-delay engine) sends
+# them at once rather than holding the whole answer back.
+SEND_BATCH = 64
 
 # No core thread may call into Python's logging once the interpreter exits.
 atexit.register(_core.stop_logging)
@@ -276,29 +280,56 @@ class ClusterService:
         # Most forwarded requests that finish at once never need a watcher;
         # one that runs longer gets it after WATCH_AFTER_S. Until then a
         # cancelled caller is seen by send() returning False.
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(WATCH_AFTER_S, watch)
+        # Chunks cross into the core in batches: those the handler yields
+        # within one turn of the event loop go together when it next waits
+        # (or at SEND_BATCH), one crossing and one wake-up of the writer
+        # instead of one per token, and no added delay.
+        pending: list[bytes] = []
+        flushing: asyncio.Handle | None = None
+        gone = False
+
+        def flush() -> None:
+            nonlocal flushing, gone
+            flushing = None
+            if pending and not gone:
+                gone = not reply.send_many(pending)
+            pending.clear()
+
         try:
             request = json.loads(raw)
             agen = self._handler(request)
             try:
                 async for chunk in agen:
-                    if not reply.send(json.dumps(chunk, separators=(",", ":")).encode()):
+                    pending.append(json.dumps(chunk, separators=(",", ":")).encode())
+                    if len(pending) >= SEND_BATCH:
+                        flush()
+                    elif flushing is None:
+                        flushing = loop.call_soon(flush)
+                    if gone:
                         return
             finally:
                 aclose = getattr(agen, "aclose", None)
                 if aclose is not None:
                     await aclose()
+            flush()
             reply.end()
         except asyncio.CancelledError:
             logger.debug("forwarded request from %s cancelled by the caller", caller)
         except OllamaDistributedError as e:
+            flush()  # what the handler yielded before it failed goes first
             reply.error(e.status, e.message)
         except json.JSONDecodeError as e:
             reply.error(400, f"malformed forwarded request: {e}")
         except Exception as e:  # an engine bug must not kill the inbound loop
             logger.exception("forwarded request from %s failed", caller)
+            flush()
             reply.error(EngineError.status, str(e) or type(e).__name__)
         finally:
+            pending.clear()  # a flush still scheduled finds nothing to send
+            if flushing is not None:
+                flushing.cancel()
             timer.cancel()
             if watcher is not None:
                 watcher.cancel()

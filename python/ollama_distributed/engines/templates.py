@@ -240,6 +240,11 @@ class GoTemplate:
     # what the model can do
 
     def capabilities(self) -> list[str]:
+        return list(self._capabilities)
+
+    @functools.cached_property
+    def _capabilities(self) -> tuple[str, ...]:
+        # computed once per parsed template: routing asks for every request
         caps = []
         if "tools" in self.vars:
             caps.append("tools")
@@ -247,7 +252,7 @@ class GoTemplate:
             caps.append("insert")
         if all(self.thinking_tags()):
             caps.append("thinking")
-        return caps
+        return tuple(caps)
 
     def tool_call_tag(self) -> str:
         """The text the model's tool calls start with: the first text in the
@@ -262,6 +267,11 @@ class GoTemplate:
     def thinking_tags(self) -> tuple[str, str]:
         """The texts around `.Thinking` inside a range over `.Messages`: the
         first and last texts of the innermost list holding it (Ollama's heuristic)."""
+        return self._thinking_tags
+
+    @functools.cached_property
+    def _thinking_tags(self) -> tuple[str, str]:
+        # a walk of the whole tree: once per parsed template, not per request
         opening = closing = ""
         ancestors: list[Any] = []
 
