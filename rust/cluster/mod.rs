@@ -17,6 +17,7 @@ mod ca;
 mod join;
 mod members;
 mod peers;
+mod rpc;
 mod serve;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -42,6 +43,7 @@ use crate::membership::{Membership, NodeView};
 use crate::transport::mesh::PeerEvent;
 use crate::transport::tls::{ClusterCa, JoinToken, TlsError, TlsMaterial};
 use crate::transport::{self, Kind, Mesh, TransportError};
+use crate::tunnel::Tunnels;
 
 pub use join::{JoinParseError, JoinRequest, JoinResponse, MAX_JOIN_REQUEST};
 
@@ -262,6 +264,8 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Model blobs and manifests to and from peers.
     blobs: Blobs,
+    /// ggml RPC tunnels: opened to peers, served to peers (`crate::tunnel`).
+    tunnels: Tunnels,
 }
 
 fn valid_node_id(id: &str) -> bool {
@@ -388,6 +392,7 @@ impl Cluster {
             shutdown,
             tasks: Mutex::new(Vec::new()),
             blobs: Blobs::default(),
+            tunnels: Tunnels::default(),
         });
         let tasks = vec![
             tokio::spawn(cluster.clone().accept_loop()),
@@ -407,6 +412,7 @@ impl Cluster {
     /// Stop Raft, close every connection and the endpoint.
     pub async fn stop(&self) {
         let _ = self.shutdown.send(true);
+        self.tunnels.close_all();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.raft.shutdown()).await;
         for t in self
             .tasks
