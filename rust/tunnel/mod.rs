@@ -215,9 +215,10 @@ impl Tunnels {
                 streams: self.served.connections.load(Ordering::Relaxed),
                 active: self.served.active.load(Ordering::Relaxed),
                 refused: self.refused.load(Ordering::Relaxed),
-                // in: from the peer into the RPC server
-                bytes_in: self.served.sent.load(Ordering::Relaxed),
-                bytes_out: self.served.received.load(Ordering::Relaxed),
+                // the bridge's TCP side is the RPC server here: what the
+                // tunnel brought to it is `received`, its answers `sent`
+                bytes_in: self.served.received.load(Ordering::Relaxed),
+                bytes_out: self.served.sent.load(Ordering::Relaxed),
             },
         }
     }
@@ -398,38 +399,49 @@ async fn bridge(
     let _ = tcp.set_nodelay(true);
     stats.active.fetch_add(1, Ordering::Relaxed);
     let (mut tr, mut tw) = tcp.into_split();
+    // counted when read, before they are passed on: whoever sees them arrive
+    // sees them counted
     let up = async {
         let mut buf = vec![0u8; COPY_CHUNK];
         loop {
-            let n = tr.read(&mut buf).await.map_err(|_| ())?;
+            let n = tr
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("tcp read: {e}"))?;
             if n == 0 {
                 let _ = send.finish();
-                return Ok::<(), ()>(());
+                return Ok::<(), String>(());
             }
-            send.write_all(&buf[..n]).await.map_err(|_| ())?;
             stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+            send.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("stream write: {e}"))?;
         }
     };
     let down = async {
         if !leftover.is_empty() {
-            tw.write_all(&leftover).await.map_err(|_| ())?;
             stats
                 .received
                 .fetch_add(leftover.len() as u64, Ordering::Relaxed);
+            tw.write_all(&leftover)
+                .await
+                .map_err(|e| format!("tcp write: {e}"))?;
         }
         loop {
             match recv.read_chunk(COPY_CHUNK, true).await {
                 Ok(Some(chunk)) => {
-                    tw.write_all(&chunk.bytes).await.map_err(|_| ())?;
                     stats
                         .received
                         .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                    tw.write_all(&chunk.bytes)
+                        .await
+                        .map_err(|e| format!("tcp write: {e}"))?;
                 }
                 Ok(None) => {
                     let _ = tw.shutdown().await;
-                    return Ok::<(), ()>(());
+                    return Ok::<(), String>(());
                 }
-                Err(_) => return Err(()),
+                Err(e) => return Err(format!("stream read: {e}")),
             }
         }
     };
@@ -440,19 +452,20 @@ async fn bridge(
             tokio::select! {
                 r = &mut up, if !up_done => match r {
                     Ok(()) => up_done = true,
-                    Err(()) => break true,
+                    Err(e) => break Some(e),
                 },
                 r = &mut down, if !down_done => match r {
                     Ok(()) => down_done = true,
-                    Err(()) => break true,
+                    Err(e) => break Some(e),
                 },
             }
             if up_done && down_done {
-                break false;
+                break None;
             }
         }
     };
-    if broken {
+    if let Some(why) = broken {
+        tracing::debug!("RPC tunnel bridge broken: {why}");
         // the other side learns at once: a reset stream, a closed socket
         // (dropped with `tr`/`tw` here)
         let _ = send.reset(BROKEN);

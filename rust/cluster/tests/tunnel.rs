@@ -8,18 +8,34 @@ use super::*;
 
 /// Both nodes up and connected to each other.
 async fn two(dir: &std::path::Path) -> (Arc<Cluster>, Arc<Cluster>) {
-    let a = Cluster::start(cfg("a", dir, vec![], None)).await.unwrap();
+    // a generous failure timeout: on a loaded machine a 1 s one can drop the
+    // connection under a 4 MiB transfer, which is not what these tests test
+    let patient = |mut c: ClusterConfig| {
+        c.failure_timeout = Duration::from_secs(5);
+        c
+    };
+    let a = Cluster::start(patient(cfg("a", dir, vec![], None)))
+        .await
+        .unwrap();
     wait_for("a to lead", Duration::from_secs(5), || {
         a.status().role == "leader"
     })
     .await;
-    let b = Cluster::start(cfg("b", dir, seed(&a), Some(a.join_token())))
+    let b = Cluster::start(patient(cfg("b", dir, seed(&a), Some(a.join_token()))))
         .await
         .unwrap();
     let (a2, b2) = (a.clone(), b.clone());
-    wait_for("a and b connected", Duration::from_secs(10), || {
-        a2.mesh.connection("b").is_some() && b2.mesh.connection("a").is_some()
-    })
+    // both members alive in each other's view: the join's connections have
+    // settled into the pair's one (a stream on a replaced one would be lost)
+    wait_for(
+        "a and b alive to each other",
+        Duration::from_secs(10),
+        || {
+            [&a2, &b2]
+                .iter()
+                .all(|n| n.nodes().len() == 2 && n.nodes().iter().all(|x| x.alive))
+        },
+    )
     .await;
     (a, b)
 }
@@ -96,20 +112,32 @@ async fn bytes_cross_the_tunnel_both_ways_only_while_rpc_is_served() {
         .unwrap()
         .unwrap();
     assert!(back == expect, "the bytes came back changed");
-    let mut w = writer.await.unwrap();
+    let w = writer.await.unwrap();
     let st = a.rpc_tunnels();
     let t = &st.open[0];
     assert_eq!((t.port, t.peer.as_str()), (port, "b"));
     assert_eq!(t.bytes_sent, 9 + (4 << 20));
     assert_eq!(t.bytes_received, 9 + (4 << 20));
     assert_eq!(t.active, 1);
-    assert_eq!(b.rpc_tunnels().served.bytes_in, 9 + (4 << 20));
-
-    // the server closing its side ends the client's connection
-    w.write_all(b"bye").await.unwrap();
+    let served = b.rpc_tunnels().served;
+    assert_eq!(
+        (served.bytes_in, served.bytes_out),
+        (9 + (4 << 20), 9 + (4 << 20))
+    );
+    // one way only: the server's side counts what it was given as in
     let mut s = r.reunite(w).unwrap();
+    s.write_all(b"bye").await.unwrap();
     assert_eq!(read_to_close(&mut s, Duration::from_secs(10)).await, 0);
-    drop(s); // the client's side closes too: nothing is left to carry
+    drop(s);
+    // (counted right after the write, which may come after the close it caused)
+    let b2 = b.clone();
+    wait_for("b to count the bye", Duration::from_secs(5), || {
+        let served = b2.rpc_tunnels().served;
+        (served.bytes_in, served.bytes_out) == (12 + (4 << 20), 9 + (4 << 20))
+    })
+    .await;
+
+    // the server closing its side (on "bye" above) ended the client's connection
     let a2 = a.clone();
     wait_for("the bridge to end", Duration::from_secs(5), || {
         a2.rpc_tunnels().open[0].active == 0
