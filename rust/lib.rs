@@ -14,6 +14,7 @@ pub mod forward;
 pub mod membership;
 pub mod scheduler;
 pub mod transport;
+pub mod tunnel;
 
 #[cfg(feature = "python")]
 mod py_cluster;

@@ -21,6 +21,7 @@ use crate::consensus::Command;
 use crate::forward::{self, ForwardError};
 use crate::python::runtime;
 use crate::transport::tls::TlsMaterial;
+use crate::tunnel::TunnelError;
 use bytes::Bytes;
 
 pyo3::import_exception!(ollama_distributed.errors, PeerUnavailableError);
@@ -386,6 +387,41 @@ impl Cluster {
         let core = self.running()?;
         // without the GIL: the asyncio thread and the core's threads go on meanwhile
         py.detach(|| serde_json::to_string(&core.transfer_status()))
+            .map_err(|e| CoreError::new_err(e.to_string()))
+    }
+
+    /// Bridge peers' RPC tunnels to this node's ggml RPC server on
+    /// 127.0.0.1:`port`; None refuses them (the server is off or down).
+    #[pyo3(signature = (port=None))]
+    fn set_rpc_port(&self, port: Option<u16>) -> PyResult<()> {
+        self.running()?.set_rpc_port(port);
+        Ok(())
+    }
+
+    /// Listen on 127.0.0.1 (an ephemeral port, returned) and bridge each
+    /// connection there to `node_id`'s RPC server through the pair's mTLS
+    /// QUIC connection. PeerUnavailableError when not connected to it.
+    fn open_rpc_tunnel(&self, node_id: &str) -> PyResult<u16> {
+        let c = self.running()?;
+        let _rt = runtime().enter();
+        c.open_rpc_tunnel(node_id).map_err(|e| match e {
+            TunnelError::NoPeer(_) => PeerUnavailableError::new_err(e.to_string()),
+            other => CoreError::new_err(other.to_string()),
+        })
+    }
+
+    /// Close the tunnel listening on `port` and end its connections; False
+    /// when none listens there.
+    fn close_rpc_tunnel(&self, port: u16) -> PyResult<bool> {
+        let c = self.running()?;
+        let _rt = runtime().enter();
+        Ok(c.close_rpc_tunnel(port))
+    }
+
+    /// The RPC tunnels opened and served, with byte counts, as JSON (see
+    /// `tunnel::Status`).
+    fn rpc_tunnels_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.running()?.rpc_tunnels())
             .map_err(|e| CoreError::new_err(e.to_string()))
     }
 

@@ -137,6 +137,10 @@ class EngineSection:
     # Memory offered to split models, advertised to the cluster; 0: the
     # machine's available memory at each advert.
     rpc_memory_mib: int = 0
+    # The most memory one model's weights may take on this node; a larger one
+    # is split across peers' RPC servers (engines/split.py) or refused (507).
+    # 0: the machine's memory.
+    max_model_memory_mib: int = 0
 
 
 @dataclass
@@ -396,6 +400,9 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.engine.rpc_port}")
     if cfg.engine.rpc_memory_mib < 0:
         raise ConfigError(f"{where}: engine.rpc_memory_mib: expected an integer >= 0 (0: the memory available)")
+    if cfg.engine.max_model_memory_mib < 0:
+        raise ConfigError(f"{where}: engine.max_model_memory_mib: expected an integer >= 0 "
+                          "(0: the machine's memory)")
     if cfg.engine.max_queue < 0:
         raise ConfigError(f"{where}: engine.max_queue: expected an integer >= 0")
     if cfg.engine.prompt_cache_mib < 0:

@@ -107,6 +107,15 @@ class Node:
         self.parallel_auto = cfg.engine.num_parallel == 0
         cfg.engine.num_parallel = parallel.resolve(cfg.engine, self.store)
         self.engine: Engine = make_engine(cfg, lambda: self.dispatcher)
+        if cfg.engine.kind == "llamacpp":  # a model too large for this node splits across peers
+            from .engines.split import SplittingEngine, candidates
+
+            self.engine = SplittingEngine(
+                self.engine, cfg.engine, self.store.root, self.node_id,
+                peers=lambda m: candidates(self.cluster.nodes(), self._checked_advert, self.node_id, m)
+                if self.cluster is not None else [],
+                open_tunnel=lambda peer: self.cluster.open_rpc_tunnel(peer),
+                close_tunnel=lambda port: self.cluster.close_rpc_tunnel(port))
         self.dispatcher = Dispatcher(cfg, self.node_id, self.store, self.engine, self.metrics)
         self.notifier = Notifier()
         self.supervisor = Supervisor()
@@ -209,6 +218,11 @@ class Node:
         svc.set_inbound_handler(self.handle_inbound)
         svc.configure_blobs(self.store.root, self.cfg.models.replication_bandwidth_mbps)
         self.cluster = svc
+        if self.rpc is not None:
+            # peers' RPC tunnels reach the server while it serves (rust/tunnel/)
+            self.rpc.on_port = svc.set_rpc_port
+            if self.rpc.ready:
+                svc.set_rpc_port(self.rpc.port)
         if self.engine.uses_store:
             from .cluster.replication import Replicator
 
@@ -752,7 +766,10 @@ class Node:
                    "protocol": "udp", "connections": self.cluster_status().get("peers_connected", 0)}
         # the ggml RPC server: on 127.0.0.1 only, reached by peers only through the cluster
         rpc = self.rpc.status() if self.rpc is not None else None
-        return {"api": tcp(self.api_url), "web": tcp(self.web_url), "p2p": p2p, "rpc": rpc}
+        # its tunnels (rust/tunnel/): opened to peers' RPC servers, served to peers
+        tunnels = self.cluster.rpc_tunnels() if self.cluster is not None else None
+        return {"api": tcp(self.api_url), "web": tcp(self.web_url), "p2p": p2p, "rpc": rpc,
+                "rpc_tunnels": tunnels}
 
     def health(self) -> dict[str, Any]:
         from .api.common import now_iso

@@ -305,6 +305,10 @@ impl Cluster {
                 let (kind, body) = self.handle_join(&conn, &first.payload, Some(&peer)).await;
                 reply(send, kind, body).await;
             }
+            Kind::RpcTunnel => {
+                let (recv, leftover) = reader.into_parts();
+                self.tunnels.serve(&peer, send, recv, leftover).await;
+            }
             Kind::CaKey => {
                 let res = self.serve_ca_key(&peer);
                 reply(

@@ -62,6 +62,10 @@ pub enum Kind {
     CaKey = 22,
     /// `Ok(key pem)`/`Err` of a CaKey, as JSON.
     CaKeyResponse = 23,
+    /// Open an RPC tunnel (`crate::tunnel`): the opener sends `{}`, the
+    /// server answers RpcTunnel `{}` (bridged) or Error; then the stream
+    /// carries raw ggml RPC bytes both ways.
+    RpcTunnel = 24,
 }
 
 impl Kind {
@@ -92,6 +96,7 @@ impl Kind {
             21 => RemoveMemberResponse,
             22 => CaKey,
             23 => CaKeyResponse,
+            24 => RpcTunnel,
             _ => return None,
         })
     }
@@ -167,6 +172,12 @@ impl Decoder {
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Take the bytes received past the frames returned (a stream that
+    /// carries raw bytes after a header frame).
+    pub fn take_buffered(&mut self) -> BytesMut {
+        std::mem::take(&mut self.buf)
     }
 
     /// The next complete frame, None when more bytes are needed, or the error

@@ -293,6 +293,12 @@ impl FrameReader {
         Ok(self.dec.next_frame()?)
     }
 
+    /// The stream and the bytes already read past the frames returned.
+    pub fn into_parts(mut self) -> (quinn::RecvStream, bytes::BytesMut) {
+        let rest = self.dec.take_buffered();
+        (self.recv, rest)
+    }
+
     pub fn stop(&mut self, code: quinn::VarInt) {
         let _ = self.recv.stop(code);
     }

@@ -294,6 +294,8 @@ async def ps(request: web.Request) -> web.Response:
             "details": lm.details,
             "expires_at": iso(lm.expires_at) if lm.expires_at else "0001-01-01T00:00:00Z",
             "size_vram": 0, "context_length": lm.context_length,
+            # a model split across nodes (engines/split.py): which node holds which share
+            **({"parts": lm.parts} if lm.parts else {}),
         })
     return web.json_response({"models": models})
 

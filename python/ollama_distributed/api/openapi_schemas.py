@@ -113,7 +113,11 @@ _LISTED: dict[str, Schema] = {"name": STR, "model": STR, "size": COUNT, "digest"
 TAGS: Schema = obj({"models": array(obj({**_LISTED, "modified_at": TIME},
                                         ["name", "model", "modified_at", "size", "digest", "details"]))},
                    ["models"])
-PS: Schema = obj({"models": array(obj({**_LISTED, "expires_at": TIME, "size_vram": COUNT, "context_length": COUNT},
+# a model split across nodes (engines/split.py): each node's share, this node first
+_PART: Schema = obj({"node": STR, "local": BOOL, "memory_mib": COUNT, "share_mib": COUNT, "layers": COUNT},
+                    ["node", "local", "memory_mib", "share_mib", "layers"])
+PS: Schema = obj({"models": array(obj({**_LISTED, "expires_at": TIME, "size_vram": COUNT, "context_length": COUNT,
+                                       "parts": array(_PART)},
                                       ["name", "model", "size", "digest", "details", "expires_at", "size_vram"]))},
                  ["models"])
 VERSION: Schema = obj({"version": STR}, ["version"])

@@ -20,7 +20,12 @@ answered, or what answered is not an ollama-distributed node).
     models          [{name, size, loaded, requests}]
     nodes           [{id, status, role, address, local}]
     services        {api|web|p2p: {url, port, protocol, connections} or null,
-                     rpc: {enabled, ready, address, memory_mib, restarts, pid} or null}
+                     rpc: {enabled, ready, address, memory_mib, restarts, pid} or null,
+                     rpc_tunnels: {open: [{port, peer, bytes_sent, bytes_received, connections,
+                                   active, failures}], served: {rpc_port, streams, active, refused,
+                                   bytes_in, bytes_out}} or null}
+    split           [{name, parts: [{node, local, memory_mib, share_mib, layers}]}] of the
+                    models this node runs split across nodes
 
 With `--watch --json` one such object is printed per line (NDJSON).
 """
@@ -137,6 +142,10 @@ def collect(api: str, verbose: bool, timeout: float = 5.0) -> dict[str, Any]:
         for m in models if isinstance(m, dict)
     ]
     out["services"] = st.get("services") or {}
+    # models split across nodes (issue 16): which node holds which share
+    running = _get_dict(client, "/api/ps", timeout).get("models") or []
+    out["split"] = [{"name": m.get("name"), "parts": m["parts"]} for m in running
+                    if isinstance(m, dict) and isinstance(m.get("parts"), list)]
     return out
 
 
@@ -195,6 +204,10 @@ def render(data: dict[str, Any], color: bool) -> str:
                 state = "loaded" if m["loaded"] else "not loaded"
                 lines.append(f"     {icon} {m['name']} ({human_bytes(m['size'] or 0)}, {state}) - "
                              f"{m['requests']} requests")
+        for sm in data.get("split") or []:
+            shares = ", ".join(f"{p.get('node')} {p.get('layers')} layers ({p.get('share_mib')} MiB)"
+                               for p in sm["parts"] if isinstance(p, dict))
+            lines.append(f"     ✂️  {sm['name']} split across nodes: {shares}")
         lines += ["", "🖧  Cluster Nodes"]
         for cn in data.get("nodes") or []:
             here = " (this node)" if cn["local"] else ""

@@ -226,6 +226,27 @@ class ClusterService:
         st: dict[str, Any] = json.loads(self._core.transfer_status_json())
         return st
 
+    # ---- ggml RPC tunnels (split models, issue 16) ---------------------------
+
+    def set_rpc_port(self, port: int | None) -> None:
+        """Bridge peers' RPC tunnels to this node's RPC server on 127.0.0.1:`port`;
+        None refuses them (engine.rpc_server off, or its server not serving)."""
+        self._core.set_rpc_port(port)
+
+    def open_rpc_tunnel(self, node_id: str) -> int:
+        """A loopback port whose connections reach `node_id`'s RPC server through
+        the pair's mTLS QUIC connection. PeerUnavailableError when not connected."""
+        return self._core.open_rpc_tunnel(node_id)
+
+    def close_rpc_tunnel(self, port: int) -> bool:
+        return self._core.close_rpc_tunnel(port)
+
+    def rpc_tunnels(self) -> dict[str, Any]:
+        """{"open": [{port, peer, bytes_sent, bytes_received, connections, active,
+        failures}], "served": {rpc_port, streams, active, refused, bytes_in, bytes_out}}."""
+        st: dict[str, Any] = json.loads(self._core.rpc_tunnels_json())
+        return st
+
     # ---- forwarding -----------------------------------------------------------
 
     def set_inbound_handler(self, handler: InboundHandler) -> None:

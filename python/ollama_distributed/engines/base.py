@@ -126,6 +126,8 @@ class LoadedModel:
     expires_at: float | None  # unix seconds; None: kept forever
     details: dict[str, Any]
     context_length: int = 0
+    # a model split across nodes (engines/split.py): each node's share
+    parts: list[dict[str, Any]] | None = None
 
 
 class Engine(Protocol):

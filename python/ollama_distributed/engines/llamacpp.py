@@ -104,6 +104,8 @@ class LlamaCppEngine:
         self.reaper: asyncio.Task[None] | None = None  # supervised by the node
         self._threads = cfg.threads or (os.cpu_count() or 1)
         self.cache = PromptCache(cfg.prompt_cache_mib << 20)  # warm prefixes, every model within one budget
+        # extra llama.cpp model parameters (a split model's worker: n_gpu_layers, tensor_split)
+        self.load_kwargs: dict[str, Any] = {}
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -157,6 +159,7 @@ class LlamaCppEngine:
             n_threads=self._threads,
             n_threads_batch=self._threads,
             verbose=False,
+            **self.load_kwargs,
         )
         if embedding:
             # a whole input in one batch: llama-cpp-python refuses (or truncates) an

@@ -7,8 +7,9 @@ restarted when it exits; one that keeps dying at once ends the supervised task,
 so the node reports itself degraded (supervise.py) instead of advertising a
 server that is not there.
 
-Not built yet (issue 16): the QUIC tunnel through which a peer reaches this
-port, and the scheduler's decision to split a model.
+Peers reach the port only through the cluster core's RPC tunnel (a QUIC
+stream on the pair's mTLS connection, rust/tunnel/): `on_port` tells the core
+where to bridge tunnels while the child serves, and None when it does not.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -55,6 +57,17 @@ class RpcServer:
         self.restarts = 0
         self._listened = False
         self._proc: asyncio.subprocess.Process | None = None
+        # told the port while the child serves, None when it stops (node.py
+        # points it at the cluster core's tunnel endpoint)
+        self.on_port: Callable[[int | None], None] | None = None
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        if self.on_port is not None:
+            try:
+                self.on_port(self.port if ready else None)
+            except Exception:  # the cluster core not started or stopped: nothing to tell
+                logger.debug("could not tell the cluster core the RPC port", exc_info=True)
 
     def check(self) -> None:
         """Raise ConfigError at start when this machine cannot serve RPC."""
@@ -63,8 +76,10 @@ class RpcServer:
             raise ConfigError(f"engine.rpc_server is true but {why}")
 
     def memory_mib(self) -> int:
-        """The budget advertised: engine.rpc_memory_mib, else the memory available now."""
-        return self.cfg.rpc_memory_mib or int(psutil.virtual_memory().available // (1024 * 1024))
+        """The budget advertised: engine.rpc_memory_mib, else engine.max_model_memory_mib,
+        else the memory available now."""
+        return (self.cfg.rpc_memory_mib or self.cfg.max_model_memory_mib
+                or int(psutil.virtual_memory().available // (1024 * 1024)))
 
     def advert_fields(self) -> dict[str, Any]:
         return {"rpc_ready": self.ready, "rpc_memory_mib": self.memory_mib() if self.ready else 0}
@@ -105,12 +120,12 @@ class RpcServer:
         try:
             if await self._wait_listening(self._proc):
                 self._listened = True
-                self.ready = True
+                self._set_ready(True)
                 logger.info("RPC server: serving this node's CPU backend on %s (loopback only), "
                             "%d MiB advertised", ggml_rpc.endpoint(self.port), self.memory_mib())
             return await self._proc.wait()
         finally:
-            self.ready = False
+            self._set_ready(False)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(logs, 2.0)
             logs.cancel()
@@ -145,7 +160,7 @@ class RpcServer:
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        self.ready = False
+        self._set_ready(False)
         if proc is None or proc.returncode is not None:
             return
         proc.terminate()

@@ -67,6 +67,8 @@ async def snapshot(node: Node) -> dict[str, Any]:
         "models": await node.cluster_models(),  # with their placement when the node replicates
         "replication": replication(node),
         "loaded": [m.name for m in node.engine.loaded()],
+        # models this node runs split across nodes (engines/split.py) and their shares
+        "split": [{"name": m.name, "parts": m.parts} for m in node.engine.loaded() if m.parts],
         "requests_total": d.requests_total,
         "tokens_total": d.tokens_total,
         "text_chunks": d.text_chunks,

@@ -11,6 +11,7 @@ mod handover;
 mod membership;
 mod replication;
 mod security;
+mod tunnel;
 
 fn cfg(id: &str, dir: &std::path::Path, join: Vec<String>, token: Option<String>) -> ClusterConfig {
     ClusterConfig {
