@@ -135,7 +135,7 @@ fn closed_loop(policy: &str, nodes: usize, concurrency: usize, hot_half: bool) -
         let order = r.route_prompt(MODEL, &prompt(t, q), q as u64).unwrap();
         let id = order[0].clone();
         // a hit: the node already had the tenant's whole system prompt
-        if r.prefixes().matched(&id, &c) as usize >= c.len() - 2 {
+        if r.prefix_matched(&id, &c) as usize >= c.len() - 2 {
             hits += 1;
         }
         if seen[t] {
@@ -206,7 +206,7 @@ fn a_dead_node_tenants_move_and_stick_to_their_new_node() {
     }
     // n1 leaves for good; a new node joins and takes new tenants first
     r.remove("n1");
-    assert_eq!(r.prefixes().len("n1"), 0);
+    assert_eq!(r.prefix_len("n1"), 0);
     r.update(node("n9"));
     let id = send(&mut r, 99, 0, 3);
     assert_eq!(id, "n9", "the empty newcomer takes the new tenant");
@@ -219,7 +219,7 @@ fn a_restarted_node_advert_clears_the_guess_and_another_entry_learns_from_advert
     r.finished(&id);
     // the node restarts: its advert (taken after the route) says nothing is warm
     r.set_warm(&id, &[], 200);
-    assert_eq!(r.prefixes().len(&id), 0);
+    assert_eq!(r.prefix_len(&id), 0);
     // a second entry node never routed tenant 5, but the holder's advert tells it
     let mut other = cluster(3, "prefix_aware");
     let warm = chain(MODEL, &prompt(5, 0));
@@ -239,7 +239,7 @@ fn eviction_bounds_the_index_and_forgotten_tenants_route_by_load() {
         let id = send(&mut r, t, q, q as u64);
         r.finished(&id);
         for i in 0..3 {
-            assert!(r.prefixes().len(&format!("n{i}")) <= 200);
+            assert!(r.prefix_len(&format!("n{i}")) <= 200);
         }
     }
     // every node serves: evicted tenants land by load and cache size
