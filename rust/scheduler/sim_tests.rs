@@ -87,6 +87,37 @@ fn sequential_tenants_stick_to_one_node_each_and_spread_over_nodes() {
 }
 
 #[test]
+fn a_template_head_shared_by_every_tenant_does_not_pull_new_tenants_together() {
+    let mut r = cluster(3, "prefix_aware");
+    // two blocks of chat template and default instructions, then the tenant's own text
+    let head =
+        "<|im_start|>system\nYou are a helpful assistant. Answer briefly and cite the rules. ";
+    let head = head.repeat(2);
+    let text = |t: usize| format!("{head}{}", format!("tenant {t} rule. ").repeat(60));
+    assert_eq!(chain(MODEL, &head).len(), 2);
+    let mut homes = Vec::new();
+    for t in 0..3 {
+        let order = r.route_prompt(MODEL, &text(t), t as u64).unwrap();
+        r.dispatched(&order[0]);
+        r.finished(&order[0]);
+        homes.push(order[0].clone());
+    }
+    homes.sort();
+    homes.dedup();
+    assert_eq!(
+        homes.len(),
+        3,
+        "three new tenants, three idle nodes: {homes:?}"
+    );
+    let d = r.decisions();
+    assert_eq!((d.prefix_hit, d.load), (0, 3), "{d:?}");
+    // a tenant's second request still finds its node
+    let order = r.route_prompt(MODEL, &text(1), 9).unwrap();
+    r.dispatched(&order[0]);
+    assert_eq!(r.decisions().prefix_hit, 1);
+}
+
+#[test]
 fn a_saturated_hot_prefix_spreads_to_a_second_node_and_is_counted() {
     let mut r = cluster(3, "prefix_aware");
     let first = send(&mut r, 0, 0, 0); // still running
