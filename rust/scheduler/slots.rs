@@ -328,7 +328,7 @@ impl SlotPool {
             );
             // strictly smaller: the earlier (older) waiter wins a tie
             if best.map_or(true, |(_, b)| {
-                key.0 < b.0 || (key.0 == b.0 && earlier((key.1, key.2), (b.1, b.2)))
+                (!key.0 && b.0) || (key.0 == b.0 && earlier((key.1, key.2), (b.1, b.2)))
             }) {
                 best = Some((i, key));
             }
