@@ -74,10 +74,14 @@ def system_prompt(t: int) -> str:
     return f"You are the assistant of tenant {t}. Follow these rules.\n" + "\n".join(rules)
 
 
-def workload(n: int, seed: int) -> list[tuple[int, str]]:
+def workload(n: int, seed: int, hot_half: bool = False) -> list[tuple[int, str]]:
+    """Tenants Zipf(1.1); with `hot_half`, tenant 0 sends half the requests
+    and the rest are Zipf over all twelve (the bounded-load case)."""
     rng = random.Random(seed)
     weights = [1 / (k ** ZIPF_S) for k in range(1, TENANTS + 1)]
     tenants = rng.choices(range(TENANTS), weights, k=n)
+    if hot_half:
+        tenants = [0 if rng.random() < 0.5 else t for t in tenants]
     return [(t, f"Question {i}: which rule mentions {rng.choice(WORDS)}?") for i, t in enumerate(tenants)]
 
 
@@ -332,6 +336,29 @@ def row(name: str, res: Result | None, orc: float, note: str = "") -> str:
             f"  max/mean in-flight {res.load_ratio:4.2f}" + (f"  errors {len(res.errors)}" if res.errors else ""))
 
 
+def ratios(results: dict[str, Result], orc: float) -> list[str]:
+    """The targets, as ratios of figures measured in this run."""
+    mean = {k: statistics.mean(r.ttft) for k, r in results.items() if r.ttft}
+    out = []
+    pa = results.get("cluster prefix_aware")
+    if pa is None or "cluster prefix_aware" not in mean:
+        return out
+    ours = mean["cluster prefix_aware"]
+    if "cluster round_robin" in mean:
+        out.append(f"prefix_aware mean TTFT {mean['cluster round_robin'] / ours:.1f}x lower than round_robin "
+                   "(target >= 3x)")
+    alts = {k: v for k, v in mean.items() if not k.startswith("cluster ")}
+    if alts:
+        best = min(alts, key=lambda k: alts[k])
+        out.append(f"prefix_aware mean TTFT {alts[best] / ours:.1f}x lower than the best alternative ({best}) "
+                   "(target >= 3x)")
+    if pa.counters is not None and sum(pa.counters):
+        out.append(f"prefix_aware hit rate {pa.counters[0] / sum(pa.counters) / orc:.0%} of the oracle's "
+                   "(target >= 90%)")
+    out.append(f"prefix_aware max/mean in-flight {pa.load_ratio:.2f} (target <= 1.25 with --hot-half)")
+    return out
+
+
 def run_litellm(py: Path, tmp: Path, nodes: list[Node], strategy: str, seq: list[tuple[int, str]],
                 args: argparse.Namespace, rate: float) -> tuple[Result | None, str]:
     try:
@@ -360,16 +387,20 @@ def main() -> None:
     ap.add_argument("--policies", default="round_robin,least_loaded,prefix_aware",
                     help="cluster policies to run, comma-separated ('' for the alternatives alone)")
     ap.add_argument("--skip-alternatives", action="store_true")
+    ap.add_argument("--hot-half", action="store_true",
+                    help="tenant 0 sends half the requests (max/mean in-flight target <= 1.25)")
     args = ap.parse_args()
     # SIGTERM ends the run through the `finally`s that stop the nodes
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    seq = workload(args.requests, args.seed)
+    seq = workload(args.requests, args.seed, args.hot_half)
     orc = oracle(seq)
     counts = [sum(1 for t, _ in seq if t == k) for k in range(TENANTS)]
     print(f"workload: {len(seq)} requests, {TENANTS} tenants Zipf({ZIPF_S}) seed {args.seed} "
           f"(requests per tenant {counts}), ~{len(system_prompt(0)) // 4} tokens of system prompt each, "
-          f"{args.tokens} tokens per answer, {args.concurrency} clients; oracle hit rate {orc:.1%}", flush=True)
+          f"{args.tokens} tokens per answer, {args.concurrency} clients; oracle hit rate {orc:.1%}"
+          + (" (tenant 0 sends half)" if args.hot_half else ""), flush=True)
     rows: list[str] = []
+    results: dict[str, Result] = {}
     rate = 0.0
     for policy in [p for p in args.policies.split(",") if p]:
         with tempfile.TemporaryDirectory(prefix="prefix-bench-") as d:
@@ -384,6 +415,7 @@ def main() -> None:
                              args.concurrency, rate)
                 dec = {r: nodes[0].metric("ollama_distributed_routing_decisions_total", reason=r)
                        for r in ("prefix_hit", "load", "spread")}
+                results[f"cluster {policy}"] = res
                 rows.append(row(f"cluster {policy}", res, orc))
                 print(rows[-1], f" decisions at a: {dec}", flush=True)
             finally:
@@ -405,15 +437,19 @@ def main() -> None:
                     print(f"cold prompt evaluation: {rate:.0f} tokens/s on one node", flush=True)
                 for strategy in ("simple-shuffle", "least-busy"):
                     res, note = (None, why) if py is None else run_litellm(py, tmp, nodes, strategy, seq, args, rate)
+                    if res is not None:
+                        results[f"LiteLLM {strategy}"] = res
                     rows.append(row(f"LiteLLM {strategy}", res, orc, note))
                     print(rows[-1], flush=True)
                 res, note = (None, why) if py is None else run_herd(py, tmp, nodes, seq, args, rate)
+                if res is not None:
+                    results["ollama-herd"] = res
                 rows.append(row("ollama-herd", res, orc, note))
                 print(rows[-1], flush=True)
             finally:
                 for n in nodes:
                     n.stop()
-    print("\n".join(["", "summary:", *rows]))
+    print("\n".join(["", "summary:", *rows, *ratios(results, orc)]))
     if shutil.which("nproc"):
         print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: a shared machine)")
 

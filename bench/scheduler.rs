@@ -98,7 +98,7 @@ fn with_prefixes(nodes: usize, prefixes: usize, calls: usize, target: f64) {
         router.dispatched(&order[0]);
         router.finished(&order[0]);
     }
-    let blocks = router.prefixes().total();
+    let blocks = router.prefix_total();
     let queries: Vec<String> = (0..1_000)
         .map(|i| prompt((i * 7919) % prefixes, i))
         .collect();

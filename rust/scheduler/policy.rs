@@ -3,13 +3,28 @@
 use std::cmp::Reverse;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::router::NodeState;
-
-/// One node that can take a request, and how much of the request's prompt
-/// prefix it is believed to have warm (in blocks, [`super::prefix`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Candidate<'a> {
-    pub node: &'a NodeState,
+/// One node that can take a request, as the policies rank it: plain numbers
+/// the router fills in from the node's state, so ranking reads no strings and
+/// the router reuses one buffer of them for every decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// The router's handle for the node.
+    pub slot: u32,
+    /// The node's place in id order (ties and round robin go by id).
+    pub order: u32,
+    /// Requests running on it.
+    pub in_flight: u32,
+    /// Requests running and waiting on it.
+    pub load: u32,
+    /// It has the request's model loaded.
+    pub loaded: bool,
+    /// It can load the model without evicting a busy one
+    /// ([`super::NodeState`]'s rule); true when loaded.
+    pub can_load: bool,
+    /// It is the node deciding.
+    pub local: bool,
+    /// Blocks of the request's prompt prefix it is believed to have warm
+    /// ([`super::prefix`]).
     pub matched: u32,
     /// Blocks the router believes the node has warm in all: of two nodes with
     /// nothing of a new prefix, the one with less cached takes it (SGLang's
@@ -20,19 +35,33 @@ pub struct Candidate<'a> {
 
 /// Orders the candidate nodes for one request, best first.
 pub trait Policy: Send + Sync {
-    /// `candidates` are alive, fresh, hold the model and are not saturated.
-    fn rank<'a>(
-        &self,
-        model: &str,
-        candidates: Vec<Candidate<'a>>,
-        local: &str,
-    ) -> Vec<Candidate<'a>>;
+    /// Put the best `top` of `candidates` first, best first; the rest follow
+    /// in any order. `candidates` are alive, fresh, hold the model and are
+    /// not saturated. Ranking only the few the caller tries, by selection
+    /// (O(n)), instead of sorting them all: 1,000 candidates sorted took
+    /// longer than the rest of a decision.
+    fn rank(&self, candidates: &mut [Candidate], top: usize);
 
     /// A request went to one of the nodes this policy ranked.
     fn dispatched(&self) {}
 
     /// Its name in `scheduler.policy`.
     fn name(&self) -> &'static str;
+}
+
+/// Put the `top` smallest of `c` by `key` first, in order. The node's id
+/// order ends every key, so the result is the same whatever order the
+/// candidates came in.
+fn top_by_key<K: Ord>(c: &mut [Candidate], top: usize, key: impl Fn(&Candidate) -> K) {
+    let key = |x: &Candidate| (key(x), x.order);
+    let top = top.min(c.len());
+    if top == 0 {
+        return;
+    }
+    if top < c.len() {
+        c.select_nth_unstable_by_key(top - 1, key);
+    }
+    c[..top].sort_unstable_by_key(key);
 }
 
 /// The policy named `name` in `scheduler.policy`, or None.
@@ -48,10 +77,6 @@ pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {
 /// The names `by_name` knows, the default first.
 pub const POLICIES: [&str; 3] = ["prefix_aware", "least_loaded", "round_robin"];
 
-fn load(n: &NodeState) -> u32 {
-    n.in_flight + n.queue_depth
-}
-
 /// Bounded load, then loaded-first; when a node must load the model, one that
 /// can without evicting a busy model (a free model slot, or an idle loaded
 /// model) before one that would have to; then fewest in flight (and queued),
@@ -65,30 +90,19 @@ pub struct LeastLoaded;
 const BOUND_FACTOR: f64 = 1.25;
 
 impl Policy for LeastLoaded {
-    fn rank<'a>(
-        &self,
-        model: &str,
-        mut candidates: Vec<Candidate<'a>>,
-        local: &str,
-    ) -> Vec<Candidate<'a>> {
+    fn rank(&self, candidates: &mut [Candidate], top: usize) {
         let n = candidates.len().max(1) as f64;
-        let mean = candidates
-            .iter()
-            .map(|c| c.node.in_flight as f64)
-            .sum::<f64>()
-            / n;
+        let mean = candidates.iter().map(|c| c.in_flight as f64).sum::<f64>() / n;
         let bound = BOUND_FACTOR * mean + 1.0;
-        candidates.sort_by_cached_key(|c| {
-            let c = c.node;
+        top_by_key(candidates, top, |c| {
             (
                 (c.in_flight as f64) > bound,
-                !c.has_loaded(model),
-                !c.can_load_without_evicting_busy(model),
-                load(c),
-                c.id != local,
+                !c.loaded,
+                !c.can_load,
+                c.load,
+                !c.local,
             )
         });
-        candidates
     }
 
     fn name(&self) -> &'static str {
@@ -104,18 +118,12 @@ pub struct RoundRobin {
 }
 
 impl Policy for RoundRobin {
-    fn rank<'a>(
-        &self,
-        _model: &str,
-        mut candidates: Vec<Candidate<'a>>,
-        _local: &str,
-    ) -> Vec<Candidate<'a>> {
-        candidates.sort_by(|a, b| a.node.id.cmp(&b.node.id));
+    fn rank(&self, candidates: &mut [Candidate], _top: usize) {
+        candidates.sort_unstable_by_key(|c| c.order);
         if !candidates.is_empty() {
             let k = self.next.load(Ordering::Relaxed) % candidates.len();
             candidates.rotate_left(k);
         }
-        candidates
     }
 
     fn dispatched(&self) {
@@ -150,28 +158,21 @@ pub struct PrefixAware;
 pub const LOAD_FACTOR: f64 = 1.25;
 
 impl Policy for PrefixAware {
-    fn rank<'a>(
-        &self,
-        model: &str,
-        mut candidates: Vec<Candidate<'a>>,
-        local: &str,
-    ) -> Vec<Candidate<'a>> {
+    fn rank(&self, candidates: &mut [Candidate], top: usize) {
         let n = candidates.len().max(1) as f64;
-        let total: u32 = candidates.iter().map(|c| load(c.node)).sum();
+        let total: u32 = candidates.iter().map(|c| c.load).sum();
         let bound = (LOAD_FACTOR * (total as f64 + 1.0) / n).ceil() as u32;
-        candidates.sort_by_cached_key(|c| {
-            let n = c.node;
+        top_by_key(candidates, top, |c| {
             (
-                load(n) + 1 > bound,
+                c.load + 1 > bound,
                 Reverse(c.matched),
-                !n.has_loaded(model),
-                !n.can_load_without_evicting_busy(model),
-                load(n),
+                !c.loaded,
+                !c.can_load,
+                c.load,
                 c.cached,
-                n.id != local,
+                !c.local,
             )
         });
-        candidates
     }
 
     fn name(&self) -> &'static str {

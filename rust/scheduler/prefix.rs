@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::hash::Hasher;
 
-use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
+use rustc_hash::{FxHashMap, FxHasher};
 
 /// Bytes per block. 64 bytes is about 16 tokens of English: fine enough that a
 /// shared system prompt of a few hundred tokens is matched to within a few
@@ -35,20 +35,25 @@ const RECENT_ROUTES: usize = 64;
 /// the adverts need (a node hashes its warm prompts, the entry node its
 /// requests), and hashes a 4 KiB prompt in well under a microsecond.
 pub fn chain(model: &str, text: &str) -> Vec<u64> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() / BLOCK_BYTES);
+    let mut out = Vec::with_capacity(text.len() / BLOCK_BYTES);
+    chain_into(model, text, &mut out);
+    out
+}
+
+/// [`chain`] into `out` (cleared first), reusing its allocation.
+pub fn chain_into(model: &str, text: &str, out: &mut Vec<u64>) {
+    out.clear();
     let mut seed = FxHasher::default();
     seed.write(model.as_bytes());
     seed.write_u8(0xff);
     let mut prev = seed.finish();
-    for block in bytes.chunks_exact(BLOCK_BYTES) {
+    for block in text.as_bytes().chunks_exact(BLOCK_BYTES) {
         let mut h = FxHasher::default();
         h.write_u64(prev);
         h.write(block);
         prev = h.finish();
         out.push(prev);
     }
-    out
 }
 
 #[derive(Default)]
@@ -60,13 +65,31 @@ struct NodeBlocks {
 }
 
 /// The per-node prefix sets, and for each block hash the nodes that have it.
+///
+/// Nodes are small integers the caller hands out (the router's node slots),
+/// so a decision reads a node's match from a dense array instead of hashing
+/// its id: with 1,000 candidates, one string lookup each was most of a
+/// decision's time.
 pub struct PrefixIndex {
     capacity: usize,
-    slots: FxHashMap<String, u32>,
-    nodes: Vec<Option<NodeBlocks>>,
-    free: Vec<u32>,
+    nodes: Vec<NodeBlocks>,
     owners: FxHashMap<u64, Vec<u32>>,
     tick: u64,
+    /// Bumped by every change, so [`PrefixIndex::last_match`] knows whether the
+    /// last [`PrefixIndex::compute`] still holds.
+    generation: u64,
+    computed_at: u64,
+    /// Scratch of [`PrefixIndex::compute`], per node: `pending[s] == epoch`
+    /// while its match is searched, `done[s] == epoch` once `len[s]` holds it.
+    /// Epoch stamps instead of clearing: a decision touches only the nodes
+    /// that own the prompt's first block, and allocates nothing.
+    epoch: u32,
+    pending: Vec<u32>,
+    done: Vec<u32>,
+    len: Vec<u32>,
+    /// Reused buffers of `insert` and `evict`.
+    added: Vec<u64>,
+    ticks: Vec<u64>,
 }
 
 impl Default for PrefixIndex {
@@ -80,95 +103,94 @@ impl PrefixIndex {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
-            slots: FxHashMap::default(),
             nodes: Vec::new(),
-            free: Vec::new(),
             owners: FxHashMap::default(),
             tick: 0,
+            generation: 0,
+            computed_at: u64::MAX,
+            epoch: 0,
+            pending: Vec::new(),
+            done: Vec::new(),
+            len: Vec::new(),
+            added: Vec::new(),
+            ticks: Vec::new(),
         }
     }
 
-    fn slot(&mut self, id: &str) -> u32 {
-        if let Some(&s) = self.slots.get(id) {
-            return s;
+    fn node_mut(&mut self, s: u32) -> &mut NodeBlocks {
+        let s = s as usize;
+        if self.nodes.len() <= s {
+            self.nodes.resize_with(s + 1, NodeBlocks::default);
+            self.pending.resize(s + 1, 0);
+            self.done.resize(s + 1, 0);
+            self.len.resize(s + 1, 0);
         }
-        let s = match self.free.pop() {
-            Some(s) => {
-                self.nodes[s as usize] = Some(NodeBlocks::default());
-                s
-            }
-            None => {
-                self.nodes.push(Some(NodeBlocks::default()));
-                (self.nodes.len() - 1) as u32
-            }
-        };
-        self.slots.insert(id.to_owned(), s);
-        s
+        &mut self.nodes[s]
     }
 
-    /// Blocks indexed for `id`.
-    pub fn len(&self, id: &str) -> usize {
-        self.slots
-            .get(id)
-            .and_then(|&s| self.nodes[s as usize].as_ref())
-            .map_or(0, |n| n.blocks.len())
+    /// Blocks indexed for node `s`.
+    pub fn len(&self, s: u32) -> usize {
+        self.nodes.get(s as usize).map_or(0, |n| n.blocks.len())
     }
 
     /// Blocks indexed over all nodes.
     pub fn total(&self) -> usize {
-        self.nodes.iter().flatten().map(|n| n.blocks.len()).sum()
+        self.nodes.iter().map(|n| n.blocks.len()).sum()
     }
 
-    /// A request with this chain was sent to `id` at `at_ms`: its blocks are
-    /// (about to be) warm there.
-    pub fn routed(&mut self, id: &str, chain: &[u64], at_ms: u64) {
-        let s = self.slot(id);
+    /// A request with this chain was sent to node `s` at `at_ms`: its blocks
+    /// are (about to be) warm there.
+    pub fn routed(&mut self, s: u32, chain: &[u64], at_ms: u64) {
         self.insert(s, chain);
-        if let Some(n) = self.nodes[s as usize].as_mut() {
-            if n.recent.len() == RECENT_ROUTES {
-                n.recent.pop_front();
-            }
-            n.recent.push_back((at_ms, chain.to_vec()));
-        }
+        let n = self.node_mut(s);
+        // the oldest entry's buffer is reused: no allocation once full
+        let mut kept = if n.recent.len() == RECENT_ROUTES {
+            n.recent.pop_front().map(|(_, v)| v).unwrap_or_default()
+        } else {
+            Vec::with_capacity(chain.len())
+        };
+        kept.clear();
+        kept.extend_from_slice(chain);
+        n.recent.push_back((at_ms, kept));
     }
 
-    /// `id` says these blocks are warm there, as of `advert_at_ms`: they
+    /// Node `s` says these blocks are warm there, as of `advert_at_ms`: they
     /// replace the guess, and routes sent after the advert was taken are
     /// replayed over it (the advert cannot know them yet).
-    pub fn replace(&mut self, id: &str, warm: &[u64], advert_at_ms: u64) {
-        let s = self.slot(id);
-        let Some(mut n) = self.nodes[s as usize].take() else {
-            return;
-        };
-        for h in n.blocks.keys() {
-            self.disown(*h, s);
-        }
-        n.blocks.clear();
+    pub fn replace(&mut self, s: u32, warm: &[u64], advert_at_ms: u64) {
+        self.clear(s);
+        let n = self.node_mut(s);
         n.recent.retain(|(at, _)| *at > advert_at_ms);
-        let replay: Vec<Vec<u64>> = n.recent.iter().map(|(_, c)| c.clone()).collect();
-        self.nodes[s as usize] = Some(n);
+        let replay = std::mem::take(&mut n.recent);
         self.insert(s, warm);
-        for c in &replay {
+        for (_, c) in &replay {
             self.insert(s, c);
         }
+        self.node_mut(s).recent = replay;
     }
 
-    /// Forget a node (it left, or restarted with nothing warm).
-    pub fn remove(&mut self, id: &str) {
-        let Some(s) = self.slots.remove(id) else {
-            return;
-        };
-        if let Some(n) = self.nodes[s as usize].take() {
-            for h in n.blocks.keys() {
-                self.disown(*h, s);
-            }
+    /// Forget node `s` (it left, or restarted with nothing warm).
+    pub fn remove(&mut self, s: u32) {
+        self.clear(s);
+        self.node_mut(s).recent.clear();
+    }
+
+    fn clear(&mut self, s: u32) {
+        self.generation += 1;
+        let blocks = std::mem::take(&mut self.node_mut(s).blocks);
+        for h in blocks.keys() {
+            self.disown(*h, s);
         }
-        self.free.push(s);
+        let mut blocks = blocks;
+        blocks.clear();
+        self.nodes[s as usize].blocks = blocks;
     }
 
     fn disown(&mut self, h: u64, s: u32) {
         if let Some(v) = self.owners.get_mut(&h) {
-            v.retain(|&x| x != s);
+            if let Some(i) = v.iter().position(|&x| x == s) {
+                v.swap_remove(i);
+            }
             if v.is_empty() {
                 self.owners.remove(&h);
             }
@@ -176,14 +198,14 @@ impl PrefixIndex {
     }
 
     fn insert(&mut self, s: u32, chain: &[u64]) {
+        self.generation += 1;
         // The head of a chain gets the newest tick, so eviction drops long
         // tails first and keeps the shared heads that most requests match.
         let base = self.tick;
         self.tick += chain.len() as u64 + 1;
-        let Some(n) = self.nodes[s as usize].as_mut() else {
-            return;
-        };
-        let mut added = Vec::new();
+        let mut added = std::mem::take(&mut self.added);
+        added.clear();
+        let n = self.node_mut(s);
         for (i, &h) in chain.iter().enumerate() {
             let t = base + (chain.len() - i) as u64;
             if n.blocks.insert(h, t).is_none() {
@@ -191,9 +213,10 @@ impl PrefixIndex {
             }
         }
         let over = n.blocks.len() > self.capacity;
-        for h in added {
+        for &h in &added {
             self.owners.entry(h).or_default().push(s);
         }
+        self.added = added;
         if over {
             self.evict(s);
         }
@@ -206,13 +229,14 @@ impl PrefixIndex {
     /// keeps a second map in step on eviction.)
     fn evict(&mut self, s: u32) {
         let keep = self.capacity - self.capacity / 8;
-        let Some(n) = self.nodes[s as usize].as_mut() else {
-            return;
-        };
-        let mut ticks: Vec<u64> = n.blocks.values().copied().collect();
+        let mut ticks = std::mem::take(&mut self.ticks);
+        let mut gone = std::mem::take(&mut self.added);
+        ticks.clear();
+        gone.clear();
+        let n = &mut self.nodes[s as usize];
+        ticks.extend(n.blocks.values().copied());
         let cut = ticks.len() - keep;
         let (_, &mut threshold, _) = ticks.select_nth_unstable(cut);
-        let mut gone = Vec::with_capacity(cut);
         n.blocks.retain(|h, t| {
             let keep = *t >= threshold;
             if !keep {
@@ -220,46 +244,69 @@ impl PrefixIndex {
             }
             keep
         });
-        for h in gone {
+        for &h in &gone {
             self.disown(h, s);
         }
+        self.ticks = ticks;
+        self.added = gone;
     }
 
-    /// How many of `chain`'s leading blocks each node has.
+    /// Find how many of `chain`'s leading blocks each node has; read them with
+    /// [`PrefixIndex::last_match`]. Allocates nothing.
     ///
     /// A node's blocks of one prompt are nested (a chain is inserted whole
     /// and evicted tail first), so the nodes owning block `d` shrink as `d`
     /// grows: each distinct match length is found by binary search over the
-    /// chain, ~6 lookups for a 1,000-token prompt, instead of one lookup per
-    /// block. Those lookups miss the CPU cache on a large index, and walking
-    /// all 60 blocks was most of a decision's time.
-    pub fn matches(&self, chain: &[u64]) -> Matches<'_> {
-        let mut by_slot: FxHashMap<u32, u32> = FxHashMap::default();
-        let owners_at = |d: usize| self.owners.get(&chain[d]).map_or(&[][..], Vec::as_slice);
-        if chain.is_empty() {
-            return Matches {
-                index: self,
-                by_slot,
-            };
+    /// chain, ~6 lookups in the global block -> nodes index for a 1,000-token
+    /// prompt, instead of one lookup per block and node. Those lookups miss
+    /// the CPU cache on a large index, and walking all 60 blocks was most of
+    /// a decision's time. A node's match is then one array read.
+    pub fn compute(&mut self, chain: &[u64]) {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.pending.iter_mut().for_each(|x| *x = 0);
+            self.done.iter_mut().for_each(|x| *x = 0);
+            self.epoch = 1;
         }
+        self.computed_at = self.generation;
+        let e = self.epoch;
+        let owners = &self.owners;
+        let owners_at = |d: usize| owners.get(&chain[d]).map_or(&[][..], Vec::as_slice);
+        let Some(&head) = chain.first() else {
+            return;
+        };
+        let Some(first) = owners.get(&head) else {
+            return;
+        };
         // nodes with the first block whose match length is not known yet
-        let mut pending: FxHashSet<u32> = owners_at(0).iter().copied().collect();
+        let mut waiting = 0usize;
+        for &s in first {
+            self.pending[s as usize] = e;
+            waiting += 1;
+        }
         // every pending node's match is at most `top` blocks
         let mut top = chain.len();
-        while !pending.is_empty() {
+        while waiting > 0 {
             // the deepest block below `top` some pending node owns (block 0: all do)
             let (mut lo, mut hi) = (0, top);
             while hi - lo > 1 {
                 let mid = (lo + hi) / 2;
-                if owners_at(mid).iter().any(|s| pending.contains(s)) {
+                if owners_at(mid)
+                    .iter()
+                    .any(|&s| self.pending[s as usize] == e)
+                {
                     lo = mid;
                 } else {
                     hi = mid;
                 }
             }
-            for s in owners_at(lo) {
-                if pending.remove(s) {
-                    by_slot.insert(*s, lo as u32 + 1);
+            for &s in owners_at(lo) {
+                let s = s as usize;
+                if self.pending[s] == e {
+                    self.pending[s] = 0;
+                    self.done[s] = e;
+                    self.len[s] = lo as u32 + 1;
+                    waiting -= 1;
                 }
             }
             top = lo;
@@ -267,55 +314,31 @@ impl PrefixIndex {
                 break;
             }
         }
-        Matches {
-            index: self,
-            by_slot,
-        }
     }
 
-    /// How many of `chain`'s leading blocks node `id` has.
-    pub fn matched(&self, id: &str, chain: &[u64]) -> u32 {
-        let Some(n) = self
-            .slots
-            .get(id)
-            .and_then(|&s| self.nodes[s as usize].as_ref())
-        else {
+    /// Node `s`'s match found by the last [`PrefixIndex::compute`], or None
+    /// when the index changed since.
+    pub fn last_match(&self, s: u32) -> Option<u32> {
+        if self.computed_at != self.generation {
+            return None;
+        }
+        let s = s as usize;
+        Some(if self.done.get(s) == Some(&self.epoch) {
+            self.len[s]
+        } else {
+            0
+        })
+    }
+
+    /// How many of `chain`'s leading blocks node `s` has, by walking its set.
+    pub fn matched(&self, s: u32, chain: &[u64]) -> u32 {
+        let Some(n) = self.nodes.get(s as usize) else {
             return 0;
         };
         chain
             .iter()
             .take_while(|h| n.blocks.contains_key(h))
             .count() as u32
-    }
-}
-
-/// A request's match on each node ([`PrefixIndex::matches`]).
-pub struct Matches<'a> {
-    index: &'a PrefixIndex,
-    by_slot: FxHashMap<u32, u32>,
-}
-
-impl Matches<'_> {
-    /// Blocks of the request's prefix node `id` has (0: none, or unknown).
-    pub fn get(&self, id: &str) -> u32 {
-        self.get_with_size(id).0
-    }
-
-    /// (blocks of the request's prefix node `id` has, blocks it has in all),
-    /// in one lookup of the node.
-    pub fn get_with_size(&self, id: &str) -> (u32, u32) {
-        let Some(&s) = self.index.slots.get(id) else {
-            return (0, 0);
-        };
-        let size = self.index.nodes[s as usize]
-            .as_ref()
-            .map_or(0, |n| n.blocks.len() as u32);
-        (self.by_slot.get(&s).copied().unwrap_or(0), size)
-    }
-
-    /// No node has any of it.
-    pub fn is_empty(&self) -> bool {
-        self.by_slot.is_empty()
     }
 }
 
@@ -346,14 +369,16 @@ mod tests {
     fn routed_blocks_match_and_removal_forgets() {
         let mut ix = PrefixIndex::new(1_000);
         let c = chain("m", &text(1, 1));
-        ix.routed("a", &c, 10);
+        ix.routed(0, &c, 10);
         let q = chain("m", &text(1, 2));
-        let m = ix.matches(&q);
-        assert_eq!(m.get("a"), ix.matched("a", &q));
-        assert!(m.get("a") > 0);
-        assert_eq!(m.get("b"), 0);
-        ix.remove("a");
-        assert!(ix.matches(&q).is_empty());
+        ix.compute(&q);
+        assert_eq!(ix.last_match(0), Some(ix.matched(0, &q)));
+        assert!(ix.matched(0, &q) > 0);
+        assert_eq!(ix.last_match(1), Some(0));
+        ix.remove(0);
+        assert_eq!(ix.last_match(0), None, "the index changed since");
+        ix.compute(&q);
+        assert_eq!(ix.last_match(0), Some(0));
         assert!(ix.owners.is_empty());
     }
 
@@ -361,14 +386,14 @@ mod tests {
     fn eviction_keeps_the_bound_and_the_owners_in_step() {
         let mut ix = PrefixIndex::new(100);
         for t in 0..50 {
-            ix.routed("a", &chain("m", &text(t, 0)), t as u64);
+            ix.routed(0, &chain("m", &text(t, 0)), t as u64);
         }
-        assert!(ix.len("a") <= 100);
+        assert!(ix.len(0) <= 100);
         let owned: usize = ix.owners.values().map(Vec::len).sum();
-        assert_eq!(owned, ix.len("a"));
+        assert_eq!(owned, ix.len(0));
         // the latest tenant is still matched, the first is gone
-        assert!(ix.matched("a", &chain("m", &text(49, 1))) > 0);
-        assert_eq!(ix.matched("a", &chain("m", &text(0, 1))), 0);
+        assert!(ix.matched(0, &chain("m", &text(49, 1))) > 0);
+        assert_eq!(ix.matched(0, &chain("m", &text(0, 1))), 0);
     }
 
     #[test]
@@ -381,7 +406,7 @@ mod tests {
                 "shared head. ".repeat(20 + p % 7),
                 format!("body {p}. ").repeat(30)
             );
-            ix.routed(&format!("n{}", p % 9), &chain("m", &text), p as u64);
+            ix.routed(p as u32 % 9, &chain("m", &text), p as u64);
         }
         for q in 0..60 {
             let text = format!(
@@ -390,10 +415,13 @@ mod tests {
                 format!("body {q}. ").repeat(31)
             );
             let c = chain("m", &text);
-            let m = ix.matches(&c);
+            ix.compute(&c);
             for n in 0..9 {
-                let id = format!("n{n}");
-                assert_eq!(m.get(&id), ix.matched(&id, &c), "query {q} node {id}");
+                assert_eq!(
+                    ix.last_match(n),
+                    Some(ix.matched(n, &c)),
+                    "query {q} node {n}"
+                );
             }
         }
     }
@@ -404,14 +432,14 @@ mod tests {
         let old = chain("m", &text(1, 1));
         let warm = chain("m", &text(2, 1));
         let later = chain("m", &text(3, 1));
-        ix.routed("a", &old, 100);
-        ix.routed("a", &later, 300);
-        ix.replace("a", &warm, 200);
-        assert_eq!(ix.matched("a", &old), 0);
-        assert_eq!(ix.matched("a", &warm) as usize, warm.len());
-        assert_eq!(ix.matched("a", &later) as usize, later.len());
+        ix.routed(0, &old, 100);
+        ix.routed(0, &later, 300);
+        ix.replace(0, &warm, 200);
+        assert_eq!(ix.matched(0, &old), 0);
+        assert_eq!(ix.matched(0, &warm) as usize, warm.len());
+        assert_eq!(ix.matched(0, &later) as usize, later.len());
         // a newer advert without it: gone too
-        ix.replace("a", &warm, 400);
-        assert_eq!(ix.matched("a", &later), 0);
+        ix.replace(0, &warm, 400);
+        assert_eq!(ix.matched(0, &later), 0);
     }
 }

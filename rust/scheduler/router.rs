@@ -1,7 +1,7 @@
 use rustc_hash::FxHashMap as HashMap;
 
 use super::policy::{Candidate, Policy, PrefixAware};
-use super::prefix::{chain, PrefixIndex};
+use super::prefix::{chain_into, PrefixIndex};
 
 /// What the scheduler knows about one node, from its latest advert (or, for the
 /// local node, from itself). Times are milliseconds on the caller's clock.
@@ -46,7 +46,7 @@ impl NodeState {
     /// Its queue is full. `max_queue` 0 means "no queue" (a request runs at
     /// once or is refused with 503), never "always full": such a node is tried
     /// and a refusal moves the request to the next holder.
-    fn saturated(&self) -> bool {
+    pub(crate) fn saturated(&self) -> bool {
         self.max_queue > 0 && self.queue_depth >= self.max_queue
     }
 }
@@ -79,34 +79,62 @@ pub struct Decisions {
 /// (and Python objects) cost more than the decision.
 pub const ROUTE_PROMPT_MAX: usize = 16;
 
-/// The last routed request's prefix, until [`Router::dispatched`] says where
-/// it went.
+/// A match shorter than this many blocks counts as none. The head of every
+/// rendered prompt is the chat template's (`<|im_start|>system\n...`, a
+/// default system prompt), the same for all tenants: one or two shared
+/// blocks made every node that had served anything look "warmer" than an
+/// idle one, and kept new tenants on the nodes that served first. Four
+/// blocks (256 bytes, ~64 tokens) save about a quarter of a second of prompt
+/// evaluation on a CPU node, less than one request queued there costs.
+pub const MIN_MATCH_BLOCKS: u32 = 4;
+
+/// The last routed request's prefix (its chain is `Router::chain`), until
+/// [`Router::dispatched`] says where it went.
 struct Pending {
-    chain: Vec<u64>,
     best: u32,
     worst: u32,
     at_ms: u64,
 }
 
+/// One known node: its state and what the router keeps beside it.
+struct Slot {
+    state: NodeState,
+    /// Its id is the deciding node's.
+    local: bool,
+    /// Its place in id order.
+    order: u32,
+    /// Requests this router sent to it and not yet finished: a lower bound
+    /// on its load that an advert taken before they arrived must not erase
+    /// (a burst would land on one node again).
+    sent: u32,
+}
+
 /// The cluster view the scheduler decides on.
+///
+/// Nodes live in a slab of slots (a small integer per node, reused after it
+/// leaves): the model -> holders index, the prefix index and a decision's
+/// candidates all name nodes by slot, so a decision hashes no node id and
+/// allocates nothing but its answer. Its cost is one binary search over the
+/// prompt's block chain in the global block -> nodes index, plus one pass
+/// over the model's holders and a selection of the best few: O(prompt blocks
+/// + candidates).
 pub struct Router {
     local: String,
     stale_after_ms: u64,
-    nodes: HashMap<String, NodeState>,
-    /// model -> ids of the nodes that hold it, so a decision looks at the
-    /// holders only instead of scanning every node's model list (100 nodes ×
-    /// 20 models took ~8 µs a decision that way; this keeps it under 5 µs).
-    /// FxHash, not SipHash: the keys are ids and names from our own adverts,
-    /// and with 1,000 candidates the lookups were half of a decision.
-    holders: HashMap<String, Vec<String>>,
+    ids: HashMap<String, u32>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    /// model -> slots of the nodes that hold it, so a decision looks at the
+    /// holders only instead of scanning every node's model list.
+    /// FxHash, not SipHash: the keys are names from our own adverts.
+    holders: HashMap<String, Vec<u32>>,
     policy: Box<dyn Policy>,
     prefixes: PrefixIndex,
     pending: Option<Pending>,
     decisions: Decisions,
-    /// Requests this router sent to each node and not yet finished: a lower
-    /// bound on the node's load that an advert taken before they arrived
-    /// must not erase (a burst would land on one node again).
-    sent: HashMap<String, u32>,
+    /// Reused per decision: the prompt's chain and the candidates.
+    chain: Vec<u64>,
+    candidates: Vec<Candidate>,
 }
 
 impl Router {
@@ -115,13 +143,16 @@ impl Router {
         Self {
             local: local.into(),
             stale_after_ms,
-            nodes: HashMap::default(),
+            ids: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
             holders: HashMap::default(),
             policy: Box::new(PrefixAware),
             prefixes: PrefixIndex::default(),
             pending: None,
             decisions: Decisions::default(),
-            sent: HashMap::default(),
+            chain: Vec::new(),
+            candidates: Vec::new(),
         }
     }
 
@@ -143,6 +174,7 @@ impl Router {
     /// Replace the prefix index with an empty one holding `blocks` per node.
     pub fn set_prefix_capacity(&mut self, blocks: usize) {
         self.prefixes = PrefixIndex::new(blocks);
+        self.pending = None;
     }
 
     /// Decisions so far, by reason.
@@ -150,54 +182,112 @@ impl Router {
         self.decisions
     }
 
-    /// The prefix index (read-only, for tests and benches).
-    pub fn prefixes(&self) -> &PrefixIndex {
-        &self.prefixes
+    /// Blocks of the prefix index held for node `id`.
+    pub fn prefix_len(&self, id: &str) -> usize {
+        self.ids.get(id).map_or(0, |&s| self.prefixes.len(s))
+    }
+
+    /// Blocks held in the prefix index over all nodes.
+    pub fn prefix_total(&self) -> usize {
+        self.prefixes.total()
+    }
+
+    /// How many of `chain`'s leading blocks node `id` has warm, as far as the
+    /// router knows.
+    pub fn prefix_matched(&self, id: &str, chain: &[u64]) -> u32 {
+        self.ids
+            .get(id)
+            .map_or(0, |&s| self.prefixes.matched(s, chain))
+    }
+
+    fn slot_of(&mut self, id: &str) -> u32 {
+        if let Some(&s) = self.ids.get(id) {
+            return s;
+        }
+        let s = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            (self.slots.len() - 1) as u32
+        });
+        self.ids.insert(id.to_owned(), s);
+        s
+    }
+
+    /// Keep `Slot::order` the id order after a join or a departure (rare;
+    /// decisions read the order).
+    fn reorder(&mut self) {
+        let mut by_id: Vec<(&String, u32)> = self.ids.iter().map(|(k, &v)| (k, v)).collect();
+        by_id.sort_unstable();
+        let order: Vec<(u32, u32)> = by_id
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, s))| (s, i as u32))
+            .collect();
+        for (s, i) in order {
+            if let Some(Some(slot)) = self.slots.get_mut(s as usize) {
+                slot.order = i;
+            }
+        }
     }
 
     /// Insert or replace a node's state.
     pub fn update(&mut self, mut state: NodeState) {
-        if let Some(&sent) = self.sent.get(&state.id) {
-            state.in_flight = state.in_flight.max(sent);
+        let s = self.slot_of(&state.id);
+        let known = self.slots[s as usize].is_some();
+        if !known {
+            let local = state.id == self.local;
+            self.slots[s as usize] = Some(Slot {
+                state: NodeState::default(),
+                local,
+                order: 0,
+                sent: 0,
+            });
+            self.reorder();
         }
-        let unchanged = self
-            .nodes
-            .get(&state.id)
-            .is_some_and(|old| old.models == state.models);
+        let Some(slot) = self.slots[s as usize].as_mut() else {
+            return;
+        };
+        state.in_flight = state.in_flight.max(slot.sent);
+        let unchanged = known && slot.state.models == state.models;
+        let old = std::mem::replace(&mut slot.state, state);
         if !unchanged {
-            self.unindex(&state.id);
-            for m in &state.models {
+            self.unindex(s, &old.models);
+            let Some(slot) = self.slots[s as usize].as_ref() else {
+                return;
+            };
+            for m in &slot.state.models {
                 let ids = self.holders.entry(m.clone()).or_default();
-                if !ids.contains(&state.id) {
-                    ids.push(state.id.clone());
+                if !ids.contains(&s) {
+                    ids.push(s);
                 }
             }
         }
-        self.nodes.insert(state.id.clone(), state);
     }
 
     /// What node `id` keeps warm, from its advert taken at `advert_at_ms`
     /// (chain hashes, [`super::prefix::chain`]): it replaces the router's guess
     /// for that node, routes sent there since then kept.
     pub fn set_warm(&mut self, id: &str, warm: &[u64], advert_at_ms: u64) {
-        self.prefixes.replace(id, warm, advert_at_ms);
+        let s = self.slot_of(id);
+        self.prefixes.replace(s, warm, advert_at_ms);
     }
 
     /// Forget a node that left the cluster.
     pub fn remove(&mut self, id: &str) {
-        self.unindex(id);
-        self.sent.remove(id);
-        self.nodes.remove(id);
-        self.prefixes.remove(id);
-    }
-
-    fn unindex(&mut self, id: &str) {
-        let Some(old) = self.nodes.get(id) else {
+        let Some(s) = self.ids.remove(id) else {
             return;
         };
-        for m in &old.models {
+        if let Some(slot) = self.slots[s as usize].take() {
+            self.unindex(s, &slot.state.models);
+        }
+        self.prefixes.remove(s);
+        self.free.push(s);
+        self.reorder();
+    }
+
+    fn unindex(&mut self, s: u32, models: &[String]) {
+        for m in models {
             if let Some(ids) = self.holders.get_mut(m) {
-                ids.retain(|x| x != id);
+                ids.retain(|&x| x != s);
                 if ids.is_empty() {
                     self.holders.remove(m);
                 }
@@ -207,9 +297,14 @@ impl Router {
 
     /// Membership changed a node's liveness.
     pub fn set_alive(&mut self, id: &str, alive: bool) {
-        if let Some(n) = self.nodes.get_mut(id) {
-            n.alive = alive;
+        if let Some(slot) = self.slot_mut(id) {
+            slot.state.alive = alive;
         }
+    }
+
+    fn slot_mut(&mut self, id: &str) -> Option<&mut Slot> {
+        let &s = self.ids.get(id)?;
+        self.slots[s as usize].as_mut()
     }
 
     /// Count a request sent to `id` before its next advert arrives, so a burst
@@ -217,13 +312,18 @@ impl Router {
     /// of the request last routed with [`Router::route_prompt`] is now (about
     /// to be) warm there, and the decision is counted by its reason.
     pub fn dispatched(&mut self, id: &str) {
-        if let Some(n) = self.nodes.get_mut(id) {
-            n.in_flight += 1;
-            *self.sent.entry(id.to_owned()).or_default() += 1;
+        let s = self.ids.get(id).copied();
+        if let Some(slot) = self.slot_mut(id) {
+            slot.state.in_flight += 1;
+            slot.sent += 1;
         }
         self.policy.dispatched();
-        if let Some(p) = self.pending.take() {
-            let got = self.prefixes.matched(id, &p.chain);
+        if let (Some(p), Some(s)) = (self.pending.take(), s) {
+            let got = self
+                .prefixes
+                .last_match(s)
+                .unwrap_or_else(|| self.prefixes.matched(s, &self.chain));
+            let got = if got < MIN_MATCH_BLOCKS { 0 } else { got };
             if got < p.best {
                 self.decisions.spread += 1;
             } else if got > p.worst {
@@ -231,71 +331,91 @@ impl Router {
             } else {
                 self.decisions.load += 1;
             }
-            self.prefixes.routed(id, &p.chain, p.at_ms);
+            self.prefixes.routed(s, &self.chain, p.at_ms);
         }
     }
 
     /// Undo [`Router::dispatched`] on completion, error or cancellation.
     pub fn finished(&mut self, id: &str) {
-        if let Some(n) = self.nodes.get_mut(id) {
-            n.in_flight = n.in_flight.saturating_sub(1);
-        }
-        if let Some(k) = self.sent.get_mut(id) {
-            *k = k.saturating_sub(1);
-            if *k == 0 {
-                self.sent.remove(id);
-            }
+        if let Some(slot) = self.slot_mut(id) {
+            slot.state.in_flight = slot.state.in_flight.saturating_sub(1);
+            slot.sent = slot.sent.saturating_sub(1);
         }
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &NodeState> {
-        self.nodes.values()
+        self.slots.iter().flatten().map(|s| &s.state)
     }
 
-    fn usable(&self, n: &NodeState, now_ms: u64) -> bool {
-        n.id == self.local
-            || (n.alive && now_ms.saturating_sub(n.advert_at_ms) <= self.stale_after_ms)
-    }
-
-    fn open(&self, model: &str, now_ms: u64) -> Result<Vec<&NodeState>, RouteError> {
-        let holders: Vec<&NodeState> = self
-            .holders
-            .get(model)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| self.nodes.get(id))
-                    .filter(|n| self.usable(n, now_ms))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if holders.is_empty() {
+    /// Fill `self.candidates` with the open holders of `model`; with
+    /// `prefix`, their matches from the last [`PrefixIndex::compute`].
+    fn open(&mut self, model: &str, now_ms: u64, prefix: bool) -> Result<(), RouteError> {
+        self.candidates.clear();
+        let Some(holders) = self.holders.get(model) else {
+            return Err(RouteError::UnknownModel(model.to_owned()));
+        };
+        let mut usable = 0usize;
+        for &s in holders {
+            let Some(slot) = self.slots[s as usize].as_ref() else {
+                continue;
+            };
+            let n = &slot.state;
+            if !(slot.local
+                || (n.alive && now_ms.saturating_sub(n.advert_at_ms) <= self.stale_after_ms))
+            {
+                continue;
+            }
+            usable += 1;
+            if n.saturated() {
+                continue;
+            }
+            let loaded = n.has_loaded(model);
+            let (matched, cached) = if prefix {
+                let m = self.prefixes.last_match(s).unwrap_or(0);
+                (
+                    if m < MIN_MATCH_BLOCKS { 0 } else { m },
+                    self.prefixes.len(s) as u32,
+                )
+            } else {
+                (0, 0)
+            };
+            self.candidates.push(Candidate {
+                slot: s,
+                order: slot.order,
+                in_flight: n.in_flight,
+                load: n.in_flight + n.queue_depth,
+                loaded,
+                can_load: loaded || n.can_load_without_evicting_busy(model),
+                local: slot.local,
+                matched,
+                cached,
+            });
+        }
+        if usable == 0 {
             return Err(RouteError::UnknownModel(model.to_owned()));
         }
-        let open: Vec<&NodeState> = holders.into_iter().filter(|n| !n.saturated()).collect();
-        if open.is_empty() {
+        if self.candidates.is_empty() {
             return Err(RouteError::Saturated(model.to_owned()));
         }
-        Ok(open)
+        Ok(())
+    }
+
+    fn ids_of_best(&self, top: usize) -> Vec<String> {
+        self.candidates
+            .iter()
+            .take(top)
+            .filter_map(|c| self.slots[c.slot as usize].as_ref())
+            .map(|s| s.state.id.clone())
+            .collect()
     }
 
     /// Node ids that can serve `model`, best first, with no prompt to match;
     /// the caller tries them in order, moving on while no token has been sent.
-    pub fn route(&self, model: &str, now_ms: u64) -> Result<Vec<String>, RouteError> {
-        let open = self.open(model, now_ms)?;
-        let candidates = open
-            .into_iter()
-            .map(|node| Candidate {
-                node,
-                matched: 0,
-                cached: 0,
-            })
-            .collect();
-        Ok(self
-            .policy
-            .rank(model, candidates, &self.local)
-            .into_iter()
-            .map(|c| c.node.id.clone())
-            .collect())
+    pub fn route(&mut self, model: &str, now_ms: u64) -> Result<Vec<String>, RouteError> {
+        self.open(model, now_ms, false)?;
+        let all = self.candidates.len();
+        self.policy.rank(&mut self.candidates, all);
+        Ok(self.ids_of_best(all))
     }
 
     /// As [`Router::route`], for a request whose prompt is `prompt` (the
@@ -309,39 +429,19 @@ impl Router {
         prompt: &str,
         now_ms: u64,
     ) -> Result<Vec<String>, RouteError> {
-        let chain = chain(model, prompt);
-        let (order, best, worst) = {
-            let open = self.open(model, now_ms)?;
-            let matches = self.prefixes.matches(&chain);
-            let candidates: Vec<Candidate> = open
-                .into_iter()
-                .map(|node| {
-                    let (matched, cached) = matches.get_with_size(&node.id);
-                    Candidate {
-                        node,
-                        matched,
-                        cached,
-                    }
-                })
-                .collect();
-            let best = candidates.iter().map(|c| c.matched).max().unwrap_or(0);
-            let worst = candidates.iter().map(|c| c.matched).min().unwrap_or(0);
-            let order: Vec<String> = self
-                .policy
-                .rank(model, candidates, &self.local)
-                .into_iter()
-                .take(ROUTE_PROMPT_MAX)
-                .map(|c| c.node.id.clone())
-                .collect();
-            (order, best, worst)
-        };
+        self.pending = None;
+        chain_into(model, prompt, &mut self.chain);
+        self.prefixes.compute(&self.chain);
+        self.open(model, now_ms, true)?;
+        let best = self.candidates.iter().map(|c| c.matched).max().unwrap_or(0);
+        let worst = self.candidates.iter().map(|c| c.matched).min().unwrap_or(0);
+        self.policy.rank(&mut self.candidates, ROUTE_PROMPT_MAX);
         self.pending = Some(Pending {
-            chain,
             best,
             worst,
             at_ms: now_ms,
         });
-        Ok(order)
+        Ok(self.ids_of_best(ROUTE_PROMPT_MAX))
     }
 }
 
@@ -399,7 +499,7 @@ mod tests {
 
     #[test]
     fn unknown_model_is_an_error() {
-        let r = router(vec![node("a", &["x"], &[], 0)]);
+        let mut r = router(vec![node("a", &["x"], &[], 0)]);
         assert_eq!(
             r.route("y", 1_000),
             Err(RouteError::UnknownModel("y".into()))
@@ -408,13 +508,13 @@ mod tests {
 
     #[test]
     fn prefers_loaded_then_fewest_in_flight_then_local() {
-        let r = router(vec![
+        let mut r = router(vec![
             node("a", &["m"], &[], 0),
             node("b", &["m"], &["m"], 1),
             node("c", &["m"], &["m"], 0),
         ]);
         assert_eq!(r.route("m", 1_000).unwrap(), vec!["c", "b", "a"]);
-        let r = router(vec![node("a", &["m"], &[], 0), node("b", &["m"], &[], 0)]);
+        let mut r = router(vec![node("a", &["m"], &[], 0), node("b", &["m"], &[], 0)]);
         assert_eq!(r.route("m", 1_000).unwrap(), vec!["a", "b"]);
     }
 
@@ -422,7 +522,7 @@ mod tests {
     fn a_node_with_an_idle_loaded_model_beats_one_full_of_busy_models() {
         // m is loaded nowhere; a (local, 1 in flight) would have to unload its
         // busy x, b (2 in flight) can unload its idle z
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
             engine(node("b", &["m"], &["y", "z"], 2), 2, &["y"]),
         ]);
@@ -431,14 +531,14 @@ mod tests {
 
     #[test]
     fn a_node_with_a_free_model_slot_beats_one_full_of_busy_models() {
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
             engine(node("b", &["m"], &["y"], 2), 2, &["y"]),
         ]);
         assert_eq!(r.route("m", 1_000).unwrap(), vec!["b", "a"]);
         // with the slot taken by another busy model, b is as full as a: fewest
         // in flight decides again
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
             engine(node("b", &["m"], &["y", "w"], 2), 2, &["y", "w"]),
         ]);
@@ -448,13 +548,13 @@ mod tests {
     #[test]
     fn among_nodes_that_can_load_fewest_in_flight_then_local() {
         // b can unload its idle y, a has a free slot, c must unload its busy w
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("a", &["m"], &["x"], 2), 2, &["x"]),
             engine(node("b", &["m"], &["y"], 1), 1, &[]),
             engine(node("c", &["m"], &["w"], 1), 1, &["w"]),
         ]);
         assert_eq!(r.route("m", 1_000).unwrap(), vec!["b", "a", "c"]);
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("b", &["m"], &[], 0), 1, &[]),
             engine(node("a", &["m"], &["x"], 0), 2, &[]),
         ]);
@@ -464,7 +564,7 @@ mod tests {
     #[test]
     fn loaded_still_beats_room_to_load() {
         // a holds m loaded and every model of it is busy; b has free slots
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("a", &["m"], &["m", "x"], 2), 2, &["m", "x"]),
             engine(node("b", &["m"], &[], 0), 3, &[]),
         ]);
@@ -475,7 +575,7 @@ mod tests {
     fn bounded_load_overrides_room_to_load() {
         // mean in flight is 4, bound 6: b has a free slot but 9 in flight;
         // c can unload its idle z, a must unload its busy x
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("a", &["m"], &["x"], 1), 1, &["x"]),
             engine(node("b", &["m"], &[], 9), 2, &[]),
             engine(node("c", &["m"], &["y", "z"], 2), 2, &["y"]),
@@ -486,7 +586,7 @@ mod tests {
     #[test]
     fn a_node_that_did_not_advertise_its_bound_is_not_passed_over() {
         // an advert without max_loaded (0): no guess that it must evict
-        let r = router(vec![
+        let mut r = router(vec![
             engine(node("a", &["m"], &["x"], 1), 0, &["x"]),
             engine(node("b", &["m"], &[], 2), 2, &[]),
         ]);
@@ -496,7 +596,7 @@ mod tests {
     #[test]
     fn bounded_load_overrides_warmth() {
         // mean in flight is 3, bound 4.75: the warm node with 9 is passed over
-        let r = router(vec![
+        let mut r = router(vec![
             node("a", &["m"], &[], 0),
             node("b", &["m"], &["m"], 9),
             node("c", &["m"], &[], 0),
@@ -512,7 +612,7 @@ mod tests {
         stale.advert_at_ms = 0;
         let mut full = node("d", &["m"], &["m"], 0);
         full.queue_depth = 8;
-        let r = router(vec![node("a", &["m"], &[], 5), dead, stale, full]);
+        let mut r = router(vec![node("a", &["m"], &[], 5), dead, stale, full]);
         assert_eq!(r.route("m", 4_000).unwrap(), vec!["a"]);
     }
 
@@ -520,7 +620,7 @@ mod tests {
     fn all_saturated_is_distinct_from_unknown() {
         let mut full = node("a", &["m"], &["m"], 0);
         full.queue_depth = 8;
-        let r = router(vec![full]);
+        let mut r = router(vec![full]);
         assert_eq!(r.route("m", 1_000), Err(RouteError::Saturated("m".into())));
     }
 
@@ -530,7 +630,7 @@ mod tests {
         a.max_queue = 0;
         let mut b = node("b", &["m"], &["m"], 0);
         b.max_queue = 0;
-        let r = router(vec![a, b]);
+        let mut r = router(vec![a, b]);
         assert_eq!(r.route("m", 1_000).unwrap(), vec!["b", "a"]);
     }
 

@@ -87,6 +87,37 @@ fn sequential_tenants_stick_to_one_node_each_and_spread_over_nodes() {
 }
 
 #[test]
+fn a_template_head_shared_by_every_tenant_does_not_pull_new_tenants_together() {
+    let mut r = cluster(3, "prefix_aware");
+    // two blocks of chat template and default instructions, then the tenant's own text
+    let head =
+        "<|im_start|>system\nYou are a helpful assistant. Answer briefly and cite the rules. ";
+    let head = head.repeat(2);
+    let text = |t: usize| format!("{head}{}", format!("tenant {t} rule. ").repeat(60));
+    assert_eq!(chain(MODEL, &head).len(), 2);
+    let mut homes = Vec::new();
+    for t in 0..3 {
+        let order = r.route_prompt(MODEL, &text(t), t as u64).unwrap();
+        r.dispatched(&order[0]);
+        r.finished(&order[0]);
+        homes.push(order[0].clone());
+    }
+    homes.sort();
+    homes.dedup();
+    assert_eq!(
+        homes.len(),
+        3,
+        "three new tenants, three idle nodes: {homes:?}"
+    );
+    let d = r.decisions();
+    assert_eq!((d.prefix_hit, d.load), (0, 3), "{d:?}");
+    // a tenant's second request still finds its node
+    let order = r.route_prompt(MODEL, &text(1), 9).unwrap();
+    r.dispatched(&order[0]);
+    assert_eq!(r.decisions().prefix_hit, 1);
+}
+
+#[test]
 fn a_saturated_hot_prefix_spreads_to_a_second_node_and_is_counted() {
     let mut r = cluster(3, "prefix_aware");
     let first = send(&mut r, 0, 0, 0); // still running
@@ -135,7 +166,7 @@ fn closed_loop(policy: &str, nodes: usize, concurrency: usize, hot_half: bool) -
         let order = r.route_prompt(MODEL, &prompt(t, q), q as u64).unwrap();
         let id = order[0].clone();
         // a hit: the node already had the tenant's whole system prompt
-        if r.prefixes().matched(&id, &c) as usize >= c.len() - 2 {
+        if r.prefix_matched(&id, &c) as usize >= c.len() - 2 {
             hits += 1;
         }
         if seen[t] {
@@ -206,7 +237,7 @@ fn a_dead_node_tenants_move_and_stick_to_their_new_node() {
     }
     // n1 leaves for good; a new node joins and takes new tenants first
     r.remove("n1");
-    assert_eq!(r.prefixes().len("n1"), 0);
+    assert_eq!(r.prefix_len("n1"), 0);
     r.update(node("n9"));
     let id = send(&mut r, 99, 0, 3);
     assert_eq!(id, "n9", "the empty newcomer takes the new tenant");
@@ -219,7 +250,7 @@ fn a_restarted_node_advert_clears_the_guess_and_another_entry_learns_from_advert
     r.finished(&id);
     // the node restarts: its advert (taken after the route) says nothing is warm
     r.set_warm(&id, &[], 200);
-    assert_eq!(r.prefixes().len(&id), 0);
+    assert_eq!(r.prefix_len(&id), 0);
     // a second entry node never routed tenant 5, but the holder's advert tells it
     let mut other = cluster(3, "prefix_aware");
     let warm = chain(MODEL, &prompt(5, 0));
@@ -239,7 +270,7 @@ fn eviction_bounds_the_index_and_forgotten_tenants_route_by_load() {
         let id = send(&mut r, t, q, q as u64);
         r.finished(&id);
         for i in 0..3 {
-            assert!(r.prefixes().len(&format!("n{i}")) <= 200);
+            assert!(r.prefix_len(&format!("n{i}")) <= 200);
         }
     }
     // every node serves: evicted tenants land by load and cache size

@@ -96,6 +96,16 @@ impl ModelSlots {
     fn in_flight(&self) -> usize {
         self.busy.iter().filter(|b| b.is_some()).count()
     }
+    fn free(&self, limit: usize) -> usize {
+        self.busy.iter().take(limit).filter(|b| b.is_none()).count()
+    }
+    fn running_of(&self, tenant: &str) -> usize {
+        self.busy
+            .iter()
+            .flatten()
+            .filter(|w| w.tenant == tenant)
+            .count()
+    }
 }
 
 /// One request in the queue listing.
@@ -125,7 +135,15 @@ pub struct SlotPool {
     queued: usize,
     models: HashMap<String, ModelSlots>,
     tenants: Tenants,
+    /// Tenants seen lately: name -> (last admission asked, weight).
+    recent: HashMap<String, (u64, f64)>,
 }
+
+/// A tenant that asked for a slot within this many milliseconds is "recent":
+/// a slot may be kept free for its next request ([`SlotPool::admit`]). 10 s
+/// covers a few of an interactive user's requests (think time between
+/// turns), and a tenant gone longer than that gives its slot back.
+pub const RECENT_MS: u64 = 10_000;
 
 /// Defaults: one tenant may fill half of the queue, so another always finds
 /// room; batch work waits at most 15 s (in the caller's milliseconds) before it
@@ -145,6 +163,7 @@ impl SlotPool {
             queued: 0,
             models: HashMap::new(),
             tenants: Tenants::default(),
+            recent: HashMap::new(),
         }
     }
 
@@ -182,15 +201,24 @@ impl SlotPool {
     }
 
     /// Ask for a slot of `model` for request `ticket` at time `now`.
+    ///
+    /// A request runs at once on a free slot when no waiter may take it and
+    /// its tenant [`may_start`](Self::may_start): a tenant already holding
+    /// its share of the slots leaves a few free for the other recent tenants,
+    /// since a stream that has begun is never preempted and a victim's
+    /// request would otherwise wait for a whole answer of the heavy tenant.
     pub fn admit(&mut self, model: &str, ticket: u64, now: u64, ask: Ask<'_>) -> Admit {
         let limit = self.num_parallel as usize;
         let cap = self.tenant_cap(ask.weight);
+        self.saw(ask.tenant, sane_weight(ask.weight), now);
+        self.entry(model).last_used = now;
         let (max_queue, queued) = (self.max_queue, self.queued);
         let tenant_queued = self.tenants.queued(ask.tenant);
-        let slots = self.entry(model);
-        slots.last_used = now;
-        if slots.waiting.is_empty() {
-            if let Some(i) = slots.free_slot(limit) {
+        let slots = &self.models[model];
+        if let Some(i) = slots.free_slot(limit) {
+            let waiter_first = self.pick(model, &slots.waiting, now).is_some();
+            if !waiter_first && self.may_start(model, ask.tenant, sane_weight(ask.weight), now) {
+                let slots = self.entry(model);
                 slots.busy[i as usize] = Some(Work::new(ticket, &ask, now));
                 self.tenants
                     .start(ask.tenant, ask.tokens, sane_weight(ask.weight), false);
@@ -205,10 +233,64 @@ impl SlotPool {
         if tenant_queued >= cap {
             return Admit::TenantFull;
         }
+        let slots = self.entry(model);
         slots.waiting.push(Work::new(ticket, &ask, now));
         self.tenants.enqueue(ask.tenant);
         self.queued += 1;
         Admit::Queued
+    }
+
+    /// Remember that `tenant` asked at `now`; forget tenants not seen for
+    /// [`RECENT_MS`] (the map stays as small as the set of active tenants).
+    fn saw(&mut self, tenant: &str, weight: f64, now: u64) {
+        match self.recent.get_mut(tenant) {
+            Some(e) => *e = (now, weight),
+            None => {
+                self.recent.insert(tenant.to_owned(), (now, weight));
+            }
+        }
+        if self.recent.len() > 16 {
+            self.recent
+                .retain(|_, (at, _)| now.saturating_sub(*at) < RECENT_MS);
+        }
+    }
+
+    /// May `tenant` take one of `model`'s free slots at `now`?
+    ///
+    /// Yes while it runs fewer than its weighted share of the slots among the
+    /// recent tenants (at least one: nobody is ever shut out). Beyond its
+    /// share, only if it leaves free one slot per other recent tenant that
+    /// has nothing queued or running (at most half the slots): such a tenant's next
+    /// request then starts at once instead of waiting for a running answer to
+    /// end. Tenants with work queued are not reserved for: they take the next
+    /// free slot in the fair order anyway, so backlogged tenants alone keep
+    /// every slot busy.
+    fn may_start(&self, model: &str, tenant: &str, weight: f64, now: u64) -> bool {
+        let Some(slots) = self.models.get(model) else {
+            return true;
+        };
+        let limit = self.num_parallel as usize;
+        let recent = |at: u64| now.saturating_sub(at) < RECENT_MS;
+        let mut weights = weight;
+        let mut idle_others = 0usize;
+        for (name, &(at, w)) in &self.recent {
+            if name == tenant || !recent(at) {
+                continue;
+            }
+            weights += w;
+            if self.tenants.queued(name) == 0 && slots.running_of(name) == 0 {
+                idle_others += 1;
+            }
+        }
+        if idle_others == 0 {
+            return true;
+        }
+        let share = ((limit as f64 * weight / weights).floor() as usize).max(1);
+        if slots.running_of(tenant) < share {
+            return true;
+        }
+        let reserve = idle_others.min(limit / 2);
+        slots.free(limit) > reserve
     }
 
     /// Is `w` served with interactive work at `now` (interactive, or batch old
@@ -221,20 +303,33 @@ impl SlotPool {
     /// among it the tenant with the smallest virtual counter; on equal
     /// counters the tenant with fewer requests waiting (a tenant arriving
     /// while another is backlogged is lifted to that one's counter: it goes
-    /// first rather than behind the backlog); then the oldest.
-    fn pick(&self, waiting: &[Work], now: u64) -> Option<usize> {
-        let any_urgent = waiting.iter().any(|w| self.urgent(w, now));
-        let mut best: Option<(usize, (f64, usize))> = None;
+    /// first rather than behind the backlog); then the oldest. Only waiters
+    /// whose tenant [`may_start`](Self::may_start) on the slot.
+    fn pick(&self, model: &str, waiting: &[Work], now: u64) -> Option<usize> {
+        let mut best: Option<(usize, (bool, f64, usize))> = None;
+        // a tenant's eligibility is the same for all its waiters
+        let mut verdicts: Vec<(&str, bool)> = Vec::new();
         for (i, w) in waiting.iter().enumerate() {
-            if any_urgent && !self.urgent(w, now) {
+            let ok = match verdicts.iter().find(|(t, _)| *t == w.tenant) {
+                Some(&(_, ok)) => ok,
+                None => {
+                    let ok = self.may_start(model, &w.tenant, w.weight, now);
+                    verdicts.push((&w.tenant, ok));
+                    ok
+                }
+            };
+            if !ok {
                 continue;
             }
             let key = (
+                !self.urgent(w, now),
                 self.tenants.counter(&w.tenant),
                 self.tenants.queued(&w.tenant),
             );
             // strictly smaller: the earlier (older) waiter wins a tie
-            if best.map_or(true, |(_, b)| earlier(key, b)) {
+            if best.map_or(true, |(_, b)| {
+                (!key.0 && b.0) || (key.0 == b.0 && earlier((key.1, key.2), (b.1, b.2)))
+            }) {
                 best = Some((i, key));
             }
         }
@@ -244,7 +339,7 @@ impl SlotPool {
     /// Hand slot `idx` of `model` to the waiter `pick` chooses, if any.
     fn hand_over(&mut self, model: &str, idx: usize, now: u64) -> Option<u64> {
         let slots = self.models.get(model)?;
-        let i = self.pick(&slots.waiting, now)?;
+        let i = self.pick(model, &slots.waiting, now)?;
         let slots = self.models.get_mut(model)?;
         let mut w = slots.waiting.remove(i);
         self.queued -= 1;

@@ -379,3 +379,78 @@ fn idle_tenants_are_forgotten() {
     }
     assert!(pool.tenants().len() <= 1, "{:?}", pool.tenants());
 }
+
+#[test]
+fn a_heavy_tenant_leaves_slots_free_for_recent_idle_tenants() {
+    let mut pool = SlotPool::new(4, 64);
+    // three light tenants were seen lately, each done by now
+    for (k, t) in ["victim", "b", "c"].iter().enumerate() {
+        let tk = 100 + k as u64;
+        assert_eq!(pool.admit("m", tk, 0, ask(t, 10)), Admit::Run(0));
+        assert!(pool.release("m", 0, 1, None).is_none());
+    }
+    // heavy floods: it gets two of the four slots, two stay free for the others
+    let mut got = Vec::new();
+    for tk in 1..=6 {
+        got.push(pool.admit("m", tk, 2, ask("heavy", 10)));
+    }
+    let ran = got.iter().filter(|a| matches!(a, Admit::Run(_))).count();
+    assert_eq!(ran, 2, "{got:?}");
+    assert_eq!(pool.queue_depth(), 4);
+    // the victim's request starts at once, as does b's
+    assert!(matches!(
+        pool.admit("m", 7, 3, ask("victim", 10)),
+        Admit::Run(_)
+    ));
+    assert!(matches!(pool.admit("m", 8, 3, ask("b", 10)), Admit::Run(_)));
+    // a heavy request ends: its slot stays free for c, the only recent
+    // tenant with nothing running or queued (heavy still runs one)
+    let heavy_slot = match got[0] {
+        Admit::Run(i) => i,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(pool.release("m", heavy_slot, 4, None), None);
+    assert_eq!(pool.in_flight("m"), 3);
+    assert!(matches!(pool.admit("m", 9, 5, ask("c", 10)), Admit::Run(_)));
+    // when the victim's request ends, heavy runs its share (one of four
+    // tenants: one slot), so the slot is kept for the victim's next request
+    let victim_slot = pool
+        .entries(6)
+        .iter()
+        .find(|e| e.running && e.tenant == "victim")
+        .map(|e| e.slot_or_position)
+        .unwrap();
+    assert_eq!(pool.release("m", victim_slot, 6, None), None);
+    assert_eq!(pool.in_flight("m"), 3);
+    assert!(matches!(
+        pool.admit("m", 10, 7, ask("victim", 10)),
+        Admit::Run(_)
+    ));
+}
+
+#[test]
+fn the_reserve_lapses_when_the_others_are_gone_or_backlogged() {
+    let mut pool = SlotPool::new(4, 64);
+    assert_eq!(pool.admit("m", 100, 0, ask("light", 10)), Admit::Run(0));
+    assert!(pool.release("m", 0, 1, None).is_none());
+    // within RECENT_MS of light's request: heavy keeps one slot free for it
+    for tk in 1..=4 {
+        pool.admit("m", tk, 2, ask("heavy", 10));
+    }
+    assert_eq!(pool.in_flight("m"), 3);
+    // later, light is no longer recent: a release hands over, and every slot fills
+    let later = 2 + RECENT_MS;
+    assert!(pool.release("m", 0, later, None).is_some());
+    assert!(matches!(
+        pool.admit("m", 5, later, ask("heavy", 10)),
+        Admit::Run(_)
+    ));
+    assert_eq!(pool.in_flight("m"), 4);
+    let mut pool = SlotPool::new(2, 64);
+    // two tenants backlogged: nothing is held back, both slots run
+    for tk in 1..=3 {
+        pool.admit("m", tk, 0, ask("x", 10));
+        pool.admit("m", 10 + tk, 0, ask("y", 10));
+    }
+    assert_eq!(pool.in_flight("m"), 2);
+}
