@@ -542,7 +542,7 @@ impl Cluster {
         let ft = self.cfg.failure_timeout.as_millis() as u64;
         let degraded = match (m.state, &leader_id) {
             (ServerState::Leader, _) => {
-                voters.len() > 1 && !m.millis_since_quorum_ack.is_some_and(|ms| ms <= ft + 500)
+                voters.len() > 1 && m.millis_since_quorum_ack.is_none_or(|ms| ms > ft + 500)
             }
             (_, None) => true,
             (_, Some(l)) => !self.lock_membership().is_alive(l),

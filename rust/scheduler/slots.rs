@@ -327,7 +327,7 @@ impl SlotPool {
                 self.tenants.queued(&w.tenant),
             );
             // strictly smaller: the earlier (older) waiter wins a tie
-            if best.map_or(true, |(_, b)| {
+            if best.is_none_or(|(_, b)| {
                 (!key.0 && b.0) || (key.0 == b.0 && earlier((key.1, key.2), (b.1, b.2)))
             }) {
                 best = Some((i, key));
@@ -427,7 +427,7 @@ impl SlotPool {
                     continue;
                 }
                 let key = keys[tenant_of[i]];
-                if best.map_or(true, |(_, b)| earlier(key, b)) {
+                if best.is_none_or(|(_, b)| earlier(key, b)) {
                     best = Some((p, key));
                 }
             }
@@ -523,7 +523,7 @@ impl SlotPool {
             .filter(|m| {
                 self.models
                     .get(m.as_str())
-                    .map_or(true, |s| s.in_flight() == 0 && s.waiting.is_empty())
+                    .is_none_or(|s| s.in_flight() == 0 && s.waiting.is_empty())
             })
             .min_by_key(|m| self.models.get(m.as_str()).map_or(0, |s| s.last_used))
             .cloned()
