@@ -10,17 +10,17 @@ a holds nothing of it, so every byte of the answer came through the relay."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ..conftest import start_node
+from ..fakehttp import serving
 from .test_nodes import converged, join_args, step, token_of, until
 
 pytestmark = pytest.mark.cluster
@@ -66,14 +66,8 @@ def upstream() -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield url
 
 
 def stream(url: str, body: dict[str, Any]) -> bytes:
