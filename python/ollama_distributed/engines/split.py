@@ -418,6 +418,8 @@ class SplittingEngine:
         """None when `record` fits this node; else the parts it splits into
         (InsufficientMemoryError when the cluster cannot hold it)."""
         need = need_mib(record)
+        if need <= self._budget:  # fits here: no peer's advert is read
+            return None
         local = Candidate(self.node_id, self._budget, True)
         chosen = choose(record.name.short, need, local, self._peers(record.name.short))
         if chosen is None:
@@ -431,6 +433,8 @@ class SplittingEngine:
         sm = self._split.get(name)
         if sm is not None and sm.alive and sm.record.digest == record.digest:
             return sm
+        if sm is None and need_mib(record) <= self._budget:
+            return None  # the common case, on every request: no lock, no plan
         lock = self._loading.setdefault(name, asyncio.Lock())
         async with lock:
             sm = self._split.get(name)
